@@ -1,0 +1,93 @@
+"""Regenerate the R4 definition tables shipped in server/fhir/definitions/.
+
+The server needs a few facts from the FHIR R4 specification at run time (the resource
+types, and later structure, search parameters and compartments). They come from the
+official definitions in the npm package `hl7.fhir.r4.examples` (CC0), reduced to compact
+tables and committed, so the running server does not depend on the package.
+
+    npm pack hl7.fhir.r4.examples@4.0.1 && tar xzf hl7.fhir.r4.examples-4.0.1.tgz
+    python scripts/build_definitions.py package/
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent.parent / "server" / "fhir" / "definitions"
+
+
+def structure_definitions(package: Path) -> list[dict]:
+    return [
+        json.loads(path.read_text(encoding="utf-8"))
+        for path in sorted(package.glob("StructureDefinition-*.json"))
+    ]
+
+
+def resource_types(definitions: list[dict]) -> list[str]:
+    return sorted(
+        d["type"]
+        for d in definitions
+        if d.get("kind") == "resource"
+        and d.get("derivation") == "specialization"
+        and not d.get("abstract")
+    )
+
+
+FHIR_TYPE = "http://hl7.org/fhir/StructureDefinition/structuredefinition-fhir-type"
+REGEX = "http://hl7.org/fhir/StructureDefinition/regex"
+
+
+def type_code(element_type: dict) -> str:
+    """The FHIR type of an element; System.* codes carry it in an extension."""
+    for ext in element_type.get("extension", []):
+        if ext.get("url") == FHIR_TYPE:
+            return ext["valueUrl"]
+    return element_type["code"].rsplit(".", 1)[-1].lower() if element_type["code"].startswith(
+        "http://hl7.org/fhirpath/System."
+    ) else element_type["code"]
+
+
+def structure(definitions: list[dict]) -> dict[str, dict]:
+    """Per base type: its kind and, per element path, [min, max, types, summary, ref]."""
+    table: dict[str, dict] = {}
+    for d in definitions:
+        if d.get("derivation") == "constraint" or d.get("kind") == "logical":
+            continue
+        elements: dict[str, list] = {}
+        regex = None
+        for e in d["snapshot"]["element"]:
+            if "." not in e["path"]:
+                continue
+            types = [type_code(t) for t in e.get("type", [])]
+            ref = e.get("contentReference", "").lstrip("#") or None
+            elements[e["path"]] = [e["min"], e["max"], types, bool(e.get("isSummary")), ref]
+            if d["kind"] == "primitive-type" and e["path"].endswith(".value"):
+                for t in e.get("type", []):
+                    for ext in t.get("extension", []):
+                        if ext.get("url") == REGEX:
+                            regex = ext["valueString"]
+        entry: dict = {"kind": d["kind"], "abstract": bool(d.get("abstract")), "elements": elements}
+        if d.get("baseDefinition"):
+            entry["base"] = d["baseDefinition"].rsplit("/", 1)[-1]
+        if regex:
+            entry["regex"] = regex
+        table[d["type"]] = entry
+    return table
+
+
+def main(package: Path) -> None:
+    definitions = structure_definitions(package)
+    types = resource_types(definitions)
+    (OUT / "resource-types.json").write_text(json.dumps(types, indent=0) + "\n")
+    print(f"{len(types)} resource types")
+    table = structure(definitions)
+    with gzip.open(OUT / "structure.json.gz", "wt", encoding="utf-8") as out:
+        json.dump(table, out, separators=(",", ":"), sort_keys=True)
+    print(f"{len(table)} structure definitions")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

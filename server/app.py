@@ -1,0 +1,193 @@
+"""The FastAPI application: routers, the store, cross-cutting middleware, and errors.
+
+`create_app` takes settings whose `mongodb_uri` is already known (the CLI starts the
+embedded mongod first), so any number of server processes can share one database.
+
+Errors are answered in the form of the interface that was called: an OperationOutcome
+under /fhir (unknown routes, wrong methods, oversized bodies and unexpected failures
+included), and the interface's own form elsewhere. A client never sees a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.config import Settings
+from server.fhir import routes as fhir_routes
+from server.fhir.http import error_response
+from server.fhir.interactions import now
+from server.fhir.outcome import FhirError, Issue
+from server.security import audit
+from server.security.authorization import Forbidden
+from server.store.database import Store
+from server.store.fhir import FhirStore
+
+log = logging.getLogger("kuroshio")
+
+# Path prefix -> how errors are rendered there; the FHIR form is the default.
+ErrorRenderer = Callable[[Request, int, str], Response]
+ERROR_RENDERERS: dict[str, ErrorRenderer] = {}
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"The request body exceeds the limit of {limit} bytes")
+        self.limit = limit
+
+
+def _fhir_error(request: Request, status: int, message: str) -> Response:
+    code = {
+        401: "login", 403: "forbidden", 404: "not-found", 405: "not-supported",
+        406: "not-supported", 409: "conflict", 412: "conflict", 413: "too-costly",
+        415: "not-supported", 429: "throttled",
+    }.get(status, "exception" if status >= 500 else "invalid")
+    return error_response(FhirError(status, [Issue(code, message)]), request)
+
+
+def render_error(request: Request, status: int, message: str) -> Response:
+    for prefix, renderer in ERROR_RENDERERS.items():
+        if request.url.path.startswith(prefix):
+            return renderer(request, status, message)
+    return _fhir_error(request, status, message)
+
+
+class BodyLimit:
+    """Refuse request bodies over the limit (413) before and while they are read.
+
+    Paths listed in `exempt` (DICOM uploads, which stream to disk) are not limited.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, exempt: tuple[str, ...] = ()) -> None:
+        self.app = app
+        self.limit = limit
+        self.exempt = exempt
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith(self.exempt):
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                request = Request(scope)
+                await render_error(request, 413, str(BodyTooLarge(self.limit)))(scope, receive, send)
+                return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise BodyTooLarge(self.limit)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class AuditTrail:
+    """Record every HTTP exchange once its status is known."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            state = scope.get("state", {})
+            audit.record(
+                state.get("principal"),
+                state.get("access"),
+                status,
+                f"{scope['method']} {scope['path']}",
+            )
+
+
+def create_app(settings: Settings) -> FastAPI:
+    if not settings.mongodb_uri:
+        raise ValueError("create_app needs settings.mongodb_uri (the CLI starts the embedded mongod)")
+    uri = settings.mongodb_uri
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = await Store.open(uri, settings.mongodb_database)
+        app.state.store = store
+        app.state.fhir_store = FhirStore(store)
+        app.state.capability_statement = fhir_routes.build_capability_statement(settings, now())
+        try:
+            yield
+        finally:
+            await store.close()
+
+    app = FastAPI(
+        title="Kuroshio",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.services = {}
+    audit.configure(settings.data_dir)
+    app.include_router(fhir_routes.router)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, exempt=("/dicomweb",))
+    app.add_middleware(AuditTrail)
+    return app
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(FhirError)
+    async def fhir_error(request: Request, exc: FhirError) -> Response:
+        return error_response(exc, request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            message = f"No route for {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not supported on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        response = render_error(request, exc.status_code, message)
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return render_error(request, 400, "; ".join(str(e.get("msg")) for e in exc.errors()))
+
+    @app.exception_handler(Forbidden)
+    async def forbidden(request: Request, exc: Forbidden) -> Response:
+        return render_error(request, 403, str(exc))
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(request: Request, exc: BodyTooLarge) -> Response:
+        return render_error(request, 413, str(exc))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return render_error(request, 500, "Internal server error; the failure has been logged")
+

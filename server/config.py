@@ -1,0 +1,84 @@
+"""Server settings.
+
+Every setting can come from a `KUROSHIO_*` environment variable, from an optional TOML
+file (`KUROSHIO_CONFIG_FILE`, or `kuroshio serve --config`), or from a command-line flag;
+flags win over variables, which win over the file. One `Settings` object is built at
+start-up and handed to the app factory, so nothing reads the environment later.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KUROSHIO_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    dicom_port: int = Field(11112, ge=0, le=65535)
+    dicom_ae_title: str = "KUROSHIO"
+    data_dir: Path = Path("./kuroshio-data")
+    # The address clients use to reach this server (behind a proxy it differs from
+    # host:port); absolute URLs in responses (Bundle links, Location) are built from it.
+    public_base_url: str | None = None
+    # An external MongoDB >= 6 replica set or sharded cluster. Unset: the embedded mongod.
+    mongodb_uri: str | None = None
+    mongodb_database: str = "kuroshio"
+    # Largest accepted request body for the FHIR API; DICOM uploads stream and have none.
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    # Largest page a search or history request may ask for with _count.
+    max_page_size: int = Field(1000, ge=1)
+    default_page_size: int = Field(50, ge=1)
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _strip_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else value
+
+    @property
+    def base_url(self) -> str:
+        """The server root as clients see it, without a trailing slash."""
+        if self.public_base_url:
+            return self.public_base_url
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    @property
+    def fhir_base(self) -> str:
+        return f"{self.base_url}/fhir"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("KUROSHIO_CONFIG_FILE")
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+
+def load_settings(config_file: Path | None = None, **overrides: object) -> Settings:
+    """Build the settings; `overrides` are command-line flags that were actually given."""
+    if config_file is not None:
+        if not config_file.is_file():
+            raise FileNotFoundError(f"settings file {config_file} does not exist")
+        os.environ["KUROSHIO_CONFIG_FILE"] = str(config_file)
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

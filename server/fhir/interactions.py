@@ -1,0 +1,366 @@
+"""The FHIR RESTful interactions on single resources: create, read, vread, update, patch,
+delete, and history (http://hl7.org/fhir/R4/http.html).
+
+Each write runs in one MongoDB transaction that reads the current version, checks the
+preconditions (If-Match), and writes the new version with compare-and-set; concurrent
+writers to the same resource are serialized by MongoDB's write-conflict detection and the
+loser re-runs from its read, so versions have no gaps and no write is lost. The `*_in`
+variants do the same work inside a caller's transaction (transaction bundles).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from pymongo.asynchronous.client_session import AsyncClientSession
+
+from server.fhir import jsonio
+from server.fhir.definitions import resource_types
+from server.fhir.outcome import FhirError, Issue, error, not_found
+from server.fhir.validation import reference_issues, validate
+from server.store.fhir import FhirStore, HistoryScope, NewVersion, StoredResource, VersionConflict
+
+ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+MAX_CONFLICT_RETRIES = 100
+Resource = dict[str, Any]
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Written:
+    """The outcome of a write: its HTTP status and the version now current."""
+
+    status: int
+    type: str
+    id: str
+    version: int
+    last_updated: datetime
+    body: bytes | None
+
+    @classmethod
+    def of(cls, status: int, new: NewVersion) -> Written:
+        return cls(status, new.type, new.id, new.version, new.last_updated, new.body)
+
+
+def check_type(type_: str) -> None:
+    if type_ not in resource_types():
+        raise error(404, "not-supported", f"{type_!r} is not a FHIR R4 resource type")
+
+
+def check_id(id_: str) -> None:
+    if not ID.fullmatch(id_):
+        raise error(400, "value", f"{id_!r} is not a valid resource id ([A-Za-z0-9-.]{{1,64}})")
+
+
+def check_version_id(version: str) -> int:
+    if not version.isdigit() or len(version) > 18:
+        raise error(404, "not-found", f"Version {version!r} is not known")
+    return int(version)
+
+
+def parse_etag(value: str | None, header: str) -> int | None:
+    """The version in an ETag-style precondition (`W/"3"`, `"3"` or `3`)."""
+    if value is None:
+        return None
+    tag = value.strip().removeprefix("W/").strip('"')
+    if not tag.isdigit() or len(tag) > 18:
+        raise error(400, "value", f"{header}: {value!r} is not a version ETag like W/\"1\"")
+    return int(tag)
+
+
+def now() -> datetime:
+    """The current instant at millisecond precision (what MongoDB stores exactly)."""
+    moment = datetime.now(UTC)
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+def next_timestamp(previous: StoredResource | None) -> datetime:
+    """Now, but strictly after the previous version, so a resource's history is ordered."""
+    moment = now()
+    if previous is not None and moment <= previous.last_updated:
+        moment = previous.last_updated + timedelta(milliseconds=1)
+    return moment
+
+
+def instant(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def stamp(resource: Resource, id_: str, version: int, moment: datetime) -> Resource:
+    """The resource as stored: server-set id and meta first, the rest in the sent order."""
+    meta = resource.get("meta")
+    client_meta = (
+        {k: v for k, v in meta.items() if k not in ("versionId", "lastUpdated")}
+        if isinstance(meta, dict)
+        else {}
+    )
+    stamped: Resource = {
+        "resourceType": resource["resourceType"],
+        "id": id_,
+        "meta": {"versionId": str(version), "lastUpdated": instant(moment), **client_meta},
+    }
+    for key, value in resource.items():
+        if key not in ("resourceType", "id", "meta"):
+            stamped[key] = value
+    return stamped
+
+
+def check_resource_type(resource: Resource, type_: str) -> None:
+    if resource.get("resourceType") != type_:
+        raise error(
+            400,
+            "invalid",
+            f"The resourceType {resource.get('resourceType')!r} does not match the URL ({type_})",
+            "resourceType",
+        )
+
+
+def serialize(resource: Resource) -> bytes:
+    body = jsonio.dumps(resource)
+    issues = reference_issues(body)
+    if issues:
+        raise FhirError(400, issues)
+    return body
+
+
+def prepare(
+    resource: Resource, id_: str, version: int, moment: datetime, method: str
+) -> NewVersion:
+    """Stamp, validate and serialize one incoming resource into the version to store."""
+    stamped = stamp(resource, id_, version, moment)
+    validate(stamped)
+    return NewVersion(
+        stamped["resourceType"], id_, version, moment, method, serialize(stamped)
+    )
+
+
+def restamp(new: NewVersion, resource: Resource, version: int, moment: datetime) -> NewVersion:
+    """The same validated content under another version number (after a lost race)."""
+    if version == new.version and moment == new.last_updated:
+        return new
+    body = jsonio.dumps(stamp(resource, new.id, version, moment))
+    return NewVersion(new.type, new.id, version, moment, new.method, body, new.search)
+
+
+async def retry_on_conflict(attempt: Callable[[], Awaitable[T]]) -> T:
+    """Re-run a read-check-write from the read when another writer got there first."""
+    for _ in range(MAX_CONFLICT_RETRIES):
+        try:
+            return await attempt()
+        except VersionConflict:
+            continue
+    raise error(409, "conflict", "The resource is being changed by others; try again")
+
+
+# --- create -------------------------------------------------------------------------------
+
+
+def prepare_create(type_: str, resource: Resource, id_: str | None = None) -> NewVersion:
+    """Check and build the first version of a new resource (the client's id is ignored)."""
+    check_type(type_)
+    check_resource_type(resource, type_)
+    return prepare(resource, id_ or new_id(), 1, now(), "POST")
+
+
+async def create(db: FhirStore, type_: str, resource: Resource) -> Written:
+    new = prepare_create(type_, resource)
+
+    async def body(session: AsyncClientSession) -> Written:
+        await db.write(session, new, None)
+        return Written.of(201, new)
+
+    return await db.store.transaction(body)
+
+
+# --- read ---------------------------------------------------------------------------------
+
+
+async def read(db: FhirStore, type_: str, id_: str) -> StoredResource:
+    check_type(type_)
+    check_id(id_)
+    current = await db.current(type_, id_)
+    if current is None:
+        raise not_found(type_, id_)
+    if current.deleted:
+        raise gone(current)
+    return current
+
+
+def gone(resource: StoredResource) -> FhirError:
+    return FhirError(
+        410,
+        [Issue("deleted", f"{resource.type}/{resource.id} was deleted")],
+        {"ETag": f'W/"{resource.version}"'},
+    )
+
+
+async def vread(db: FhirStore, type_: str, id_: str, version: str) -> StoredResource:
+    check_type(type_)
+    check_id(id_)
+    stored = await db.version(type_, id_, check_version_id(version))
+    if stored is None:
+        raise error(404, "not-found", f"{type_}/{id_} has no version {version}")
+    if stored.deleted:
+        raise gone(stored)
+    return stored
+
+
+# --- update -------------------------------------------------------------------------------
+
+
+def check_update_body(type_: str, id_: str, resource: Resource) -> None:
+    check_type(type_)
+    check_id(id_)
+    check_resource_type(resource, type_)
+    if "id" not in resource:
+        raise error(400, "required", "The resource has no id; an update must carry the id of its URL", "id")
+    if resource["id"] != id_:
+        raise error(
+            400, "invalid", f"The resource id {resource['id']!r} does not match the URL id {id_!r}", "id"
+        )
+
+
+def check_if_match(current: StoredResource | None, if_match: int | None) -> None:
+    if if_match is None:
+        return
+    if current is None or current.deleted:
+        raise error(412, "conflict", "If-Match given but the resource does not exist")
+    if current.version != if_match:
+        raise error(
+            412, "conflict", f"If-Match W/\"{if_match}\" does not match the current version {current.version}"
+        )
+
+
+async def update_in(
+    session: AsyncClientSession,
+    db: FhirStore,
+    validated: NewVersion,
+    resource: Resource,
+    if_match: int | None,
+) -> Written:
+    """Write a validated resource as the next version of `validated.type/id`."""
+    current = await db.current(validated.type, validated.id, session)
+    check_if_match(current, if_match)
+    version = current.version + 1 if current else 1
+    new = restamp(validated, resource, version, next_timestamp(current))
+    await db.write(session, new, current.version if current else None)
+    created = current is None or current.deleted
+    return Written.of(201 if created else 200, new)
+
+
+async def update(
+    db: FhirStore, type_: str, id_: str, resource: Resource, if_match: int | None
+) -> Written:
+    check_update_body(type_, id_, resource)
+    validated = prepare(resource, id_, 1, now(), "PUT")
+    return await retry_on_conflict(
+        lambda: db.store.transaction(
+            lambda session: update_in(session, db, validated, resource, if_match)
+        )
+    )
+
+
+# --- patch --------------------------------------------------------------------------------
+
+
+async def patch_in(
+    session: AsyncClientSession,
+    db: FhirStore,
+    type_: str,
+    id_: str,
+    apply: Callable[[Resource], Resource],
+    if_match: int | None,
+) -> Written:
+    current = await db.current(type_, id_, session)
+    if current is None:
+        raise not_found(type_, id_)
+    if current.deleted:
+        raise gone(current)
+    check_if_match(current, if_match)
+    assert current.body is not None
+    patched = apply(jsonio.loads(current.body))
+    if patched.get("resourceType") != type_ or patched.get("id") != id_:
+        raise error(400, "invalid", "A patch may not change the resourceType or id")
+    new = prepare(patched, id_, current.version + 1, next_timestamp(current), "PATCH")
+    await db.write(session, new, current.version)
+    return Written.of(200, new)
+
+
+async def patch(
+    db: FhirStore,
+    type_: str,
+    id_: str,
+    apply: Callable[[Resource], Resource],
+    if_match: int | None,
+) -> Written:
+    check_type(type_)
+    check_id(id_)
+    return await retry_on_conflict(
+        lambda: db.store.transaction(
+            lambda session: patch_in(session, db, type_, id_, apply, if_match)
+        )
+    )
+
+
+# --- delete -------------------------------------------------------------------------------
+
+
+async def delete_in(
+    session: AsyncClientSession, db: FhirStore, type_: str, id_: str, if_match: int | None
+) -> Written | None:
+    """Delete logically (a tombstone version); None when there was nothing to delete."""
+    current = await db.current(type_, id_, session)
+    check_if_match(current, if_match)
+    if current is None or current.deleted:
+        return None
+    new = NewVersion(type_, id_, current.version + 1, next_timestamp(current), "DELETE", None)
+    await db.write(session, new, current.version)
+    return Written.of(204, new)
+
+
+async def delete(db: FhirStore, type_: str, id_: str, if_match: int | None) -> Written | None:
+    check_type(type_)
+    check_id(id_)
+
+    return await retry_on_conflict(
+        lambda: db.store.transaction(lambda session: delete_in(session, db, type_, id_, if_match))
+    )
+
+
+# --- history ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    entries: list[StoredResource]
+    total: int | None
+    has_more: bool
+
+
+async def history(
+    db: FhirStore,
+    scope: HistoryScope,
+    after: tuple[datetime, str] | None,
+    count: int,
+    with_total: bool,
+) -> HistoryPage:
+    if scope.type is not None:
+        check_type(scope.type)
+    if scope.id is not None:
+        check_id(scope.id)
+    rows = await db.history_page(scope, after, count + 1)
+    total = await db.history_count(scope) if with_total else None
+    if scope.id is not None and not rows and after is None and not total:
+        assert scope.type is not None
+        if await db.current(scope.type, scope.id) is None:
+            raise not_found(scope.type, scope.id)
+    return HistoryPage(rows[:count], total, len(rows) > count)

@@ -1,0 +1,452 @@
+"""FHIR R4 REST routes under /fhir: parse the request, call one service, encode the answer.
+
+Every route is declared with `@route(interaction, level, ...)`, which adds it to the router
+with the authorization dependency and records the interaction for the
+CapabilityStatement. Routes hold no business rules and make no database calls.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import unquote, urlencode
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from starlette.convertors import Convertor, register_url_convertor
+
+from server.config import Settings
+from server.fhir import capability, interactions, jsonio, transaction
+from server.fhir.bundle import Bundle, Entry
+from server.fhir.http import (
+    Negotiated,
+    content_kind,
+    fhir_response,
+    http_date,
+    json_body,
+    negotiate,
+    parse_http_date,
+    prefer_return,
+    resource_body,
+)
+from server.fhir.interactions import Written, parse_etag
+from server.fhir.operations import OperationCall, lookup, parameters_from_query
+from server.fhir.outcome import error, information
+from server.fhir.patch import fhirpath_patch, json_patch
+from server.security.authorization import authorize
+from server.store.fhir import FhirStore, HistoryScope, StoredResource, history_key
+
+
+class OperationConvertor(Convertor[str]):
+    """Matches `$name` path segments, so operations never fall into `/{type}/{id}`."""
+
+    regex = r"\$[A-Za-z][A-Za-z0-9\-]*"
+
+    def convert(self, value: str) -> str:
+        return value[1:]
+
+    def to_string(self, value: str) -> str:
+        return "$" + value
+
+
+register_url_convertor("operation", OperationConvertor())
+
+router = APIRouter(prefix="/fhir")
+
+
+def route(interaction: str, level: str, method: str, path: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def register(handler: Callable[..., Any]) -> Callable[..., Any]:
+        capability.INTERACTIONS[level].add(interaction)
+        router.add_api_route(
+            path,
+            handler,
+            methods=[method],
+            dependencies=[Depends(authorize("fhir", interaction))],
+            response_class=Response,
+            include_in_schema=True,
+        )
+        return handler
+
+    return register
+
+
+def store(request: Request) -> FhirStore:
+    return request.app.state.fhir_store
+
+
+def settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def base(request: Request) -> str:
+    return settings(request).fhir_base
+
+
+def resource_headers(request: Request, type_: str, id_: str, version: int, moment: datetime) -> dict[str, str]:
+    return {
+        "ETag": f'W/"{version}"',
+        "Last-Modified": http_date(moment),
+        "Content-Location": f"{base(request)}/{type_}/{id_}/_history/{version}",
+    }
+
+
+def written_response(request: Request, written: Written, negotiated: Negotiated) -> Response:
+    headers = resource_headers(request, written.type, written.id, written.version, written.last_updated)
+    if written.status == 201 or request.method in ("PUT", "PATCH"):
+        headers["Location"] = headers["Content-Location"]
+    prefer = prefer_return(request)
+    if prefer == "minimal":
+        return fhir_response(None, written.status, negotiated, headers)
+    if prefer == "OperationOutcome":
+        verb = "created" if written.status == 201 else "updated"
+        return fhir_response(information(f"{written.type}/{written.id} {verb} as version {written.version}"), written.status, negotiated, headers)
+    return fhir_response(written.body, written.status, negotiated, headers)
+
+
+# --- metadata -----------------------------------------------------------------------------
+
+
+async def metadata(request: Request) -> Response:
+    negotiated = negotiate(request)
+    statement = request.app.state.capability_statement
+    return fhir_response(statement, 200, negotiated)
+
+
+router.add_api_route(
+    "/metadata", metadata, methods=["GET"], response_class=Response,
+    dependencies=[Depends(authorize("fhir", "capabilities"))],
+)
+
+
+def build_capability_statement(settings_: Settings, started: datetime) -> bytes:
+    return orjson.dumps(capability.capability_statement(settings_.fhir_base, interactions.instant(started)))
+
+
+# --- batch / transaction ------------------------------------------------------------------
+
+
+async def asgi_dispatch(
+    request: Request, method: str, url: str, headers: dict[str, str], body: bytes | None
+) -> tuple[int, dict[str, str], bytes]:
+    """Send one request through this application in process (batch entries, GETs)."""
+    path, _, query = url.partition("?")
+    authorization = request.headers.get("authorization")
+    if authorization:
+        headers = {**headers, "authorization": authorization}
+    if body is not None:
+        headers = {**headers, "content-length": str(len(body))}
+    full_path = "/fhir/" + path
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": request.url.scheme,
+        "path": unquote(full_path),
+        "raw_path": full_path.encode(),
+        "query_string": query.encode(),
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": request.scope.get("client"),
+        "server": request.scope.get("server"),
+        "state": {},
+    }
+    sent = False
+    status = 500
+    response_headers: dict[str, str] = {}
+    chunks: list[bytes] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body or b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+            for key, value in message.get("headers", []):
+                response_headers[key.decode().lower()] = value.decode()
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await request.app(scope, receive, send)
+    return status, response_headers, b"".join(chunks)
+
+
+@route("transaction", "system", "POST", "")
+async def batch_or_transaction(request: Request) -> Response:
+    negotiated = negotiate(request)
+    bundle = jsonio.parse_resource(await request.body()) if content_kind(request) == "json" else None
+    if bundle is None:
+        raise error(415, "not-supported", "Send the Bundle as application/fhir+json")
+    kind = transaction.check_bundle(bundle)
+    representation = prefer_return(request) == "representation" and "prefer" in request.headers
+
+    async def dispatch(method: str, url: str, headers: dict[str, str], body: bytes | None) -> tuple[int, dict[str, str], bytes]:
+        return await asgi_dispatch(request, method, url, headers, body)
+
+    if kind == "transaction":
+        result = await transaction.transaction(store(request), bundle, base(request), dispatch, representation)
+    else:
+        result = await transaction.batch(bundle, base(request), dispatch, representation or "prefer" not in request.headers)
+    return fhir_response(result, 200, negotiated)
+
+
+capability.INTERACTIONS["system"].add("batch")
+
+
+# --- history ------------------------------------------------------------------------------
+
+_HISTORY_PARAMETERS = {"_count", "_since", "_cursor", "_format", "_pretty"}
+
+
+def parse_instant(value: str, name: str) -> datetime:
+    text = value.strip()
+    try:
+        if len(text) == 10:
+            return datetime.fromisoformat(text).replace(tzinfo=UTC)
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise error(400, "value", f"{name}={value!r} is not a FHIR instant") from None
+    if moment.tzinfo is None:
+        raise error(400, "value", f"{name}={value!r} needs a time zone")
+    return moment.astimezone(UTC)
+
+
+def parse_count(request: Request) -> int:
+    raw = request.query_params.get("_count")
+    if raw is None:
+        return settings(request).default_page_size
+    if not raw.isdigit():
+        raise error(400, "value", f"_count={raw!r} is not a non-negative integer")
+    count = int(raw)
+    maximum = settings(request).max_page_size
+    if count > maximum:
+        raise error(400, "too-costly", f"_count={count} exceeds the maximum page size {maximum}")
+    return count
+
+
+def encode_cursor(key: tuple[datetime, str]) -> str:
+    moment, ident = key
+    raw = orjson.dumps([int(moment.timestamp() * 1000), ident])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(token: str) -> tuple[datetime, str]:
+    try:
+        millis, ident = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        if not isinstance(millis, int) or not isinstance(ident, str):
+            raise ValueError
+        return datetime.fromtimestamp(millis / 1000, UTC), ident
+    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
+        raise error(400, "value", "_cursor is not a cursor this server issued") from None
+
+
+def _history_status(entry: StoredResource) -> tuple[str, str]:
+    if entry.method == "DELETE" or entry.deleted:
+        return "DELETE", "204 No Content"
+    if entry.version == 1 or entry.method == "POST":
+        return entry.method or "POST", "201 Created"
+    return entry.method or "PUT", "200 OK"
+
+
+async def history_response(request: Request, scope: HistoryScope, path: str) -> Response:
+    negotiated = negotiate(request)
+    unknown = set(request.query_params) - _HISTORY_PARAMETERS
+    if unknown:
+        raise error(400, "not-supported", f"Unknown history parameter(s): {', '.join(sorted(unknown))}")
+    since = request.query_params.get("_since")
+    scope = HistoryScope(scope.type, scope.id, parse_instant(since, "_since") if since else None)
+    count = parse_count(request)
+    cursor = request.query_params.get("_cursor")
+    after = decode_cursor(cursor) if cursor else None
+    page = await interactions.history(store(request), scope, after, count, with_total=scope.id is not None)
+    fhir_base = base(request)
+    entries = []
+    for entry in page.entries:
+        method, status = _history_status(entry)
+        url = entry.type if method == "POST" else f"{entry.type}/{entry.id}"
+        entries.append(
+            Entry(
+                f"{fhir_base}/{entry.type}/{entry.id}",
+                entry.body,
+                request={"method": method, "url": url},
+                response={
+                    "status": status,
+                    "etag": f'W/"{entry.version}"',
+                    "lastModified": interactions.instant(entry.last_updated),
+                },
+            )
+        )
+    query: dict[str, str] = {"_count": str(count)}
+    if since:
+        query["_since"] = since
+    self_query = dict(query)
+    if cursor:
+        self_query["_cursor"] = cursor
+    links = [("self", f"{fhir_base}/{path}?{urlencode(self_query)}")]
+    if page.has_more and page.entries:
+        links.append(("next", f"{fhir_base}/{path}?{urlencode({**query, '_cursor': encode_cursor(history_key(page.entries[-1]))})}"))
+    return fhir_response(Bundle("history", entries, page.total, links).to_bytes(), 200, negotiated)
+
+
+@route("history-system", "system", "GET", "/_history")
+async def history_system(request: Request) -> Response:
+    return await history_response(request, HistoryScope(), "_history")
+
+
+# --- operations ---------------------------------------------------------------------------
+
+
+async def invoke(request: Request, name: str, type_: str | None = None, id_: str | None = None, version: str | None = None) -> Response:
+    negotiated = negotiate(request)
+    level = "instance" if id_ is not None else "type" if type_ is not None else "system"
+    if type_ is not None:
+        interactions.check_type(type_)
+    if id_ is not None:
+        interactions.check_id(id_)
+    op = lookup(name, level, type_, request.method)
+    body: dict[str, Any] | None = None
+    if request.method == "POST" and (await request.body()).strip():
+        document = await json_body(request)
+        if not isinstance(document, dict):
+            raise error(400, "invalid", "An operation body must be a Parameters resource or a resource")
+        if document.get("resourceType") == "Parameters":
+            parameters = document
+        else:
+            parameters, body = {"resourceType": "Parameters", "parameter": []}, document
+    else:
+        parameters = parameters_from_query(list(request.query_params.multi_items()))
+    call = OperationCall(name, level, type_, id_, version, parameters, body, store(request), request.app.state.services)
+    result = await op.handler(call)
+    payload = result.body if isinstance(result.body, bytes) else jsonio.dumps(result.body)
+    return fhir_response(payload, result.status, negotiated)
+
+
+def operation_route(path: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return router.api_route(
+        path, methods=["GET", "POST"], response_class=Response,
+        dependencies=[Depends(authorize("fhir", "operation"))],
+    )
+
+
+@operation_route("/{operation:operation}")
+async def operation_system(request: Request, operation: str) -> Response:
+    return await invoke(request, operation)
+
+
+@operation_route("/{type}/{operation:operation}")
+async def operation_type(request: Request, type: str, operation: str) -> Response:
+    return await invoke(request, operation, type)
+
+
+@operation_route("/{type}/{id}/{operation:operation}")
+async def operation_instance(request: Request, type: str, id: str, operation: str) -> Response:
+    return await invoke(request, operation, type, id)
+
+
+@operation_route("/{type}/{id}/_history/{vid}/{operation:operation}")
+async def operation_version(request: Request, type: str, id: str, vid: str, operation: str) -> Response:
+    return await invoke(request, operation, type, id, vid)
+
+
+# --- type level ---------------------------------------------------------------------------
+
+
+@route("history-type", "type", "GET", "/{type}/_history")
+async def history_type(request: Request, type: str) -> Response:
+    return await history_response(request, HistoryScope(type), f"{type}/_history")
+
+
+@route("create", "type", "POST", "/{type}")
+async def create(request: Request, type: str) -> Response:
+    negotiated = negotiate(request)
+    interactions.check_type(type)
+    if "if-none-exist" in request.headers:
+        raise error(400, "not-supported", "Conditional create (If-None-Exist) is not supported yet")
+    resource = await resource_body(request)
+    written = await interactions.create(store(request), type, resource)
+    return written_response(request, written, negotiated)
+
+
+# --- instance level -----------------------------------------------------------------------
+
+
+@route("history-instance", "instance", "GET", "/{type}/{id}/_history")
+async def history_instance(request: Request, type: str, id: str) -> Response:
+    return await history_response(request, HistoryScope(type, id), f"{type}/{id}/_history")
+
+
+@route("vread", "instance", "GET", "/{type}/{id}/_history/{vid}")
+async def vread(request: Request, type: str, id: str, vid: str) -> Response:
+    negotiated = negotiate(request)
+    stored = await interactions.vread(store(request), type, id, vid)
+    return fhir_response(stored.body, 200, negotiated, resource_headers(request, type, id, stored.version, stored.last_updated))
+
+
+def not_modified(request: Request, stored: StoredResource) -> bool:
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match is not None:
+        tags = {t.strip().removeprefix("W/").strip('"') for t in if_none_match.split(",")}
+        return "*" in tags or str(stored.version) in tags
+    if_modified_since = request.headers.get("if-modified-since")
+    if if_modified_since is not None:
+        since = parse_http_date(if_modified_since)
+        if since is not None and stored.last_updated.replace(microsecond=0) <= since:
+            return True
+    return False
+
+
+@route("read", "instance", "GET", "/{type}/{id}")
+async def read(request: Request, type: str, id: str) -> Response:
+    negotiated = negotiate(request)
+    stored = await interactions.read(store(request), type, id)
+    headers = resource_headers(request, type, id, stored.version, stored.last_updated)
+    if not_modified(request, stored):
+        return Response(status_code=304, headers=headers)
+    return fhir_response(stored.body, 200, negotiated, headers)
+
+
+@route("update", "instance", "PUT", "/{type}/{id}")
+async def update(request: Request, type: str, id: str) -> Response:
+    negotiated = negotiate(request)
+    if_match = parse_etag(request.headers.get("if-match"), "If-Match")
+    interactions.check_type(type)
+    interactions.check_id(id)
+    resource = await resource_body(request)
+    written = await interactions.update(store(request), type, id, resource, if_match)
+    return written_response(request, written, negotiated)
+
+
+@route("patch", "instance", "PATCH", "/{type}/{id}")
+async def patch(request: Request, type: str, id: str) -> Response:
+    negotiated = negotiate(request)
+    if_match = parse_etag(request.headers.get("if-match"), "If-Match")
+    interactions.check_type(type)
+    interactions.check_id(id)
+    kind = content_kind(request)
+    document = jsonio.parse(await request.body())
+    if kind == "json-patch":
+        patcher = json_patch(document)
+    elif kind == "json":
+        patcher = fhirpath_patch(document)
+    else:
+        raise error(415, "not-supported", "PATCH takes application/json-patch+json or a FHIRPath Patch Parameters (application/fhir+json)")
+    written = await interactions.patch(store(request), type, id, patcher, if_match)
+    return written_response(request, written, negotiated)
+
+
+@route("delete", "instance", "DELETE", "/{type}/{id}")
+async def delete(request: Request, type: str, id: str) -> Response:
+    negotiate(request)
+    if_match = parse_etag(request.headers.get("if-match"), "If-Match")
+    written = await interactions.delete(store(request), type, id, if_match)
+    headers = {"ETag": f'W/"{written.version}"'} if written else {}
+    return Response(status_code=204, headers=headers)

@@ -1,0 +1,339 @@
+"""Batch and transaction Bundles posted to the base (http.html#transaction).
+
+A transaction is atomic: every write runs in one MongoDB transaction, so any failure
+leaves nothing behind and is answered with a single OperationOutcome. It follows the
+spec's processing order (DELETE, POST, PUT/PATCH, then GET), gives every POSTed
+`urn:uuid:` fullUrl its new id, and rewrites the references that used it before anything
+is validated or stored. Validation happens before the database transaction opens, so the
+transaction is short. GET entries run after the commit and see its writes.
+
+A batch is a list of independent requests: each entry is dispatched through the server's
+own HTTP routes (in process), so it behaves exactly like the same request sent alone, and
+fails alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from pymongo.asynchronous.client_session import AsyncClientSession
+
+from server.fhir import interactions, jsonio
+from server.fhir.bundle import Bundle, Entry
+from server.fhir.interactions import Written, check_id, check_type, new_id
+from server.fhir.outcome import FhirError, Issue, error
+from server.fhir.patch import Patcher, fhirpath_patch, json_patch
+from server.store.fhir import FhirStore, NewVersion
+
+# (method, relative url with query, headers, body) -> (status, headers, body)
+Dispatch = Callable[[str, str, dict[str, str], bytes | None], Awaitable[tuple[int, dict[str, str], bytes]]]
+
+ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
+
+
+def status_line(status: int) -> str:
+    return f"{status} {HTTPStatus(status).phrase}"
+
+
+@dataclass
+class Request:
+    """One bundle entry's request, checked and with its target resolved."""
+
+    index: int
+    method: str
+    url: str  # relative to the base, query included
+    full_url: str | None
+    resource: dict[str, Any] | None
+    if_match: str | None = None
+    if_none_match: str | None = None
+    if_modified_since: str | None = None
+    if_none_exist: str | None = None
+    type: str | None = None
+    id: str | None = None
+
+    @property
+    def path(self) -> str:
+        return self.url.split("?", 1)[0]
+
+
+def _relative(url: str, base: str) -> str:
+    if url.startswith(base + "/"):
+        return url[len(base) + 1 :]
+    return url.lstrip("/")
+
+
+def parse_entries(bundle: dict[str, Any], base: str) -> list[Request]:
+    entries = bundle.get("entry", [])
+    if not isinstance(entries, list):
+        raise error(400, "structure", "Bundle.entry must be an array", "Bundle.entry")
+    requests = []
+    for index, entry in enumerate(entries):
+        where = f"Bundle.entry[{index}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("request"), dict):
+            raise error(400, "required", f"{where} has no request", f"{where}.request")
+        request = entry["request"]
+        method = request.get("method")
+        url = request.get("url")
+        if method not in ORDER:
+            raise error(400, "value", f"{where}.request.method {method!r} is not supported", f"{where}.request.method")
+        if not isinstance(url, str) or not url:
+            raise error(400, "required", f"{where}.request.url is missing", f"{where}.request.url")
+        resource = entry.get("resource")
+        if resource is not None and not isinstance(resource, dict):
+            raise error(400, "structure", f"{where}.resource must be a resource", f"{where}.resource")
+        if method in ("POST", "PUT", "PATCH") and resource is None:
+            raise error(400, "required", f"{where} ({method}) has no resource", f"{where}.resource")
+        requests.append(
+            Request(
+                index, method, _relative(url, base), entry.get("fullUrl"), resource,
+                request.get("ifMatch"), request.get("ifNoneMatch"),
+                request.get("ifModifiedSince"), request.get("ifNoneExist"),
+            )
+        )
+    return requests
+
+
+def _with_entry(exc: FhirError, index: int) -> FhirError:
+    """Point an entry's errors at the entry (Bundle.entry[i].resource...)."""
+    issues = []
+    for issue in exc.issues:
+        expressions = tuple(
+            f"Bundle.entry[{index}].resource" + e[e.index(".") :] if "." in e else f"Bundle.entry[{index}]"
+            for e in issue.expression
+        ) or (f"Bundle.entry[{index}]",)
+        issues.append(Issue(issue.code, f"Bundle.entry[{index}]: {issue.diagnostics}", issue.severity, expressions))
+    return FhirError(exc.status, issues, exc.headers)
+
+
+# --- transaction --------------------------------------------------------------------------
+
+
+def _resolve_targets(requests: list[Request]) -> dict[str, str]:
+    """Give each write its target, and map bundle-local fullUrls to `Type/id`."""
+    identities: dict[str, str] = {}
+    seen: set[str] = set()
+    for request in requests:
+        if request.method == "GET" or request.method == "HEAD":
+            continue
+        if "?" in request.url:
+            raise error(
+                400, "not-supported",
+                f"Bundle.entry[{request.index}]: conditional {request.method} is not supported",
+            )
+        parts = request.path.split("/")
+        if request.method == "POST":
+            if len(parts) != 1:
+                raise error(400, "invalid", f"Bundle.entry[{request.index}]: POST url must be a resource type")
+            request.type, request.id = parts[0], new_id()
+        else:
+            if len(parts) != 2:
+                raise error(400, "invalid", f"Bundle.entry[{request.index}]: {request.method} url must be Type/id")
+            request.type, request.id = parts
+            check_id(request.id)
+        check_type(request.type)
+        key = f"{request.type}/{request.id}"
+        if key in seen:
+            raise error(400, "invalid", f"Bundle.entry[{request.index}]: {key} appears more than once in the transaction")
+        seen.add(key)
+        if request.full_url:
+            identities[request.full_url] = key
+    return identities
+
+
+def rewrite_references(node: Any, identities: dict[str, str]) -> None:
+    """Replace references to bundle-local fullUrls with the resources' new `Type/id`."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "reference" and isinstance(value, str):
+                target = identities.get(value)
+                if target is None and "#" in value:
+                    base, _, fragment = value.partition("#")
+                    target = identities.get(base) and f"{identities[base]}#{fragment}"
+                if target:
+                    node[key] = target
+            else:
+                rewrite_references(value, identities)
+    elif isinstance(node, list):
+        for item in node:
+            rewrite_references(item, identities)
+
+
+def binary_patch(resource: dict[str, Any]) -> Patcher:
+    """A PATCH entry's body: a Binary holding a JSON Patch, or a FHIRPath Patch Parameters."""
+    if resource.get("resourceType") == "Parameters":
+        return fhirpath_patch(resource)
+    if resource.get("resourceType") == "Binary":
+        if resource.get("contentType", "").split(";")[0].strip() != "application/json-patch+json":
+            raise error(400, "not-supported", "A Binary patch must have contentType application/json-patch+json")
+        try:
+            data = base64.b64decode(resource.get("data", ""), validate=True)
+        except (binascii.Error, ValueError):
+            raise error(400, "invalid", "The Binary patch data is not base64") from None
+        return json_patch(jsonio.parse(data))
+    raise error(400, "invalid", "A PATCH entry's resource must be a Binary (JSON Patch) or Parameters")
+
+
+@dataclass
+class _Prepared:
+    request: Request
+    new: NewVersion | None = None
+    patcher: Patcher | None = None
+    if_match: int | None = None
+
+
+def _prepare(request: Request) -> _Prepared:
+    prepared = _Prepared(request, if_match=interactions.parse_etag(request.if_match, "ifMatch"))
+    if request.if_none_exist is not None:
+        raise error(400, "not-supported", "ifNoneExist (conditional create) is not supported")
+    assert request.type is not None and request.id is not None
+    if request.method == "POST":
+        assert request.resource is not None
+        prepared.new = interactions.prepare_create(request.type, request.resource, request.id)
+    elif request.method == "PUT":
+        assert request.resource is not None
+        interactions.check_update_body(request.type, request.id, request.resource)
+        prepared.new = interactions.prepare(request.resource, request.id, 1, interactions.now(), "PUT")
+    elif request.method == "PATCH":
+        assert request.resource is not None
+        prepared.patcher = binary_patch(request.resource)
+    return prepared
+
+
+async def transaction(
+    db: FhirStore, bundle: dict[str, Any], base: str, dispatch: Dispatch, representation: bool
+) -> bytes:
+    requests = parse_entries(bundle, base)
+    identities = _resolve_targets(requests)
+    prepared: list[_Prepared] = []
+    for request in requests:
+        if request.resource is not None and identities:
+            rewrite_references(request.resource, identities)
+        if request.method in ("GET", "HEAD"):
+            continue
+        try:
+            prepared.append(_prepare(request))
+        except FhirError as exc:
+            raise _with_entry(exc, request.index) from None
+
+    creates = [p for p in prepared if p.request.method == "POST"]
+    others = sorted((p for p in prepared if p.request.method != "POST"), key=lambda p: ORDER[p.request.method])
+
+    async def body(session: AsyncClientSession) -> dict[int, Written | None]:
+        results: dict[int, Written | None] = {}
+        for item in others:
+            if item.request.method != "DELETE":
+                continue
+            results[item.request.index] = await _write(session, db, item)
+        # All creates at once: their ids are new, so they cannot collide with anything.
+        await db.create_many(session, [p.new for p in creates if p.new is not None])
+        for item in creates:
+            assert item.new is not None
+            results[item.request.index] = Written.of(201, item.new)
+        for item in others:
+            if item.request.method != "DELETE":
+                results[item.request.index] = await _write(session, db, item)
+        return results
+
+    written = await interactions.retry_on_conflict(lambda: db.store.transaction(body))
+    entries: list[Entry] = []
+    for request in requests:
+        if request.method in ("GET", "HEAD"):
+            entries.append(await _dispatched(request, dispatch))
+            continue
+        result = written.get(request.index)
+        entries.append(_write_entry(request, result, base, representation))
+    return Bundle("transaction-response", entries).to_bytes()
+
+
+async def _write(session: AsyncClientSession, db: FhirStore, item: _Prepared) -> Written | None:
+    """One DELETE, PUT or PATCH entry; its errors name the entry."""
+    try:
+        return await _write_one(session, db, item)
+    except FhirError as exc:
+        raise _with_entry(exc, item.request.index) from None
+
+
+async def _write_one(session: AsyncClientSession, db: FhirStore, item: _Prepared) -> Written | None:
+    request = item.request
+    assert request.type is not None and request.id is not None
+    if request.method == "DELETE":
+        return await interactions.delete_in(session, db, request.type, request.id, item.if_match)
+    if request.method == "PUT":
+        assert item.new is not None and request.resource is not None
+        return await interactions.update_in(session, db, item.new, request.resource, item.if_match)
+    assert item.patcher is not None
+    return await interactions.patch_in(session, db, request.type, request.id, item.patcher, item.if_match)
+
+
+def _write_entry(request: Request, result: Written | None, base: str, representation: bool) -> Entry:
+    if result is None:  # a DELETE of something absent
+        return Entry(response={"status": status_line(204)})
+    response: dict[str, Any] = {"status": status_line(result.status)}
+    if result.body is not None:
+        response["location"] = f"{result.type}/{result.id}/_history/{result.version}"
+    response["etag"] = f'W/"{result.version}"'
+    response["lastModified"] = interactions.instant(result.last_updated)
+    full_url = f"{base}/{result.type}/{result.id}" if result.body is not None else None
+    return Entry(full_url, result.body if representation else None, response=response)
+
+
+# --- batch --------------------------------------------------------------------------------
+
+
+def _headers(request: Request) -> dict[str, str]:
+    headers = {"content-type": "application/fhir+json", "accept": "application/fhir+json"}
+    for name, value in (
+        ("if-match", request.if_match),
+        ("if-none-match", request.if_none_match),
+        ("if-modified-since", request.if_modified_since),
+        ("if-none-exist", request.if_none_exist),
+    ):
+        if value is not None:
+            headers[name] = value
+    return headers
+
+
+async def _dispatched(request: Request, dispatch: Dispatch, representation: bool = True) -> Entry:
+    body = None
+    headers = _headers(request)
+    if request.resource is not None:
+        if request.method == "PATCH" and request.resource.get("resourceType") == "Binary":
+            content_type = request.resource.get("contentType", "application/json-patch+json")
+            headers["content-type"] = content_type
+            body = base64.b64decode(request.resource.get("data", ""))
+        else:
+            body = jsonio.dumps(request.resource)
+    if not representation:
+        headers["prefer"] = "return=minimal"
+    status, response_headers, payload = await dispatch(request.method, request.url, headers, body)
+    response: dict[str, Any] = {"status": status_line(status)}
+    for header, field_name in (("location", "location"), ("etag", "etag"), ("last-modified", "lastModified")):
+        if header in response_headers:
+            response[field_name] = response_headers[header]
+    resource = payload if payload else None
+    if status >= 400:
+        response["outcome"] = jsonio.loads(payload) if payload else None
+        resource = None
+    return Entry(None, resource, response=response)
+
+
+async def batch(bundle: dict[str, Any], base: str, dispatch: Dispatch, representation: bool) -> bytes:
+    requests = parse_entries(bundle, base)
+    entries = [await _dispatched(r, dispatch, representation) for r in requests]
+    return Bundle("batch-response", entries).to_bytes()
+
+
+def check_bundle(bundle: dict[str, Any]) -> str:
+    """The kind of Bundle posted to the base: 'batch' or 'transaction'."""
+    if bundle.get("resourceType") != "Bundle":
+        raise error(400, "invalid", "Only a batch or transaction Bundle can be posted to the base")
+    kind = bundle.get("type")
+    if kind not in ("batch", "transaction"):
+        raise error(400, "invalid", f"Bundle.type must be batch or transaction, not {kind!r}", "Bundle.type")
+    return str(kind)
+

@@ -1,0 +1,108 @@
+"""The MongoDB connection, the collections and their indexes.
+
+This module is the one place that knows collection names. Each collection is declared
+with its indexes next to it, and `Store.open` creates them idempotently at start-up, so
+every process (and every test) sees the same layout.
+
+Writes acknowledge only once they are journaled on a majority of the replica set:
+`w="majority", j=True` on the client and on every transaction commit. That is DESIGN.md's
+"durability before acknowledgement": a 2xx is never sent for a write a crash can lose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import UTC
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from pymongo import AsyncMongoClient, IndexModel
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.read_concern import ReadConcern
+from pymongo.write_concern import WriteConcern
+
+T = TypeVar("T")
+
+DURABLE = WriteConcern(w="majority", j=True)
+
+
+@dataclass(frozen=True)
+class CollectionSpec:
+    name: str
+    indexes: list[IndexModel] = field(default_factory=list)
+
+
+# Registry of every collection; modules that own a collection add their spec here at import.
+COLLECTIONS: dict[str, CollectionSpec] = {}
+
+
+def collection(name: str, *indexes: IndexModel) -> CollectionSpec:
+    """Declare a collection and its indexes (idempotent by name)."""
+    spec = CollectionSpec(name, list(indexes))
+    COLLECTIONS[name] = spec
+    return spec
+
+
+class Store:
+    """One MongoDB client per process, shared by every service."""
+
+    def __init__(self, client: AsyncMongoClient[dict[str, Any]], database: str) -> None:
+        self.client = client
+        self.db: AsyncDatabase[dict[str, Any]] = client.get_database(
+            database, write_concern=DURABLE, read_concern=ReadConcern("majority")
+        )
+
+    @classmethod
+    async def open(cls, uri: str, database: str) -> Store:
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+            uri,
+            w="majority",
+            journal=True,
+            tz_aware=True,
+            tzinfo=UTC,
+            uuidRepresentation="standard",
+            serverSelectionTimeoutMS=30_000,
+        )
+        store = cls(client, database)
+        await store.check_server()
+        await store.ensure_collections()
+        return store
+
+    async def check_server(self) -> None:
+        info = await self.client.admin.command("buildInfo")
+        major = int(str(info["version"]).split(".")[0])
+        if major < 6:
+            raise RuntimeError(f"MongoDB {info['version']} is too old; Kuroshio needs >= 6")
+        hello = await self.client.admin.command("hello")
+        if not (hello.get("setName") or hello.get("msg") == "isdbgrid"):
+            raise RuntimeError(
+                "MongoDB is a standalone server; Kuroshio needs a replica set or a sharded "
+                "cluster for transactions (a one-member replica set is enough)"
+            )
+
+    async def ensure_collections(self) -> None:
+        existing = set(await self.db.list_collection_names())
+        for spec in COLLECTIONS.values():
+            if spec.name not in existing:
+                await self.db.create_collection(spec.name, check_exists=False)
+            if spec.indexes:
+                await self.db[spec.name].create_indexes(spec.indexes)
+
+    def __getitem__(self, spec: CollectionSpec) -> AsyncCollection[dict[str, Any]]:
+        return self.db[spec.name]
+
+    async def transaction(self, body: Callable[[AsyncClientSession], Awaitable[T]]) -> T:
+        """Run `body` in one multi-document transaction, committed durably.
+
+        PyMongo retries the whole body on transient errors (write conflicts between
+        concurrent transactions), so `body` must be safe to re-run from the start.
+        """
+        async with self.client.start_session() as session:
+            return await session.with_transaction(
+                body, write_concern=DURABLE, read_concern=ReadConcern("snapshot")
+            )
+
+    async def close(self) -> None:
+        await self.client.close()

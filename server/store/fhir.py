@@ -1,0 +1,213 @@
+"""FHIR resources in MongoDB: the current version of each resource and its history.
+
+Two collections:
+- `fhir_resources` holds the current version of every resource ever written, deleted ones
+  as tombstones (so a re-create continues the version sequence). Its `_id` is
+  `"Type/id"`, which makes the resource type the leading part of the shard key; search
+  terms (`s`) live beside the body so a search is one indexed query.
+- `fhir_history` holds every version, the current one included, for vread and history.
+
+A write replaces the current document only if it still has the version the writer read
+(compare-and-set) and inserts the new version into history, both in one transaction; the
+unique index on (type, id, version) makes a duplicate version impossible even if a caller
+forgets the transaction. Bodies are the exact JSON bytes the server returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from bson import Binary
+from pymongo import ASCENDING, DESCENDING, IndexModel
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.errors import DuplicateKeyError
+
+from server.store.database import Store, collection
+
+RESOURCES = collection(
+    "fhir_resources",
+    IndexModel([("t", ASCENDING), ("ts", DESCENDING)], name="type_lastUpdated"),
+)
+HISTORY = collection(
+    "fhir_history",
+    IndexModel([("t", ASCENDING), ("i", ASCENDING), ("v", DESCENDING)], name="version", unique=True),
+    IndexModel([("ts", DESCENDING), ("_id", DESCENDING)], name="system_history"),
+    IndexModel([("t", ASCENDING), ("ts", DESCENDING), ("_id", DESCENDING)], name="type_history"),
+)
+
+
+class VersionConflict(Exception):
+    """The resource changed between the read and the write (or already exists)."""
+
+
+@dataclass(slots=True)
+class StoredResource:
+    type: str
+    id: str
+    version: int
+    last_updated: datetime
+    deleted: bool
+    body: bytes | None
+    method: str = ""
+
+
+@dataclass(slots=True)
+class NewVersion:
+    """One version to persist. `body` is None for a delete."""
+
+    type: str
+    id: str
+    version: int
+    last_updated: datetime
+    method: str
+    body: bytes | None
+    search: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.type}/{self.id}"
+
+    def current_document(self) -> dict[str, Any]:
+        return {
+            "_id": self.key,
+            "t": self.type,
+            "v": self.version,
+            "ts": self.last_updated,
+            "deleted": self.body is None,
+            "body": Binary(self.body) if self.body is not None else None,
+            "s": self.search,
+        }
+
+    def history_document(self) -> dict[str, Any]:
+        return {
+            "_id": f"{self.key}/{self.version}",
+            "t": self.type,
+            "i": self.id,
+            "v": self.version,
+            "ts": self.last_updated,
+            "m": self.method,
+            "body": Binary(self.body) if self.body is not None else None,
+        }
+
+
+_CURRENT_FIELDS = {"v": 1, "ts": 1, "deleted": 1, "body": 1}
+
+
+def _from_current(type_: str, id_: str, doc: dict[str, Any]) -> StoredResource:
+    body = doc.get("body")
+    return StoredResource(type_, id_, doc["v"], doc["ts"], doc["deleted"], bytes(body) if body else None)
+
+
+def _from_history(doc: dict[str, Any]) -> StoredResource:
+    body = doc.get("body")
+    return StoredResource(
+        doc["t"], doc["i"], doc["v"], doc["ts"], body is None, bytes(body) if body else None, doc["m"]
+    )
+
+
+class FhirStore:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.resources = store[RESOURCES]
+        self.history = store[HISTORY]
+
+    async def current(
+        self, type_: str, id_: str, session: AsyncClientSession | None = None
+    ) -> StoredResource | None:
+        """The current version (a deleted one too), or None if never written."""
+        doc = await self.resources.find_one(
+            {"_id": f"{type_}/{id_}"}, _CURRENT_FIELDS, session=session
+        )
+        return _from_current(type_, id_, doc) if doc else None
+
+    async def version(self, type_: str, id_: str, version: int) -> StoredResource | None:
+        doc = await self.history.find_one({"_id": f"{type_}/{id_}/{version}"})
+        return _from_history(doc) if doc else None
+
+    async def write(
+        self, session: AsyncClientSession, new: NewVersion, expected_version: int | None
+    ) -> None:
+        """Persist `new` if the current version is still `expected_version` (None: absent).
+
+        Must run inside `Store.transaction`; raises VersionConflict otherwise.
+        """
+        if expected_version is None:
+            try:
+                await self.resources.insert_one(new.current_document(), session=session)
+            except DuplicateKeyError:
+                raise VersionConflict(new.key) from None
+        else:
+            result = await self.resources.replace_one(
+                {"_id": new.key, "v": expected_version}, new.current_document(), session=session
+            )
+            if result.matched_count != 1:
+                raise VersionConflict(new.key)
+        try:
+            await self.history.insert_one(new.history_document(), session=session)
+        except DuplicateKeyError:
+            raise VersionConflict(new.key) from None
+
+    async def create_many(self, session: AsyncClientSession, new: list[NewVersion]) -> None:
+        """Insert many first versions at once (server-assigned ids cannot collide)."""
+        if not new:
+            return
+        try:
+            await self.resources.insert_many(
+                [n.current_document() for n in new], ordered=False, session=session
+            )
+            await self.history.insert_many(
+                [n.history_document() for n in new], ordered=False, session=session
+            )
+        except DuplicateKeyError as exc:
+            raise VersionConflict(str(exc)) from None
+
+    async def history_page(
+        self,
+        scope: HistoryScope,
+        after_key: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[StoredResource]:
+        """Versions newest first, resuming strictly after `after_key` (a keyset cursor)."""
+        query = scope.filter()
+        if after_key is not None:
+            ts, key = after_key
+            query["$or"] = [{"ts": {"$lt": ts}}, {"ts": ts, "_id": {"$lt": key}}]
+        cursor = self.history.find(
+            query, sort=[("ts", DESCENDING), ("_id", DESCENDING)], limit=limit
+        )
+        return [_from_history(doc) async for doc in cursor]
+
+    async def history_count(self, scope: HistoryScope) -> int:
+        return await self.history.count_documents(scope.filter())
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryScope:
+    """Which versions a history request covers: system, type or instance, and a time window."""
+
+    type: str | None = None
+    id: str | None = None
+    since: datetime | None = None
+    before: datetime | None = None
+
+    def filter(self) -> dict[str, Any]:
+        query: dict[str, Any] = {}
+        if self.type is not None:
+            query["t"] = self.type
+        if self.id is not None:
+            query["i"] = self.id
+        window: dict[str, Any] = {}
+        if self.since is not None:
+            window["$gte"] = self.since
+        if self.before is not None:
+            window["$lt"] = self.before
+        if window:
+            query["ts"] = window
+        return query
+
+
+def history_key(resource: StoredResource) -> tuple[datetime, str]:
+    """The keyset-cursor position of a history entry (matches the sort of history_page)."""
+    return resource.last_updated, f"{resource.type}/{resource.id}/{resource.version}"

