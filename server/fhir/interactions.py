@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -29,6 +29,46 @@ ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 MAX_CONFLICT_RETRIES = 100
 Resource = dict[str, Any]
 T = TypeVar("T")
+
+
+@dataclass
+class Hooks:
+    """Extension points where other services join the write path.
+
+    - `incoming`: async transforms run on every resource before it is validated (create,
+      update, patch result, transaction entry); they may change it in place (terminology
+      normalization adds mapped codings).
+    - `index`: computes the search terms of a stamped resource (the search service).
+    - `after_write`: runs inside the write's transaction after each stored version (its
+      `body` is the stored JSON, None for a delete), so derived data commits atomically.
+    """
+
+    incoming: list[Callable[[Resource], Awaitable[None]]] = field(default_factory=list)
+    index: Callable[[Resource], dict[str, Any]] | None = None
+    after_write: list[Callable[[AsyncClientSession, NewVersion], Awaitable[None]]] = field(
+        default_factory=list
+    )
+
+
+HOOKS = Hooks()
+
+
+async def incoming(resource: Resource) -> None:
+    for transform in HOOKS.incoming:
+        await transform(resource)
+
+
+async def persist(
+    session: AsyncClientSession, db: FhirStore, new: NewVersion, expected_version: int | None
+) -> None:
+    """Store one version (compare-and-set) and run the after-write hooks."""
+    await db.write(session, new, expected_version)
+    await after_write(session, new)
+
+
+async def after_write(session: AsyncClientSession, new: NewVersion) -> None:
+    for hook in HOOKS.after_write:
+        await hook(session, new)
 
 
 @dataclass(slots=True)
@@ -138,8 +178,9 @@ def prepare(
     """Stamp, validate and serialize one incoming resource into the version to store."""
     stamped = stamp(resource, id_, version, moment)
     validate(stamped)
+    search = HOOKS.index(stamped) if HOOKS.index is not None else {}
     return NewVersion(
-        stamped["resourceType"], id_, version, moment, method, serialize(stamped)
+        stamped["resourceType"], id_, version, moment, method, serialize(stamped), search
     )
 
 
@@ -172,10 +213,12 @@ def prepare_create(type_: str, resource: Resource, id_: str | None = None) -> Ne
 
 
 async def create(db: FhirStore, type_: str, resource: Resource) -> Written:
+    check_type(type_)
+    await incoming(resource)
     new = prepare_create(type_, resource)
 
     async def body(session: AsyncClientSession) -> Written:
-        await db.write(session, new, None)
+        await persist(session, db, new, None)
         return Written.of(201, new)
 
     return await db.store.transaction(body)
@@ -252,7 +295,7 @@ async def update_in(
     check_if_match(current, if_match)
     version = current.version + 1 if current else 1
     new = restamp(validated, resource, version, next_timestamp(current))
-    await db.write(session, new, current.version if current else None)
+    await persist(session, db, new, current.version if current else None)
     created = current is None or current.deleted
     return Written.of(201 if created else 200, new)
 
@@ -261,6 +304,7 @@ async def update(
     db: FhirStore, type_: str, id_: str, resource: Resource, if_match: int | None
 ) -> Written:
     check_update_body(type_, id_, resource)
+    await incoming(resource)
     validated = prepare(resource, id_, 1, now(), "PUT")
     return await retry_on_conflict(
         lambda: db.store.transaction(
@@ -290,8 +334,9 @@ async def patch_in(
     patched = apply(jsonio.loads(current.body))
     if patched.get("resourceType") != type_ or patched.get("id") != id_:
         raise error(400, "invalid", "A patch may not change the resourceType or id")
+    await incoming(patched)
     new = prepare(patched, id_, current.version + 1, next_timestamp(current), "PATCH")
-    await db.write(session, new, current.version)
+    await persist(session, db, new, current.version)
     return Written.of(200, new)
 
 
@@ -323,7 +368,7 @@ async def delete_in(
     if current is None or current.deleted:
         return None
     new = NewVersion(type_, id_, current.version + 1, next_timestamp(current), "DELETE", None)
-    await db.write(session, new, current.version)
+    await persist(session, db, new, current.version)
     return Written.of(204, new)
 
 

@@ -186,17 +186,19 @@ class _Prepared:
     if_match: int | None = None
 
 
-def _prepare(request: Request) -> _Prepared:
+async def _prepare(request: Request) -> _Prepared:
     prepared = _Prepared(request, if_match=interactions.parse_etag(request.if_match, "ifMatch"))
     if request.if_none_exist is not None:
         raise error(400, "not-supported", "ifNoneExist (conditional create) is not supported")
     assert request.type is not None and request.id is not None
     if request.method == "POST":
         assert request.resource is not None
+        await interactions.incoming(request.resource)
         prepared.new = interactions.prepare_create(request.type, request.resource, request.id)
     elif request.method == "PUT":
         assert request.resource is not None
         interactions.check_update_body(request.type, request.id, request.resource)
+        await interactions.incoming(request.resource)
         prepared.new = interactions.prepare(request.resource, request.id, 1, interactions.now(), "PUT")
     elif request.method == "PATCH":
         assert request.resource is not None
@@ -216,7 +218,7 @@ async def transaction(
         if request.method in ("GET", "HEAD"):
             continue
         try:
-            prepared.append(_prepare(request))
+            prepared.append(await _prepare(request))
         except FhirError as exc:
             raise _with_entry(exc, request.index) from None
 
@@ -233,6 +235,7 @@ async def transaction(
         await db.create_many(session, [p.new for p in creates if p.new is not None])
         for item in creates:
             assert item.new is not None
+            await interactions.after_write(session, item.new)
             results[item.request.index] = Written.of(201, item.new)
         for item in others:
             if item.request.method != "DELETE":
