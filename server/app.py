@@ -93,6 +93,38 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+class InternalErrors:
+    """Answer an unexpected exception with a 500 in the interface's error form.
+
+    Starlette's own handler for `Exception` re-raises after responding, which makes the
+    server drop the connection; this answers cleanly and logs the traceback instead.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            response = render_error(Request(scope), 500, "Internal server error; the failure has been logged")
+            await response(scope, receive, send)
+
+
 class AuditTrail:
     """Record every HTTP exchange once its status is known."""
 
@@ -151,6 +183,7 @@ def create_app(settings: Settings) -> FastAPI:
     audit.configure(settings.data_dir)
     app.include_router(fhir_routes.router)
     install_error_handlers(app)
+    app.add_middleware(InternalErrors)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, exempt=("/dicomweb",))
     app.add_middleware(AuditTrail)
     return app
@@ -185,9 +218,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BodyTooLarge)
     async def too_large(request: Request, exc: BodyTooLarge) -> Response:
         return render_error(request, 413, str(exc))
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return render_error(request, 500, "Internal server error; the failure has been logged")
 

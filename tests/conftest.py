@@ -117,4 +117,4 @@ def fhir(server: LiveServer) -> Iterator[httpx.Client]:
         yield client
 
 
-FHIR_JSON = {"Content-Type": "application/fhir+json"}
+

@@ -82,6 +82,6 @@ def capability_statement(base: str, software_date: str) -> dict[str, Any]:
         "implementation": {"description": "Kuroshio FHIR R4 server", "url": base},
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json"],
-        "patchFormat": ["application/json-patch+json", "application/fhir+json"],
+        "patchFormat": ["application/json-patch+json", "application/fhir+json", "application/merge-patch+json"],
         "rest": [rest],
     }

@@ -21,6 +21,7 @@ from server.fhir.outcome import FhirError, Issue, error, outcome_bytes
 
 FHIR_JSON = "application/fhir+json"
 JSON_PATCH = "application/json-patch+json"
+MERGE_PATCH = "application/merge-patch+json"
 FORM = "application/x-www-form-urlencoded"
 
 _JSON_FORMATS = {"json", "application/json", "application/fhir+json", "application/json+fhir"}
@@ -70,7 +71,7 @@ def negotiate(request: Request) -> Negotiated:
 
 
 def content_kind(request: Request) -> str:
-    """The kind of body sent: 'json', 'json-patch' or 'form' (415 for anything else)."""
+    """The kind of body sent: 'json', 'json-patch', 'merge-patch' or 'form' (else 415)."""
     header = request.headers.get("content-type")
     if header is None:
         raise error(415, "not-supported", "The request has a body but no Content-Type; use application/fhir+json")
@@ -79,6 +80,8 @@ def content_kind(request: Request) -> str:
         return "json"
     if media == JSON_PATCH:
         return "json-patch"
+    if media == MERGE_PATCH:
+        return "merge-patch"
     if media == FORM:
         return "form"
     if media in _XML_FORMATS:
@@ -87,7 +90,7 @@ def content_kind(request: Request) -> str:
 
 
 async def json_body(request: Request) -> Any:
-    if content_kind(request) not in ("json", "json-patch"):
+    if content_kind(request) != "json":
         raise error(415, "not-supported", "Send the body as application/fhir+json")
     return jsonio.parse(await request.body())
 

@@ -137,12 +137,10 @@ def new_id() -> str:
 
 def stamp(resource: Resource, id_: str, version: int, moment: datetime) -> Resource:
     """The resource as stored: server-set id and meta first, the rest in the sent order."""
-    meta = resource.get("meta")
-    client_meta = (
-        {k: v for k, v in meta.items() if k not in ("versionId", "lastUpdated")}
-        if isinstance(meta, dict)
-        else {}
-    )
+    meta = resource.get("meta", {})
+    if not isinstance(meta, dict):
+        raise error(400, "structure", "meta must be a JSON object (a Meta)", f"{resource['resourceType']}.meta")
+    client_meta = {k: v for k, v in meta.items() if k not in ("versionId", "lastUpdated")}
     stamped: Resource = {
         "resourceType": resource["resourceType"],
         "id": id_,

@@ -1,4 +1,5 @@
-"""PATCH: JSON Patch (RFC 6902) and FHIRPath Patch (http://hl7.org/fhir/R4/fhirpatch.html).
+"""PATCH: JSON Patch (RFC 6902), FHIRPath Patch (http://hl7.org/fhir/R4/fhirpatch.html),
+and JSON Merge Patch (RFC 7386), which clients such as fhirpy send as a partial resource.
 
 JSON Patch is applied by the `jsonpatch` library. FHIRPath Patch needs to know *where*
 an expression points, not only what it evaluates to, and FHIRPath engines (fhirpathpy)
@@ -45,6 +46,31 @@ def json_patch(operations: Any) -> Patcher:
             raise error(422, "processing", f"JSON Patch test failed: {exc}") from None
         except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException, KeyError, IndexError, TypeError) as exc:
             raise error(422, "processing", f"JSON Patch could not be applied: {exc}") from None
+
+    return apply
+
+
+# --- JSON Merge Patch ---------------------------------------------------------------------
+
+
+def _merge(target: Any, patch: Any) -> Any:
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    merged = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = _merge(merged.get(key), value)
+    return merged
+
+
+def merge_patch(document: Any) -> Patcher:
+    if not isinstance(document, dict):
+        raise error(400, "invalid", "A JSON Merge Patch is a JSON object")
+
+    def apply(resource: Resource) -> Resource:
+        return _merge(resource, document)
 
     return apply
 

@@ -36,7 +36,7 @@ from server.fhir.http import (
 from server.fhir.interactions import Written, parse_etag
 from server.fhir.operations import OperationCall, lookup, parameters_from_query
 from server.fhir.outcome import error, information
-from server.fhir.patch import fhirpath_patch, json_patch
+from server.fhir.patch import fhirpath_patch, json_patch, merge_patch
 from server.security.authorization import authorize
 from server.store.fhir import FhirStore, HistoryScope, StoredResource, history_key
 
@@ -58,17 +58,17 @@ register_url_convertor("operation", OperationConvertor())
 router = APIRouter(prefix="/fhir")
 
 
-def route(interaction: str, level: str, method: str, path: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def route(interaction: str, level: str, method: str, *paths: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def register(handler: Callable[..., Any]) -> Callable[..., Any]:
         capability.INTERACTIONS[level].add(interaction)
-        router.add_api_route(
-            path,
-            handler,
-            methods=[method],
-            dependencies=[Depends(authorize("fhir", interaction))],
-            response_class=Response,
-            include_in_schema=True,
-        )
+        for path in paths:
+            router.add_api_route(
+                path,
+                handler,
+                methods=[method],
+                dependencies=[Depends(authorize("fhir", interaction))],
+                response_class=Response,
+            )
         return handler
 
     return register
@@ -180,7 +180,7 @@ async def asgi_dispatch(
     return status, response_headers, b"".join(chunks)
 
 
-@route("transaction", "system", "POST", "")
+@route("transaction", "system", "POST", "", "/")
 async def batch_or_transaction(request: Request) -> Response:
     negotiated = negotiate(request)
     bundle = jsonio.parse_resource(await request.body()) if content_kind(request) == "json" else None
@@ -432,13 +432,15 @@ async def patch(request: Request, type: str, id: str) -> Response:
     interactions.check_type(type)
     interactions.check_id(id)
     kind = content_kind(request)
+    if kind == "form":
+        raise error(415, "not-supported", "PATCH takes application/json-patch+json, a FHIRPath Patch Parameters (application/fhir+json) or application/merge-patch+json")
     document = jsonio.parse(await request.body())
     if kind == "json-patch":
         patcher = json_patch(document)
-    elif kind == "json":
-        patcher = fhirpath_patch(document)
+    elif kind == "merge-patch" or (isinstance(document, dict) and document.get("resourceType") != "Parameters"):
+        patcher = merge_patch(document)
     else:
-        raise error(415, "not-supported", "PATCH takes application/json-patch+json or a FHIRPath Patch Parameters (application/fhir+json)")
+        patcher = fhirpath_patch(document)
     written = await interactions.patch(store(request), type, id, patcher, if_match)
     return written_response(request, written, negotiated)
 

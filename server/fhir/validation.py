@@ -87,8 +87,8 @@ def validate_fhir_resources(resource: dict[str, Any]) -> list[Issue]:
             )
             for e in exc.errors(include_url=False)
         ]
-    except (ValueError, TypeError) as exc:
-        return [Issue("value", str(exc), "error", (resource_type,))]
+    except Exception as exc:  # fhir.resources raises KeyError etc. on some malformed input
+        return [Issue("invalid", f"The resource is malformed: {exc!r}", "error", (resource_type,))]
     return []
 
 

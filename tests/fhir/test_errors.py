@@ -1,0 +1,39 @@
+"""Every error is an OperationOutcome with the right status, never a traceback."""
+
+from __future__ import annotations
+
+from tests.fhir.helpers import FHIR_JSON, assert_outcome
+
+LIMIT = 64 * 1024 * 1024  # the default KUROSHIO_MAX_BODY_BYTES
+
+
+def test_unknown_routes_and_methods(fhir):
+    assert_outcome(fhir.get("Patient/1/2/3/4/5"), 404, "not-found")
+    assert_outcome(fhir.request("TRACE", "Patient/1"), 405)
+    assert_outcome(fhir.put("Patient", content=b"{}", headers=FHIR_JSON), 405)
+    assert_outcome(fhir.get("$no-such-operation"), 404, "not-supported")
+
+
+def test_oversized_body_is_refused_with_413(fhir):
+    assert_outcome(fhir.post("Patient", content=b" " * (LIMIT + 1), headers=FHIR_JSON), 413, "too-costly")
+
+
+def test_oversized_chunked_body_is_refused_while_streaming(fhir):
+    def chunks():
+        block = b" " * (1024 * 1024)
+        for _ in range(LIMIT // len(block) + 2):
+            yield block
+
+    assert_outcome(fhir.post("Patient", content=chunks(), headers=FHIR_JSON), 413)
+
+
+def test_errors_are_not_tracebacks(fhir):
+    for response in (
+        fhir.post("Patient", content=b'{"resourceType":"Patient","name":{"family":"not-a-list"}}', headers=FHIR_JSON),
+        fhir.post("Patient", content=b'{"resourceType":"Patient","meta":"x"}', headers=FHIR_JSON),
+        fhir.post("Patient", content=b'{"resourceType":"Patient","contained":[{"resourceType":"Nope"}]}', headers=FHIR_JSON),
+        fhir.post("Patient", content=b'{"resourceType":"Patient","name":[{"family":"\\ud800"}]}', headers=FHIR_JSON),
+        fhir.post("Patient", content=b'{"resourceType":7}', headers=FHIR_JSON),
+    ):
+        body = assert_outcome(response, 400)
+        assert "Traceback" not in response.text, body

@@ -1,0 +1,149 @@
+"""Batch and transaction Bundles: atomicity, processing order, urn:uuid resolution."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+
+import orjson
+
+from tests.fhir.helpers import FHIR_JSON, assert_outcome, created, patient
+
+
+def bundle(kind: str, *entries: dict) -> bytes:
+    return orjson.dumps({"resourceType": "Bundle", "type": kind, "entry": list(entries)})
+
+
+def entry(method: str, url: str, resource: dict | None = None, full_url: str | None = None, **request: str) -> dict:
+    item: dict = {"request": {"method": method, "url": url, **request}}
+    if resource is not None:
+        item["resource"] = resource
+    if full_url:
+        item["fullUrl"] = full_url
+    return item
+
+
+def post_bundle(fhir, body: bytes, **headers: str):
+    return fhir.post("", content=body, headers={**FHIR_JSON, **headers})
+
+
+def test_transaction_resolves_urn_uuid_references(fhir, server):
+    patient_url = f"urn:uuid:{uuid.uuid4()}"
+    encounter_url = f"urn:uuid:{uuid.uuid4()}"
+    response = post_bundle(
+        fhir,
+        bundle(
+            "transaction",
+            entry("POST", "Encounter", {"resourceType": "Encounter", "status": "finished", "class": {"code": "AMB"}, "subject": {"reference": patient_url}}, encounter_url),
+            entry("POST", "Patient", patient(), patient_url),
+            entry("POST", "Observation", {"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {"reference": patient_url}, "encounter": {"reference": encounter_url}}),
+        ),
+    )
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["type"] == "transaction-response"
+    statuses = [e["response"]["status"] for e in result["entry"]]
+    assert statuses == ["201 Created"] * 3
+    locations = [e["response"]["location"] for e in result["entry"]]
+    patient_id = locations[1].split("/")[1]
+    encounter = fhir.get(locations[0].rsplit("/_history", 1)[0]).json()
+    assert encounter["subject"]["reference"] == f"Patient/{patient_id}"
+    observation = fhir.get(locations[2].rsplit("/_history", 1)[0]).json()
+    assert observation["subject"]["reference"] == f"Patient/{patient_id}"
+    assert observation["encounter"]["reference"] == locations[0].rsplit("/_history", 1)[0]
+    assert result["entry"][1]["fullUrl"] == f"{server.fhir}/{locations[1].rsplit('/_history', 1)[0]}"
+    assert all(e["response"]["etag"] == 'W/"1"' for e in result["entry"])
+
+
+def test_transaction_processing_order_and_all_methods(fhir):
+    existing = created(fhir, "Patient", patient())
+    doomed = created(fhir, "Patient", patient())
+    client_id = f"tx-{uuid.uuid4().hex[:10]}"
+    json_patch = base64.b64encode(b'[{"op":"add","path":"/active","value":true}]').decode()
+    response = post_bundle(
+        fhir,
+        bundle(
+            "transaction",
+            entry("GET", f"Patient/{doomed['id']}"),
+            entry("PUT", f"Patient/{client_id}", {**patient(), "id": client_id}),
+            entry("PATCH", f"Patient/{existing['id']}", {"resourceType": "Binary", "contentType": "application/json-patch+json", "data": json_patch}),
+            entry("DELETE", f"Patient/{doomed['id']}"),
+        ),
+    )
+    assert response.status_code == 200, response.text
+    result = response.json()["entry"]
+    # GET runs last: it sees the DELETE, though it comes first in the bundle.
+    assert result[0]["response"]["status"].startswith("410")
+    assert result[1]["response"]["status"] == "201 Created"
+    assert result[2]["response"]["status"] == "200 OK"
+    assert result[3]["response"]["status"] == "204 No Content"
+    assert fhir.get(f"Patient/{existing['id']}").json()["active"] is True
+    assert fhir.get(f"Patient/{client_id}").status_code == 200
+
+
+def test_failed_transaction_leaves_nothing_behind(fhir, db):
+    marker = f"atomic-{uuid.uuid4().hex}"
+    existing = created(fhir, "Patient", patient())
+    before_resources = db.fhir_resources.count_documents({})
+    before_history = db.fhir_history.count_documents({})
+    response = post_bundle(
+        fhir,
+        bundle(
+            "transaction",
+            entry("POST", "Patient", patient(marker)),
+            entry("PUT", f"Patient/{existing['id']}", {**existing, "active": True}, ifMatch='W/"7"'),
+        ),
+    )
+    body = assert_outcome(response, 412)
+    assert "Bundle.entry[1]" in body["issue"][0]["diagnostics"]
+    assert db.fhir_resources.count_documents({}) == before_resources
+    assert db.fhir_history.count_documents({}) == before_history
+    assert fhir.get(f"Patient/{existing['id']}").json()["meta"]["versionId"] == "1"
+
+    invalid = post_bundle(fhir, bundle("transaction", entry("POST", "Patient", patient(marker)), entry("POST", "Patient", {"resourceType": "Patient", "birthDate": "never"})))
+    body = assert_outcome(invalid, 400)
+    assert "Bundle.entry[1].resource.birthDate" in body["issue"][0]["expression"]
+    assert db.fhir_resources.count_documents({}) == before_resources
+
+
+def test_transaction_errors(fhir):
+    assert_outcome(post_bundle(fhir, bundle("collection")), 400)
+    assert_outcome(post_bundle(fhir, orjson.dumps(patient())), 400)
+    assert_outcome(post_bundle(fhir, bundle("transaction", {"resource": patient()})), 400)
+    assert_outcome(post_bundle(fhir, bundle("transaction", entry("TRACE", "Patient"))), 400)
+    assert_outcome(post_bundle(fhir, bundle("transaction", entry("POST", "Patient"))), 400)
+    assert_outcome(post_bundle(fhir, bundle("transaction", entry("POST", "NoSuchType", {"resourceType": "NoSuchType"}))), 404)
+    same = f"Patient/dup-{uuid.uuid4().hex[:8]}"
+    assert_outcome(post_bundle(fhir, bundle("transaction", entry("DELETE", same), entry("DELETE", same))), 400)
+    assert_outcome(fhir.post("", content=b"{", headers=FHIR_JSON), 400)
+
+
+def test_transaction_response_with_representation(fhir):
+    response = post_bundle(fhir, bundle("transaction", entry("POST", "Patient", patient())), Prefer="return=representation")
+    assert response.json()["entry"][0]["resource"]["resourceType"] == "Patient"
+    minimal = post_bundle(fhir, bundle("transaction", entry("POST", "Patient", patient())))
+    assert "resource" not in minimal.json()["entry"][0]
+
+
+def test_batch_entries_succeed_or_fail_independently(fhir):
+    existing = created(fhir, "Patient", patient())
+    response = post_bundle(
+        fhir,
+        bundle(
+            "batch",
+            entry("POST", "Patient", patient()),
+            entry("POST", "Patient", {"resourceType": "Patient", "birthDate": "bad"}),
+            entry("GET", f"Patient/{existing['id']}"),
+            entry("GET", "Patient/missing-in-batch"),
+            entry("PUT", f"Patient/{existing['id']}", {**existing, "active": False}, ifMatch='W/"1"'),
+            entry("DELETE", f"Patient/{existing['id']}", ifMatch='W/"1"'),
+        ),
+    )
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["type"] == "batch-response"
+    statuses = [e["response"]["status"][:3] for e in result["entry"]]
+    assert statuses == ["201", "400", "200", "404", "200", "412"]
+    assert result["entry"][1]["response"]["outcome"]["resourceType"] == "OperationOutcome"
+    assert result["entry"][2]["resource"]["id"] == existing["id"]
+    assert fhir.get(f"Patient/{existing['id']}").json()["meta"]["versionId"] == "2"
