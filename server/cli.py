@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -66,6 +67,10 @@ def serve(
                 timeout_graceful_shutdown=10,
             )
         )
+        # uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown; make that a no-op
+        # so the embedded mongod is stopped cleanly by the ExitStack before we exit.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: None)
         server.run()
         if not server.started:
             raise typer.Exit(1)

