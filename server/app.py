@@ -93,8 +93,9 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-class InternalErrors:
-    """Answer an unexpected exception with a 500 in the interface's error form.
+class AuditedExchange:
+    """Outermost middleware: every HTTP exchange is audited with its final status, and an
+    unexpected exception is answered with a 500 in the interface's error form.
 
     Starlette's own handler for `Exception` re-raises after responding, which makes the
     server drop the connection; this answers cleanly and logs the traceback instead.
@@ -107,50 +108,26 @@ class InternalErrors:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
+        status = 0
 
         async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracking_send)
-        except Exception:
-            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
-            if started:
-                raise
-            response = render_error(Request(scope), 500, "Internal server error; the failure has been logged")
-            await response(scope, receive, send)
-
-
-class AuditTrail:
-    """Record every HTTP exchange once its status is known."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 500
-
-        async def record_status(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
             await send(message)
 
         try:
-            await self.app(scope, receive, record_status)
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if status:
+                raise
+            response = render_error(Request(scope), 500, "Internal server error; the failure has been logged")
+            await response(scope, receive, tracking_send)
         finally:
             state = scope.get("state", {})
             audit.record(
-                state.get("principal"),
-                state.get("access"),
-                status,
+                state.get("principal"), state.get("access"), status or 500,
                 f"{scope['method']} {scope['path']}",
             )
 
@@ -183,9 +160,8 @@ def create_app(settings: Settings) -> FastAPI:
     audit.configure(settings.data_dir)
     app.include_router(fhir_routes.router)
     install_error_handlers(app)
-    app.add_middleware(InternalErrors)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, exempt=("/dicomweb",))
-    app.add_middleware(AuditTrail)
+    app.add_middleware(AuditedExchange)
     return app
 
 
