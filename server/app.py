@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from pymongo.errors import ConnectionFailure
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -47,7 +48,7 @@ def _fhir_error(request: Request, status: int, message: str) -> Response:
     code = {
         401: "login", 403: "forbidden", 404: "not-found", 405: "not-supported",
         406: "not-supported", 409: "conflict", 412: "conflict", 413: "too-costly",
-        415: "not-supported", 429: "throttled",
+        415: "not-supported", 429: "throttled", 503: "transient",
     }.get(status, "exception" if status >= 500 else "invalid")
     return error_response(FhirError(status, [Issue(code, message)]), request)
 
@@ -190,6 +191,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Forbidden)
     async def forbidden(request: Request, exc: Forbidden) -> Response:
         return render_error(request, 403, str(exc))
+
+    @app.exception_handler(ConnectionFailure)
+    async def database_unavailable(request: Request, exc: ConnectionFailure) -> Response:
+        log.error("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+        response = render_error(request, 503, "The database is unavailable; try again later")
+        response.headers["Retry-After"] = "5"
+        return response
 
     @app.exception_handler(BodyTooLarge)
     async def too_large(request: Request, exc: BodyTooLarge) -> Response:

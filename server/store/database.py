@@ -63,7 +63,6 @@ class Store:
             tz_aware=True,
             tzinfo=UTC,
             uuidRepresentation="standard",
-            serverSelectionTimeoutMS=30_000,
         )
         store = cls(client, database)
         await store.check_server()

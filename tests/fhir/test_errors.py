@@ -37,3 +37,22 @@ def test_errors_are_not_tracebacks(fhir):
     ):
         body = assert_outcome(response, 400)
         assert "Traceback" not in response.text, body
+
+
+def test_database_outage_is_a_503_operation_outcome(tmp_path):
+    import httpx
+
+    from server.store.mongod import EmbeddedMongod
+    from tests.conftest import start_server, stop_server
+
+    with EmbeddedMongod(tmp_path / "db", cache_size_gb=0.25) as own:
+        live = start_server(own.uri + "&serverSelectionTimeoutMS=1000", tmp_path / "server")
+        try:
+            created = httpx.post(f"{live.fhir}/Patient", content=b'{"resourceType":"Patient"}', headers=FHIR_JSON)
+            assert created.status_code == 201
+            own.stop()
+            response = httpx.get(f"{live.fhir}/Patient/{created.json()['id']}", timeout=30)
+            assert_outcome(response, 503, "transient")
+            assert response.headers["Retry-After"] == "5"
+        finally:
+            stop_server(live)
