@@ -1,39 +1,75 @@
 """FHIR JSON in and out, without losing what the client sent.
 
-A FHIR decimal carries its precision in its lexical form (`1.50` is not `1.5`), so
-resources are parsed with decimals as `Decimal` (simplejson keeps the exponent) and
-serialized back from the same values: numbers, element order and strings come back as
-they were sent, only insignificant whitespace goes. orjson would be faster but turns
-`1.50` into `1.5`.
+A FHIR decimal carries its precision in its lexical form (`1.50` is not `1.5`), so a
+resource must come back with its numbers exactly as sent. orjson is fast but reads
+numbers into floats, and a float prints in its shortest form; simplejson can keep every
+decimal as a `Decimal` but is several times slower. So each body is read by orjson, and
+its decimal lexemes are checked: when every one of them prints back identically from a
+float (the common case: `72.5`, `0.25`), the orjson result is exact; otherwise the body is
+read again with simplejson into `Decimal`s. Output always goes through orjson, with
+`Decimal`s written as their own lexeme (`orjson.Fragment`).
 """
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from typing import Any
 
+import orjson
 import simplejson
 
 from server.fhir.outcome import FhirError, Issue, error
 
 JSONObject = dict[str, Any]
 
+# JSON number values (after `:`, `,` or `[`) with a fraction or an exponent, and integers
+# too long for a float to hold exactly (orjson reads those as floats). A false match
+# inside a string only costs the slower exact reading.
+_DECIMAL_LEXEME = re.compile(
+    rb"[:,\[][ \t\r\n]*(-?\d+(?:\.\d+(?:[eE][+-]?\d+)?|[eE][+-]?\d+)|-?\d{16,})(?=[ \t\r\n]*[,\]}])"
+)
+_BOM = b"\xef\xbb\xbf"
+
+
+def _exact_int(lexeme: str) -> int | Decimal:
+    """Integers beyond 64 bits stay Decimal, which orjson can write back (ints it cannot)."""
+    return int(lexeme) if len(lexeme) < 19 else Decimal(lexeme)
+
+
+def _exact(body: bytes) -> Any:
+    return simplejson.loads(body.decode("utf-8"), use_decimal=True, parse_int=_exact_int)
+
+
+def _prints_back(lexeme: bytes) -> bool:
+    return orjson.dumps(float(lexeme)) == lexeme
+
+
+def loads(body: bytes) -> Any:
+    """Parse JSON keeping every decimal's lexical form; raises ValueError if invalid."""
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return _exact(body)
+    if all(_prints_back(lexeme) for lexeme in set(_DECIMAL_LEXEME.findall(body))):
+        return value
+    return _exact(body)
+
 
 def parse(body: bytes) -> Any:
     """Parse a request body; any syntax or encoding problem is a 400 OperationOutcome."""
+    if body.startswith(_BOM):
+        body = body[len(_BOM) :]
     if not body.strip():
         raise error(400, "invalid", "The request body is empty; a JSON document is required")
     try:
-        text = body.decode("utf-8")
+        return loads(body)
     except UnicodeDecodeError as exc:
         raise error(400, "invalid", f"The request body is not UTF-8: {exc}") from None
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    try:
-        return simplejson.loads(text, use_decimal=True)
     except simplejson.JSONDecodeError as exc:
         raise error(
-            400, "invalid", f"The request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            400, "invalid",
+            f"The request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
         ) from None
     except RecursionError:
         raise error(400, "too-costly", "The request body is nested too deeply") from None
@@ -48,33 +84,28 @@ def parse_resource(body: bytes) -> JSONObject:
     return document
 
 
+def _exact_decimal(value: Any) -> orjson.Fragment:
+    if isinstance(value, Decimal):
+        return orjson.Fragment(str(value))
+    raise TypeError(f"cannot serialize {type(value).__name__}")
+
+
 def dumps(value: Any) -> bytes:
     """Compact JSON, decimals exactly as parsed, non-ASCII as UTF-8."""
     try:
-        return simplejson.dumps(
-            value, use_decimal=True, separators=(",", ":"), ensure_ascii=False
-        ).encode("utf-8")
-    except UnicodeEncodeError:
+        return orjson.dumps(value, default=_exact_decimal)
+    except TypeError as exc:
         # A lone surrogate escape ("\ud800") parses but is not encodable text.
-        raise FhirError(
-            400, [Issue("invalid", "The resource contains an unpaired Unicode surrogate")]
-        ) from None
-
-
-def loads(body: bytes) -> Any:
-    """Parse bytes this server wrote (trusted), keeping decimal precision."""
-    return simplejson.loads(body, use_decimal=True)
+        raise FhirError(400, [Issue("invalid", f"The resource cannot be stored as JSON: {exc}")]) from None
 
 
 def pretty(body: bytes) -> bytes:
     """Indented form for `_pretty=true`, numbers unchanged."""
-    return (
-        simplejson.dumps(loads(body), use_decimal=True, indent=2, ensure_ascii=False) + "\n"
-    ).encode("utf-8")
+    return orjson.dumps(loads(body), default=_exact_decimal, option=orjson.OPT_INDENT_2) + b"\n"
 
 
 def plain(value: Any) -> Any:
-    """Decimals as floats, for code that needs plain JSON values (e.g. JSON Patch tests)."""
+    """Decimals as floats, for libraries that expect plain JSON values (fhirpathpy)."""
     if isinstance(value, Decimal):
         return float(value)
     if isinstance(value, dict):

@@ -29,7 +29,7 @@ _REFERENCE = re.compile(
     r"|[a-z][a-z0-9+.\-]*://\S+"
     r"|[A-Z][A-Za-z]+\?\S*)"
 )
-_REFERENCE_VALUES = re.compile(r'"reference":"((?:[^"\\]|\\.)*)"')
+_REFERENCE_VALUES = re.compile(rb'"reference":"((?:[^"\\]|\\.)*)"')
 
 
 @cache
@@ -95,8 +95,8 @@ def validate_fhir_resources(resource: dict[str, Any]) -> list[Issue]:
 def reference_issues(body: bytes) -> list[Issue]:
     """Check the grammar of every literal reference in a serialized resource."""
     issues = []
-    for match in _REFERENCE_VALUES.finditer(body.decode("utf-8")):
-        value = match.group(1)
+    for match in _REFERENCE_VALUES.finditer(body):
+        value = match.group(1).decode("utf-8")
         if not _REFERENCE.fullmatch(value):
             issues.append(Issue("value", f"Invalid reference {value!r}"))
     return issues
