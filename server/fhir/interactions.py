@@ -98,7 +98,7 @@ def check_id(id_: str) -> None:
 
 
 def check_version_id(version: str) -> int:
-    if not version.isdigit() or len(version) > 18:
+    if not (version.isascii() and version.isdigit()) or len(version) > 18:
         raise error(404, "not-found", f"Version {version!r} is not known")
     return int(version)
 
@@ -108,7 +108,7 @@ def parse_etag(value: str | None, header: str) -> int | None:
     if value is None:
         return None
     tag = value.strip().removeprefix("W/").strip('"')
-    if not tag.isdigit() or len(tag) > 18:
+    if not (tag.isascii() and tag.isdigit()) or len(tag) > 18:
         raise error(400, "value", f"{header}: {value!r} is not a version ETag like W/\"1\"")
     return int(tag)
 

@@ -182,7 +182,7 @@ def locate(resource: Resource, path: str) -> list[Location]:
         found = [child for loc in locations for child in _children(loc, name)]
         if index:
             position = index.rstrip("]")
-            if not position.isdigit():
+            if not (position.isascii() and position.isdigit()):
                 raise error(400, "invalid", f"Cannot parse the indexer in {step!r}")
             found = found[int(position) : int(position) + 1]
         locations = found

@@ -224,7 +224,7 @@ def parse_count(request: Request) -> int:
     raw = request.query_params.get("_count")
     if raw is None:
         return settings(request).default_page_size
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
         raise error(400, "value", f"_count={raw!r} is not a non-negative integer")
     count = int(raw)
     maximum = settings(request).max_page_size

@@ -182,3 +182,10 @@ def test_injection_attempts_are_data(fhir, db):
     body = created(fhir, "Patient", patient(family='{"$where": "sleep(1000)"}'))
     assert fhir.get(f"Patient/{body['id']}").json()["name"][0]["family"] == '{"$where": "sleep(1000)"}'
     assert db.fhir_resources.count_documents({}) == before + 1
+
+
+def test_non_ascii_digits_are_not_numbers(fhir):
+    body = created(fhir, "Patient", patient())
+    assert_outcome(fhir.get(f"Patient/{body['id']}/_history/²"), 404)
+    assert_outcome(put(fhir, f"Patient/{body['id']}", body, **{"If-Match": 'W/"²"'.encode('latin-1')}), 400)
+    assert_outcome(fhir.get("_history", params={"_count": "٣"}), 400)
