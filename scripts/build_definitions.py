@@ -50,6 +50,15 @@ def type_code(element_type: dict) -> str:
     ) else element_type["code"]
 
 
+def element_types(definition: dict, element: dict) -> list[str]:
+    """The element's types. A resource's own `id` is the `id` datatype (resource.html#id,
+    and fhir.schema.json), though R4's snapshots give it as System.String with the
+    fhir-type `string`, like the unrestricted `Element.id` of every other element."""
+    if definition["kind"] == "resource" and element["path"] == definition["type"] + ".id":
+        return ["id"]
+    return [type_code(t) for t in element.get("type", [])]
+
+
 def structure(definitions: list[dict]) -> dict[str, dict]:
     """Per base type: its kind and, per element path, [min, max, types, summary, ref]."""
     table: dict[str, dict] = {}
@@ -61,7 +70,7 @@ def structure(definitions: list[dict]) -> dict[str, dict]:
         for e in d["snapshot"]["element"]:
             if "." not in e["path"]:
                 continue
-            types = [type_code(t) for t in e.get("type", [])]
+            types = element_types(d, e)
             ref = e.get("contentReference", "").lstrip("#") or None
             elements[e["path"]] = [e["min"], e["max"], types, bool(e.get("isSummary")), ref]
             if d["kind"] == "primitive-type" and e["path"].endswith(".value"):
@@ -84,8 +93,9 @@ def main(package: Path) -> None:
     (OUT / "resource-types.json").write_text(json.dumps(types, indent=0) + "\n")
     print(f"{len(types)} resource types")
     table = structure(definitions)
-    with gzip.open(OUT / "structure.json.gz", "wt", encoding="utf-8") as out:
-        json.dump(table, out, separators=(",", ":"), sort_keys=True)
+    text = json.dumps(table, separators=(",", ":"), sort_keys=True)
+    # mtime=0: the same definitions give the same bytes, so a rebuild shows no false diff.
+    (OUT / "structure.json.gz").write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))
     print(f"{len(table)} structure definitions")
 
 
