@@ -31,6 +31,7 @@ Checker = Callable[[Any], str | None]
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 STRING_MAX = 1024 * 1024
+KNOWN_VALUES, KNOWN_VALUE_LENGTH = 4096, 256
 XHTML_DIV = "{http://www.w3.org/1999/xhtml}div"
 # Elements narrative.html#xhtml rules out (txt-1): document structure, scripts, forms,
 # external references, frames and embedded objects.
@@ -80,8 +81,21 @@ def _decimal(value: Any) -> str | None:
 def _string(type_name: str) -> Checker:
     grammar = regex(type_name)
     limit = STRING_MAX if type_name in ("string", "markdown") else None
+    # Values recently found valid (code systems, units, codes repeat across resources):
+    # a dict lookup instead of the regex. Bounded; a pure function's results never go stale.
+    known: dict[str, None] = {}
 
     def check(value: Any) -> str | None:
+        if type(value) is str and value in known:
+            return None
+        problem = _check(value)
+        if problem is None and len(value) <= KNOWN_VALUE_LENGTH:
+            if len(known) >= KNOWN_VALUES:
+                known.clear()
+            known[value] = None
+        return problem
+
+    def _check(value: Any) -> str | None:
         if type(value) is not str:
             return f"must be a JSON string (a FHIR {type_name})"
         if not value:

@@ -166,7 +166,7 @@ class Walker:
         elif resource_type not in resource_types():
             self.problem("value", path, f"{resource_type!r} is not a FHIR R4 resource type")
         else:
-            self.object(value, node(resource_type), path)
+            self.object(value, node(resource_type), path, element=False)
 
     def nested(self, value: Any, path: str) -> None:
         if type(value) is dict and type(value.get("resourceType")) is str:
@@ -175,15 +175,14 @@ class Walker:
 
     # --- objects --------------------------------------------------------------------------
 
-    def object(self, value: Any, of: Node, path: str) -> None:
+    def object(self, value: Any, of: Node, path: str, element: bool = True) -> None:
+        """A resource, datatype or backbone object (`element`: ele-1 applies to it)."""
         if type(value) is not dict:
-            self.problem("structure", path, "must be a JSON object")
+            shape = "a single object, not an array" if type(value) is list else "a JSON object"
+            self.problem("structure", path, f"must be {shape}")
             return
-        if not of.resource and len(value) <= ("id" in value):
+        if element and len(value) <= ("id" in value):
             self.problem("required", path, "must have a value or children besides id (ele-1)")
-        self.properties(value, of, path)
-
-    def properties(self, value: dict[str, Any], of: Node, path: str) -> None:
         rules = of.rules
         chosen: dict[str, str] | None = None
         for name, item in value.items():
@@ -201,10 +200,10 @@ class Walker:
                         self.problem("structure", f"{path}.{rule.step}", "must be a single value, not an array")
                     else:
                         self.problem("value", f"{path}.{rule.step}", problem)
-            elif type(item) is list:
-                self.problem("structure", f"{path}.{rule.step}", "must be a single value, not an array")
             elif rule.kind == COMPLEX:
                 self.object(item, rule.node(), f"{path}.{rule.step}")
+            elif type(item) is list:
+                self.problem("structure", f"{path}.{rule.step}", "must be a single value, not an array")
             else:
                 self.nested(item, f"{path}.{rule.step}")
             if rule.choice is not None:
@@ -294,7 +293,7 @@ class Walker:
             return
         if not has_value and "extension" not in item:
             self.problem("required", path, "has neither a value nor an extension (ele-1)")
-        self.properties(item, node("Element"), path)
+        self.object(item, node("Element"), path, element=False)
 
 
 @dataclass(frozen=True, slots=True)
