@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -48,6 +49,19 @@ def type_code(element_type: dict) -> str:
     return element_type["code"].rsplit(".", 1)[-1].lower() if element_type["code"].startswith(
         "http://hl7.org/fhirpath/System."
     ) else element_type["code"]
+
+
+def narrative_allowlists(definitions: list[dict]) -> dict[str, list[str]]:
+    """The XHTML elements and attributes a narrative may use: the lists in the xpath of
+    R4's txt-1 constraint on Narrative.div (its FHIRPath is an opaque htmlChecks())."""
+    narrative = next(d for d in definitions if d["id"] == "Narrative")
+    div = next(e for e in narrative["snapshot"]["element"] if e["path"] == "Narrative.div")
+    xpath = next(c["xpath"] for c in div["constraint"] if c["key"] == "txt-1")
+    elements, attributes = re.findall(r"name\(\.\)=\(([^)]*)\)", xpath)
+    return {
+        "elements": re.findall(r"'([^']+)'", elements),
+        "attributes": re.findall(r"'([^']+)'", attributes),
+    }
 
 
 def element_types(definition: dict, element: dict) -> list[str]:
@@ -93,6 +107,7 @@ def main(package: Path) -> None:
     (OUT / "resource-types.json").write_text(json.dumps(types, indent=0) + "\n")
     print(f"{len(types)} resource types")
     table = structure(definitions)
+    table["xhtml"]["narrative"] = narrative_allowlists(definitions)
     text = json.dumps(table, separators=(",", ":"), sort_keys=True)
     # mtime=0: the same definitions give the same bytes, so a rebuild shows no false diff.
     (OUT / "structure.json.gz").write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))

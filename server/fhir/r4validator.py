@@ -14,9 +14,10 @@ resources their `resourceType` names.
 
 Why not a library: fhir.resources implements R4B, not R4 (R4 types are missing or
 redefined there, see validation.py), and accepts JSON R4 forbids ("true" for a boolean,
-1.0 for an integer, empty objects and arrays, nulls); the official R4 JSON schema is the
-other candidate, but a JSON-schema validator reports neither FHIRPath locations nor
-primitive-extension alignment, and is several times slower on the same resources.
+1.0 for an integer, empty objects and arrays, nulls). A JSON-schema validator over the
+official R4 JSON schema would need that schema shipped, cannot express the alignment of
+`_given` with `given`, and reports JSON pointers, not FHIRPath. The StructureDefinitions
+are the normative definitions, and the server already ships them as a table.
 
 Every problem is an `Issue` whose expression is the FHIRPath of the element:
 `Patient.name[0].given[0]`, `Observation.value.ofType(Quantity).value`,
@@ -303,7 +304,7 @@ class Result:
 
 
 def validate(resource: dict[str, Any]) -> Result:
-    """Validate one resource (its resourceType must be an R4 type) against R4."""
+    """Validate one resource against R4 (an unknown resourceType is one of the issues)."""
     walker = Walker()
     resource_type = resource.get("resourceType")
     walker.resource(resource, resource_type if type(resource_type) is str else "Resource")

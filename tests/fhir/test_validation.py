@@ -116,6 +116,8 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
      "Patient.text.div", "value"),
     ("xhtml with a script", {"resourceType": "Patient", "text": {"status": "generated", "div": XHTML.format("<script>x()</script>")}},
      "Patient.text.div", "value"),
+    ("xhtml with an event attribute", {"resourceType": "Patient", "text": {"status": "generated", "div": XHTML.format('<p onclick="x()">a</p>')}},
+     "Patient.text.div", "value"),
     ("xhtml empty", {"resourceType": "Patient", "text": {"status": "generated", "div": XHTML.format(" ")}}, "Patient.text.div", "value"),
     ("xhtml with extensions", {"resourceType": "Patient", "text": {"status": "generated", "div": XHTML.format("x"), "_div": {"id": "a"}}},
      "Patient.text.div", "structure"),
@@ -147,10 +149,14 @@ VALID: list[tuple[str, dict[str, Any]]] = [
     ("decimal precision and exponent", observation(valueQuantity={"value": Decimal("1.50")}, referenceRange=[{"low": {"value": Decimal("1E-22")}}])),
     ("integer as a decimal", observation(valueQuantity={"value": 5})),
     ("base64 with line breaks", {"resourceType": "Binary", "contentType": "text/plain", "data": "QUJD\nREVG\n"}),
-    ("xhtml narrative", {"resourceType": "Patient", "text": {"status": "generated", "div": XHTML.format("<p>Hi <b>there</b></p>")}}),
+    ("xhtml narrative", {"resourceType": "Patient", "text": {"status": "generated", "div": XHTML.format('<p class="x">Hi <b>there</b></p>')}}),
+    ("xhtml only an image", {"resourceType": "Patient", "text": {"status": "generated", "div": XHTML.format('<img src="#a" alt=""/>')}}),
     ("contained and references", {"resourceType": "Patient", "contained": [{"resourceType": "Organization", "id": "o", "name": "x"}],
                                   "managingOrganization": {"reference": "#o"}, "generalPractitioner": [{"reference": "urn:uuid:53fefa32-fcbb-4ff8-8a92-55ee120877b7"}]}),
     ("R4-only type", {"resourceType": "MedicinalProduct", "name": [{"productName": "x"}]}),
+    ("R4-only type contained", {"resourceType": "Patient", "contained": [{"resourceType": "MedicinalProduct", "id": "m", "name": [{"productName": "x"}]}]}),
+    ("redefined type in a Bundle", {"resourceType": "Bundle", "type": "collection", "entry": [
+        {"resource": {"resourceType": "Evidence", "status": "draft", "exposureBackground": {"reference": "EvidenceVariable/1"}}}]}),
     ("R4 Evidence", {"resourceType": "Evidence", "status": "draft", "exposureBackground": {"reference": "EvidenceVariable/1"}}),
 ]
 
@@ -237,6 +243,16 @@ def test_transaction_entry_problem_names_the_entry(fhir: httpx.Client, server: L
     assert response.status_code == 400
     assert response.json()["issue"][0]["expression"] == ["Bundle.entry[1].resource.active"]
     assert db["fhir_history"].count_documents({}) == before
+
+
+def test_patch_result_is_validated(fhir: httpx.Client) -> None:
+    created = fhir.post("Patient", content=b'{"resourceType":"Patient","active":true}', headers=FHIR_JSON)
+    location = created.headers["Location"].rsplit("/_history/", 1)[0]
+    patch = b'[{"op":"replace","path":"/active","value":"yes"}]'
+    response = fhir.patch(location, content=patch, headers={"Content-Type": "application/json-patch+json"})
+    assert response.status_code == 400
+    assert response.json()["issue"][0]["expression"] == ["Patient.active"]
+    assert fhir.get(location).headers["ETag"] == 'W/"1"'
 
 
 def test_validate_operation_reports_expressions(fhir: httpx.Client) -> None:
