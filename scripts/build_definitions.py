@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -50,6 +51,28 @@ def type_code(element_type: dict) -> str:
     ) else element_type["code"]
 
 
+def narrative_allowlists(definitions: list[dict]) -> dict[str, list[str]]:
+    """The XHTML elements and attributes a narrative may use: the lists in the xpath of
+    R4's txt-1 constraint on Narrative.div (its FHIRPath is an opaque htmlChecks())."""
+    narrative = next(d for d in definitions if d["id"] == "Narrative")
+    div = next(e for e in narrative["snapshot"]["element"] if e["path"] == "Narrative.div")
+    xpath = next(c["xpath"] for c in div["constraint"] if c["key"] == "txt-1")
+    elements, attributes = re.findall(r"name\(\.\)=\(([^)]*)\)", xpath)
+    return {
+        "elements": re.findall(r"'([^']+)'", elements),
+        "attributes": re.findall(r"'([^']+)'", attributes),
+    }
+
+
+def element_types(definition: dict, element: dict) -> list[str]:
+    """The element's types. A resource's own `id` is the `id` datatype (resource.html#id,
+    and fhir.schema.json), though R4's snapshots give it as System.String with the
+    fhir-type `string`, like the unrestricted `Element.id` of every other element."""
+    if definition["kind"] == "resource" and element["path"] == definition["type"] + ".id":
+        return ["id"]
+    return [type_code(t) for t in element.get("type", [])]
+
+
 def structure(definitions: list[dict]) -> dict[str, dict]:
     """Per base type: its kind and, per element path, [min, max, types, summary, ref]."""
     table: dict[str, dict] = {}
@@ -61,7 +84,7 @@ def structure(definitions: list[dict]) -> dict[str, dict]:
         for e in d["snapshot"]["element"]:
             if "." not in e["path"]:
                 continue
-            types = [type_code(t) for t in e.get("type", [])]
+            types = element_types(d, e)
             ref = e.get("contentReference", "").lstrip("#") or None
             elements[e["path"]] = [e["min"], e["max"], types, bool(e.get("isSummary")), ref]
             if d["kind"] == "primitive-type" and e["path"].endswith(".value"):
@@ -84,8 +107,10 @@ def main(package: Path) -> None:
     (OUT / "resource-types.json").write_text(json.dumps(types, indent=0) + "\n")
     print(f"{len(types)} resource types")
     table = structure(definitions)
-    with gzip.open(OUT / "structure.json.gz", "wt", encoding="utf-8") as out:
-        json.dump(table, out, separators=(",", ":"), sort_keys=True)
+    table["xhtml"]["narrative"] = narrative_allowlists(definitions)
+    text = json.dumps(table, separators=(",", ":"), sort_keys=True)
+    # mtime=0: the same definitions give the same bytes, so a rebuild shows no false diff.
+    (OUT / "structure.json.gz").write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))
     print(f"{len(table)} structure definitions")
 
 

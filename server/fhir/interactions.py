@@ -22,7 +22,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from server.fhir import jsonio
 from server.fhir.definitions import resource_types
 from server.fhir.outcome import FhirError, Issue, error, not_found
-from server.fhir.validation import reference_issues, validate
+from server.fhir.validation import validate
 from server.store.fhir import FhirStore, HistoryScope, NewVersion, StoredResource, VersionConflict
 
 ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
@@ -136,19 +136,22 @@ def new_id() -> str:
 
 
 def stamp(resource: Resource, id_: str, version: int, moment: datetime) -> Resource:
-    """The resource as stored: server-set id and meta first, the rest in the sent order."""
+    """The resource as stored: the sent JSON, element order kept, with the server's id and
+    meta where the client had them, else right after resourceType. A meta that is not an
+    object is left for validation to reject."""
     meta = resource.get("meta", {})
-    if not isinstance(meta, dict):
-        raise error(400, "structure", "meta must be a JSON object (a Meta)", f"{resource['resourceType']}.meta")
-    client_meta = {k: v for k, v in meta.items() if k not in ("versionId", "lastUpdated")}
-    stamped: Resource = {
-        "resourceType": resource["resourceType"],
-        "id": id_,
-        "meta": {"versionId": str(version), "lastUpdated": instant(moment), **client_meta},
-    }
+    if isinstance(meta, dict):
+        meta = {
+            "versionId": str(version),
+            "lastUpdated": instant(moment),
+            **{k: v for k, v in meta.items() if k not in ("versionId", "lastUpdated")},
+        }
+    stamped: Resource = {}
     for key, value in resource.items():
-        if key not in ("resourceType", "id", "meta"):
-            stamped[key] = value
+        stamped[key] = id_ if key == "id" else meta if key == "meta" else value
+        if key == "resourceType":
+            stamped.setdefault("id", id_)
+            stamped.setdefault("meta", meta)
     return stamped
 
 
@@ -163,11 +166,7 @@ def check_resource_type(resource: Resource, type_: str) -> None:
 
 
 def serialize(resource: Resource) -> bytes:
-    body = jsonio.dumps(resource)
-    issues = reference_issues(body)
-    if issues:
-        raise FhirError(400, issues)
-    return body
+    return jsonio.dumps(resource)
 
 
 def prepare(
@@ -263,10 +262,10 @@ def check_update_body(type_: str, id_: str, resource: Resource) -> None:
     check_id(id_)
     check_resource_type(resource, type_)
     if "id" not in resource:
-        raise error(400, "required", "The resource has no id; an update must carry the id of its URL", "id")
+        raise error(400, "required", "The resource has no id; an update must carry the id of its URL", f"{type_}.id")
     if resource["id"] != id_:
         raise error(
-            400, "invalid", f"The resource id {resource['id']!r} does not match the URL id {id_!r}", "id"
+            400, "invalid", f"The resource id {resource['id']!r} does not match the URL id {id_!r}", f"{type_}.id"
         )
 
 
