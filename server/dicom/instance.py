@@ -152,11 +152,7 @@ def _check_encoding(fp: BinaryIO, ds: pydicom.Dataset, transfer_syntax: str) -> 
     uid = UID(transfer_syntax)
     if uid.is_deflated:
         return
-    meta_length = ds.file_meta.get("FileMetaInformationGroupLength")
-    if meta_length is None:
-        raise Refused(CANNOT_UNDERSTAND, "The file meta information has no group length")
-    start = 132 + 12 + int(meta_length)
-    header = os.pread(fp.fileno(), 6, start)
+    header = os.pread(fp.fileno(), 6, _dataset_start(fp.fileno()))
     if len(header) < 6:
         return
     looks_explicit = header[4:6] in _VR_BYTES
@@ -166,6 +162,20 @@ def _check_encoding(fp: BinaryIO, ds: pydicom.Dataset, transfer_syntax: str) -> 
             CANNOT_UNDERSTAND,
             f"The data set is encoded with {found} VR but its transfer syntax {transfer_syntax} says otherwise",
         )
+
+
+def _dataset_start(fd: int) -> int:
+    """The offset after the file meta group (always explicit VR little endian)."""
+    position = 132
+    while True:
+        head = os.pread(fd, 8, position)
+        if len(head) < 8 or struct.unpack("<H", head[:2])[0] != 0x0002:
+            return position
+        if head[4:6] in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR", b"OV", b"OL", b"OD", b"OF", b"SV", b"UV"):
+            (length,) = struct.unpack("<L", os.pread(fd, 4, position + 8))
+            position += 12 + length
+        else:
+            position += 8 + struct.unpack("<H", head[6:8])[0]
 
 
 def _check_complete(ds: pydicom.Dataset, size: int) -> None:

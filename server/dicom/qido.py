@@ -26,6 +26,7 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from server.dicom.levels import INSTANCE, SERIES, STUDY, TAGS, Key, Level
 from server.store.blobs import is_uid
+from server.store.dicom import DicomIndex
 
 Json = dict[str, Any]
 LEVEL_NAMES = {"study": STUDY, "series": SERIES, "instance": INSTANCE}
@@ -265,6 +266,110 @@ def needs_metadata(query: QidoQuery) -> bool:
 
 
 def element(keyword: str, *values: Any) -> Json:
-    tag = int(TAGS[keyword], 16)
+    tag = tag_for_keyword(keyword)
+    assert tag is not None, keyword
     vr = dictionary_VR(tag)
     return {"vr": vr, "Value": list(values)} if values else {"vr": vr}
+
+
+# --- the search -------------------------------------------------------------------------
+
+_ORDER = {"study": [("_id", 1)], "series": [("st", 1), ("k.SeriesNumber", 1), ("_id", 1)],
+          "instance": [("st", 1), ("se", 1), ("k.InstanceNumber", 1), ("_id", 1)]}
+
+
+async def resolve(index: DicomIndex, query: QidoQuery) -> Json:
+    """The MongoDB filter at the query's level, higher-level keys resolved to UIDs first."""
+    level = query.level
+    filters = query.filters
+    scoped: Json = {}
+    if level != "study" and "study" in filters:
+        studies = await index.distinct("study", "_id", filters["study"])
+        scoped["st"] = {"$in": studies}
+    if level == "instance" and "series" in filters:
+        series = await index.distinct("series", "_id", {**filters["series"], **scoped})
+        scoped["se"] = {"$in": series}
+    return {**filters.get(level, {}), **scoped}
+
+
+async def search(index: DicomIndex, query: QidoQuery, base: str) -> list[Json]:
+    """Run a query against the index; results in the DICOM JSON model."""
+    level = query.level
+    mongo_filter = await resolve(index, query)
+    projection = None if level != "instance" or needs_metadata(query) else {"meta": 0, "frames": 0, "bulk": 0}
+    if level == "instance" and projection is None:
+        projection = {"frames": 0, "bulk": 0}
+    docs = await index.find(level, mongo_filter, projection, query.offset, query.limit, _ORDER[level])
+    if not docs:
+        return []
+    # Higher-level attributes (PS3.18 10.6.3.3: returned for queries not scoped to a study).
+    parents: dict[str, dict[str, Json]] = {}
+    if level in ("series", "instance"):
+        ids = list({d["st"] for d in docs})
+        parents["study"] = {d["_id"]: d for d in await index.find("study", {"_id": {"$in": ids}})}
+    if level == "instance":
+        ids = list({d["se"] for d in docs})
+        parents["series"] = {d["_id"]: d for d in await index.find("series", {"_id": {"$in": ids}})}
+    results = []
+    for doc in docs:
+        if level == "study":
+            results.append(attributes_of(doc, STUDY, query, _study_computed(doc, base)))
+        elif level == "series":
+            study = parents["study"].get(doc["st"], {})
+            extra = dict(study.get("j", {}))
+            extra[TAGS["StudyInstanceUID"]] = element("StudyInstanceUID", doc["st"])
+            results.append(attributes_of(doc, SERIES, query, _series_computed(doc, base), extra))
+        else:
+            extra = {}
+            if query.include_all:
+                extra.update(parents["study"].get(doc["st"], {}).get("j", {}))
+                extra.update(parents["series"].get(doc["se"], {}).get("j", {}))
+            extra[TAGS["StudyInstanceUID"]] = element("StudyInstanceUID", doc["st"])
+            extra[TAGS["SeriesInstanceUID"]] = element("SeriesInstanceUID", doc["se"])
+            series_doc = parents["series"].get(doc["se"], {})
+            modality = series_doc.get("j", {}).get(TAGS["Modality"])
+            if modality:
+                extra[TAGS["Modality"]] = modality
+            results.append(attributes_of(doc, INSTANCE, query, _instance_computed(doc, base), extra))
+    return results
+
+
+def _study_computed(doc: Json, base: str) -> Json:
+    modalities = doc.get("k", {}).get("ModalitiesInStudy", [])
+    return {
+        "ModalitiesInStudy": element("ModalitiesInStudy", *modalities),
+        "NumberOfStudyRelatedSeries": element("NumberOfStudyRelatedSeries", doc.get("nser", 0)),
+        "NumberOfStudyRelatedInstances": element("NumberOfStudyRelatedInstances", doc.get("n", 0)),
+        "InstanceAvailability": element("InstanceAvailability", "ONLINE"),
+        "RetrieveURL": element("RetrieveURL", f"{base}/studies/{doc['_id']}"),
+    }
+
+
+def _series_computed(doc: Json, base: str) -> Json:
+    return {
+        "NumberOfSeriesRelatedInstances": element("NumberOfSeriesRelatedInstances", doc.get("n", 0)),
+        "InstanceAvailability": element("InstanceAvailability", "ONLINE"),
+        "RetrieveURL": element("RetrieveURL", f"{base}/studies/{doc['st']}/series/{doc['_id']}"),
+    }
+
+
+def _instance_computed(doc: Json, base: str) -> Json:
+    return {
+        "AvailableTransferSyntaxUID": element("AvailableTransferSyntaxUID", doc["ts"]),
+        "InstanceAvailability": element("InstanceAvailability", "ONLINE"),
+        "RetrieveURL": element(
+            "RetrieveURL", f"{base}/studies/{doc['st']}/series/{doc['se']}/instances/{doc['_id']}"
+        ),
+    }
+
+
+def encode(results: list[Json]) -> bytes:
+    return orjson.dumps(results, option=orjson.OPT_SORT_KEYS)
+
+
+def encode_one(result: Json) -> bytes:
+    return orjson.dumps(result, option=orjson.OPT_SORT_KEYS)
+
+
+def element_or_empty(keyword: str, value: Any) -> Json:
+    return element(keyword, value) if value else element(keyword)
