@@ -56,7 +56,9 @@ IDENTIFIER_DOES_NOT_MATCH = 0xA900
 MOVE_DESTINATION_UNKNOWN = 0xA801
 
 STORAGE_SOP_CLASSES = sorted({str(cx.abstract_syntax) for cx in AllStoragePresentationContexts})
-TRANSFER_SYNTAXES = list(ALL_TRANSFER_SYNTAXES)
+# Explicit VR Little Endian first: pynetdicom accepts the first of ours that the peer
+# proposes, and a sender then transfers files in that syntax without converting them.
+TRANSFER_SYNTAXES = sorted(ALL_TRANSFER_SYNTAXES, key=lambda uid: uid != "1.2.840.10008.1.2.1")
 QUERY_RETRIEVE = {
     "find": (PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind),
     "move": (PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelMove),

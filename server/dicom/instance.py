@@ -152,7 +152,7 @@ def _check_encoding(fp: BinaryIO, ds: pydicom.Dataset, transfer_syntax: str) -> 
     uid = UID(transfer_syntax)
     if uid.is_deflated:
         return
-    header = os.pread(fp.fileno(), 6, _dataset_start(fp.fileno()))
+    header = os.pread(fp.fileno(), 6, dataset_start(fp.fileno()))
     if len(header) < 6:
         return
     looks_explicit = header[4:6] in _VR_BYTES
@@ -164,7 +164,7 @@ def _check_encoding(fp: BinaryIO, ds: pydicom.Dataset, transfer_syntax: str) -> 
         )
 
 
-def _dataset_start(fd: int) -> int:
+def dataset_start(fd: int) -> int:
     """The offset after the file meta group (always explicit VR little endian)."""
     position = 132
     while True:
