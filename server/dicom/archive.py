@@ -13,8 +13,9 @@ Ingest of one instance, in this order (DESIGN.md, durability before acknowledgem
 Steps 1-3 are blocking work (fsync, parsing) and run in worker threads (`prepare`);
 step 4 runs on the event loop for a batch of instances at once.
 
-Policy for a SOP Instance UID that is already stored: the same bytes are a success
-(idempotent, nothing changes); different bytes are refused with 0x0111 (Duplicate SOP
+Policy for a SOP Instance UID that is already stored: the same data set bytes are a
+success (idempotent, nothing changes; the file meta header may differ, as it does between
+a STOW-RS file and a C-STORE of the same instance); a different data set is refused with 0x0111 (Duplicate SOP
 Instance, PS3.7 C.4) and the stored instance is kept: an instance is replaced only by
 deleting it first. Never two copies: the index's unique key decides between concurrent
 writers, and content-addressed blob names keep their bytes apart.
@@ -96,7 +97,7 @@ class Archive:
                     DOES_NOT_MATCH_SOP_CLASS,
                     f"The instance belongs to study {parsed.study}, not {expected_study} named in the request",
                 )
-            key = BlobKey(parsed.study, parsed.series, parsed.sop, staged.digest.hexdigest())
+            key = BlobKey(parsed.study, parsed.series, parsed.sop, staged.digest(parsed.dataset_start))
             record = record_of(parsed, key, staged.size)
             self.blobs.place(staged, key)
             return Prepared(parsed, key, record)

@@ -33,6 +33,8 @@ POLL_SECONDS = 2.0
 
 
 def patient_identifier(patient_id: str | None, issuer: str | None) -> dict[str, str] | None:
+    patient_id = (patient_id or "").strip()
+    issuer = (issuer or "").strip()
     if not patient_id:
         return None
     identifier = {"value": patient_id}
@@ -79,13 +81,18 @@ async def ensure_patient(db: FhirStore, study_json: qido.Json, study: str) -> st
     name = _first(study_json, "PatientName")
     if isinstance(name, dict) and name.get("Alphabetic"):
         family, _, rest = name["Alphabetic"].partition("^")
-        given = [g for g in rest.split("^")[:2] if g]
-        human: dict[str, Any] = {"text": " ".join(given + [family]).strip()}
+        family = family.strip()
+        given = [g.strip() for g in rest.split("^")[:2] if g.strip()]
+        human: dict[str, Any] = {}
+        text = " ".join(given + [family]).strip()
+        if text:
+            human["text"] = text
         if family:
             human["family"] = family
         if given:
             human["given"] = given
-        patient["name"] = [human]
+        if human:
+            patient["name"] = [human]
     sex = {"M": "male", "F": "female", "O": "other"}.get(str(_first(study_json, "PatientSex") or ""))
     if sex:
         patient["gender"] = sex
@@ -185,9 +192,13 @@ def _series(doc: qido.Json, instances: list[qido.Json]) -> Resource:
 
 
 def _first(attributes: qido.Json, keyword: str) -> Any:
+    """The first value, None when absent or blank (FHIR strings may not be empty)."""
     element = attributes.get(qido.TAGS[keyword]) or {}
     values = element.get("Value")
-    return values[0] if values else None
+    value = values[0] if values else None
+    if isinstance(value, str):
+        value = value.strip() or None
+    return value
 
 
 def _date(value: Any) -> str | None:

@@ -75,6 +75,7 @@ class ParsedInstance:
     attributes: Json
     bulk: list[dicomjson.BulkData]
     frames: Frames | None
+    dataset_start: int  # where the data set begins, after the file meta group
 
     def level_attributes(self, level: Level) -> Json:
         return {tag: self.attributes[tag] for tag in level.tags if tag in self.attributes}
@@ -103,6 +104,7 @@ def _parse(path: Path) -> ParsedInstance:
         except InvalidDicomError as exc:
             raise Refused(CANNOT_UNDERSTAND, f"Not a DICOM PS3.10 file: {exc}") from None
         pixel_position = fp.tell()
+        start = dataset_start(fp.fileno())
         transfer_syntax = _transfer_syntax(ds)
         frames = None
         if UID(transfer_syntax).is_deflated:
@@ -127,6 +129,7 @@ def _parse(path: Path) -> ParsedInstance:
         attributes=encoded.attributes,
         bulk=encoded.bulk,
         frames=frames,
+        dataset_start=start,
     )
     _check_identity(ds, parsed)
     return parsed
@@ -152,7 +155,7 @@ def _check_encoding(fp: BinaryIO, ds: pydicom.Dataset, transfer_syntax: str) -> 
     uid = UID(transfer_syntax)
     if uid.is_deflated:
         return
-    header = os.pread(fp.fileno(), 6, dataset_start(fp.fileno()))
+    header = os.pread(fp.fileno(), 6, dataset_start(fp.fileno()))  # the first data element
     if len(header) < 6:
         return
     looks_explicit = header[4:6] in _VR_BYTES

@@ -75,6 +75,8 @@ def normalize(level: Level, attributes: Json) -> Json:
     """The matching values of one level, from an instance's DICOM JSON."""
     keys: Json = {}
     for key in level.keys:
+        if key.keyword in level.computed:
+            continue  # kept up to date by the index (ModalitiesInStudy)
         element = attributes.get(key.tag)
         values = element.get("Value") if element else None
         if not values or values[0] is None:

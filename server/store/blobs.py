@@ -1,7 +1,7 @@
 """The blob store: where the bytes of DICOM instances live.
 
 Local files under `<data-dir>/dicom`, laid out by validated UIDs as
-`<study>/<series>/<sop>.<digest>.dcm`. The digest (BLAKE2b of the content, 16 hex digits)
+`<study>/<series>/<sop>.<digest>.dcm`. The digest (BLAKE2b of the data set, 16 hex digits)
 makes the name content-addressed: two writers of the same bytes meet at the same file (a
 hard link that already exists is the same content), writers of different bytes for one
 SOP Instance UID never overwrite each other, and the index alone decides which one is the
@@ -64,26 +64,12 @@ class BlobKey:
         return cls(study, series, sop, digest)
 
 
-class Digest:
-    """The content digest of a blob, fed incrementally while the bytes arrive."""
-
-    def __init__(self) -> None:
-        self._hash = hashlib.blake2b(digest_size=8)
-
-    def update(self, data: bytes | memoryview) -> None:
-        self._hash.update(data)
-
-    def hexdigest(self) -> str:
-        return self._hash.hexdigest()
-
-
 class StagedFile:
     """Bytes being received, in a private staging file; `seal()` makes them durable."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.size = 0
-        self.digest = Digest()
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
 
     def write(self, data: bytes | memoryview) -> None:
@@ -92,7 +78,6 @@ class StagedFile:
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
-        self.digest.update(data)
         self.size += len(data)
 
     def seal(self) -> None:
@@ -101,6 +86,16 @@ class StagedFile:
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
+
+    def digest(self, start: int) -> str:
+        """The content digest of the staged bytes from `start` (the data set, so that the
+        same instance in a different file meta header is the same content)."""
+        content = hashlib.blake2b(digest_size=8)
+        with open(self.path, "rb", buffering=0) as handle:
+            handle.seek(start)
+            while chunk := handle.read(CHUNK):
+                content.update(chunk)
+        return content.hexdigest()
 
     def discard(self) -> None:
         if self._fd is not None:
