@@ -107,7 +107,8 @@ def _parse(path: Path) -> ParsedInstance:
         start = dataset_start(fp.fileno())
         transfer_syntax = _transfer_syntax(ds)
         frames = None
-        if UID(transfer_syntax).is_deflated:
+        deflated = UID(transfer_syntax).is_deflated
+        if deflated:
             # Offsets in a deflated file mean nothing: read it whole; frames and bulk
             # data of such instances are served by parsing (see wado.py).
             fp.seek(0)
@@ -115,16 +116,16 @@ def _parse(path: Path) -> ParsedInstance:
         else:
             _check_encoding(fp, ds, transfer_syntax)
             _check_complete(ds, size)
-            if pixel_position < size:
-                frames = _pixel_data(fp, ds, transfer_syntax, pixel_position, size)
-    encoded = dicomjson.encode(ds)
-    if pixel_position < size and not UID(transfer_syntax).is_deflated:
-        encoded.attributes.update(_pixel_json(ds, encoded.bulk))
+        encoded = dicomjson.encode(ds)
+        attributes = encoded.attributes
+        if pixel_position < size and not deflated:
+            frames = _pixel_data(fp, ds, encoded, transfer_syntax, pixel_position, size)
+            attributes.update(_pixel_json(ds, attributes, encoded.bulk))
     parsed = ParsedInstance(
-        study=str(ds.get("StudyInstanceUID", "")),
-        series=str(ds.get("SeriesInstanceUID", "")),
-        sop=str(ds.get("SOPInstanceUID", "")),
-        sop_class=str(ds.get("SOPClassUID", "")),
+        study=_text(attributes, "0020000D"),
+        series=_text(attributes, "0020000E"),
+        sop=_text(attributes, "00080018"),
+        sop_class=_text(attributes, "00080016"),
         transfer_syntax=transfer_syntax,
         attributes=encoded.attributes,
         bulk=encoded.bulk,
@@ -133,6 +134,19 @@ def _parse(path: Path) -> ParsedInstance:
     )
     _check_identity(ds, parsed)
     return parsed
+
+
+def _text(attributes: Json, tag: str) -> str:
+    values = attributes.get(tag, {}).get("Value")
+    return str(values[0]) if values and values[0] is not None else ""
+
+
+def _number(attributes: Json, tag: str, default: int) -> int:
+    values = attributes.get(tag, {}).get("Value")
+    try:
+        return int(values[0]) if values and values[0] is not None else default
+    except (TypeError, ValueError):
+        raise Refused(DOES_NOT_MATCH_SOP_CLASS, f"Attribute {tag} is not a number") from None
 
 
 def _transfer_syntax(ds: pydicom.Dataset) -> str:
@@ -211,8 +225,9 @@ def _check_identity(ds: pydicom.Dataset, parsed: ParsedInstance) -> None:
 
 
 def _pixel_data(
-    fp: BinaryIO, ds: pydicom.Dataset, transfer_syntax: str, position: int, size: int
+    fp: BinaryIO, ds: pydicom.Dataset, encoded: dicomjson.Encoded, transfer_syntax: str, position: int, size: int
 ) -> Frames | None:
+    attributes = encoded.attributes
     uid = UID(transfer_syntax)
     little = uid.is_little_endian
     endian = "<" if little else ">"
@@ -229,9 +244,9 @@ def _pixel_data(
     else:
         (length,) = struct.unpack(f"{endian}L", head[8:12])
         value_start = position + 12
-    rows = int(ds.get("Rows") or 0)
-    columns = int(ds.get("Columns") or 0)
-    count = int(ds.get("NumberOfFrames") or 1)
+    rows = _number(attributes, "00280010", 0)
+    columns = _number(attributes, "00280011", 0)
+    count = _number(attributes, "00280008", 1) or 1
     if length == 0xFFFFFFFF:
         if not uid.is_encapsulated:
             raise Refused(CANNOT_UNDERSTAND, "Encapsulated pixel data in a native transfer syntax")
@@ -243,10 +258,10 @@ def _pixel_data(
             raise Refused(CANNOT_UNDERSTAND, "The file is truncated inside the pixel data")
         if uid.is_encapsulated and tag == 0x7FE00010:
             raise Refused(CANNOT_UNDERSTAND, "Native pixel data in an encapsulated transfer syntax")
-        samples = int(ds.get("SamplesPerPixel") or 1)
-        if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+        samples = _number(attributes, "00280002", 1)
+        if _text(attributes, "00280004").strip() == "YBR_FULL_422":
             samples = 2  # two of every three chroma samples are not sent (PS3.3 C.7.6.3.1.2)
-        bits = int(ds.get("BitsAllocated") or 0)
+        bits = _number(attributes, "00280100", 0)
         frame_bits = rows * columns * samples * bits
         expected = (frame_bits * count + 7) // 8
         if tag == 0x7FE00010 and (length < expected or length > expected + 1):
@@ -258,7 +273,7 @@ def _pixel_data(
         byte_aligned = frame_bits % 8 == 0
         frames = Frames(count, native_start=value_start, native_size=frame_bits // 8) if byte_aligned else None
     if end < size:
-        _read_trailing(fp, ds, end, implicit, little)
+        _read_trailing(fp, encoded, end, implicit, little)
     return frames
 
 
@@ -325,23 +340,25 @@ def _frames_of(
     return grouped(starts) if len(starts) == count else None
 
 
-def _read_trailing(fp: BinaryIO, ds: pydicom.Dataset, end: int, implicit: bool, little: bool) -> None:
-    """Elements after the pixel data (trailing padding, ...) join the data set."""
+def _read_trailing(fp: BinaryIO, encoded: dicomjson.Encoded, end: int, implicit: bool, little: bool) -> None:
+    """Elements after the pixel data (trailing padding, ...) join the metadata."""
     fp.seek(end)
     try:
         trailing = read_dataset(fp, implicit, little, defer_size=dicomjson.INLINE_LIMIT)
     except Exception as exc:
         raise Refused(CANNOT_UNDERSTAND, f"Cannot parse the elements after the pixel data: {exc}") from None
-    ds._dict.update(trailing._dict)
+    extra = dicomjson.encode(trailing)
+    encoded.attributes.update(extra.attributes)
+    encoded.bulk.extend(extra.bulk)
 
 
-def _pixel_json(ds: pydicom.Dataset, bulk: list[dicomjson.BulkData]) -> Json:
+def _pixel_json(ds: pydicom.Dataset, attributes: Json, bulk: list[dicomjson.BulkData]) -> Json:
     """The pixel data element in the metadata: a bulk data reference served from the
     frame table (its offset here is unused)."""
     uid = UID(str(ds.file_meta.TransferSyntaxUID))
     if uid.is_encapsulated:
         vr = "OB"
     else:
-        vr = "OW" if int(ds.get("BitsAllocated") or 8) > 8 else "OB"
+        vr = "OW" if _number(attributes, "00280100", 8) > 8 else "OB"
     bulk.append(dicomjson.BulkData("7FE00010", 0, 0))
     return {"7FE00010": {"vr": vr, "BulkDataURI": "bulkdata/7FE00010"}}
