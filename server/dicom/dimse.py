@@ -250,15 +250,21 @@ class ApplicationEntity:
                 return
             yield PENDING, pydicom.dcmread(self.archive.blobs.path(item.blob))
 
+    def to_retrieve(self, event: Event, admitted: tuple[Principal, Access]) -> list[wado.Stored] | None:
+        """The instances a C-GET/C-MOVE identifier selects; None (audited) if malformed."""
+        try:
+            return self.matching_instances(event.identifier)
+        except (qido.QueryError, ValueError) as exc:
+            audit.record(*admitted, IDENTIFIER_DOES_NOT_MATCH, f"{admitted[1].interaction} {exc}")
+            return None
+
     def on_get(self, event: Event) -> Iterator[Any]:
         admitted = self.admitted(event, "C-GET")
         if admitted is None:
             yield NOT_AUTHORIZED, None
             return
-        try:
-            stored = self.matching_instances(event.identifier)
-        except (qido.QueryError, ValueError) as exc:
-            audit.record(*admitted, IDENTIFIER_DOES_NOT_MATCH, f"C-GET {exc}")
+        stored = self.to_retrieve(event, admitted)
+        if stored is None:
             yield IDENTIFIER_DOES_NOT_MATCH, None
             return
         audit.record(*admitted, SUCCESS, f"C-GET {len(stored)} instances")
@@ -276,10 +282,8 @@ class ApplicationEntity:
             audit.record(*admitted, MOVE_DESTINATION_UNKNOWN, f"C-MOVE to unknown {event.move_destination!r}")
             yield None, None
             return
-        try:
-            stored = self.matching_instances(event.identifier)
-        except (qido.QueryError, ValueError) as exc:
-            audit.record(*admitted, IDENTIFIER_DOES_NOT_MATCH, f"C-MOVE {exc}")
+        stored = self.to_retrieve(event, admitted)
+        if stored is None:
             yield destination.host, destination.port, {"evt_handlers": [(evt.EVT_CONN_OPEN, _nodelay)]}
             yield IDENTIFIER_DOES_NOT_MATCH, None
             return

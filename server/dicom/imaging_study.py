@@ -30,6 +30,9 @@ from server.store.fhir import FhirStore
 
 log = logging.getLogger("kuroshio.dicom.fhir")
 POLL_SECONDS = 2.0
+# After a change, wait this long before reflecting, so that a burst of arrivals (a study
+# being sent instance by instance) costs one ImagingStudy update, not one per instance.
+DEBOUNCE_SECONDS = 1.0
 
 
 def patient_identifier(patient_id: str | None, issuer: str | None) -> dict[str, str] | None:
@@ -247,6 +250,7 @@ class Reflector:
                 await asyncio.wait_for(self.wake.wait(), POLL_SECONDS)
             except TimeoutError:
                 pass
+            await asyncio.sleep(DEBOUNCE_SECONDS)
             self.wake.clear()
             try:
                 await self.reflect_pending()
