@@ -60,7 +60,7 @@ class Frames:
     fragments: list[list[int]] | None = None  # per frame: [offset, length, offset, length, ...]
 
     def document(self) -> dict[str, Any]:
-        if self.fragments is not None:
+        if self.native_start is None:  # encapsulated; f is None when frames are not separable
             return {"n": self.count, "f": self.fragments}
         return {"n": self.count, "start": self.native_start, "size": self.native_size}
 

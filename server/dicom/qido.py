@@ -251,9 +251,9 @@ def attributes_of(doc: Json, level: Level, query: QidoQuery, computed: Json, ext
     result: Json = dict(extra or {})
     stored: Json = doc.get("j", {})
     result.update(stored)
-    if query.include and "meta" in doc:
+    if (query.include or query.include_all) and "meta" in doc:
         meta = orjson.loads(doc["meta"])
-        for tag in query.include:
+        for tag in meta if query.include_all else query.include:
             if tag in meta and tag not in result and "BulkDataURI" not in meta[tag]:
                 result[tag] = meta[tag]
     for keyword, value in computed.items():

@@ -343,7 +343,7 @@ async def retrieve_frames(request: Request, study: str, series: str, sop: str, f
         numbers = wado.parse_frame_list(frames)
     except wado.BadRequest as exc:
         raise DicomWebError(400, str(exc)) from None
-    doc = await guarded(wado.frame_source(archive, study, series, sop))
+    doc = await guarded(wado.frame_source(archive, study, series, sop, numbers))
     stored_media = wado.FRAME_MEDIA_TYPES.get(doc["ts"], "application/octet-stream")
     as_stored, part_type = _frame_wants(request, stored_media)
     if as_stored or stored_media == "application/octet-stream":  # byte-range reads only

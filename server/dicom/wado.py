@@ -186,7 +186,7 @@ def parse_frame_list(text: str) -> list[int]:
     return numbers
 
 
-_FRAME_FIELDS = {"blob": 1, "ts": 1, "frames": 1, "deflated": 1, "st": 1, "se": 1}
+_FRAME_FIELDS = {"blob": 1, "ts": 1, "deflated": 1, "st": 1, "se": 1, "frames.n": 1, "frames.start": 1, "frames.size": 1}
 
 
 async def _instance_doc(archive: Archive, study: str, series: str, sop: str, fields: dict[str, Any]) -> dict[str, Any]:
@@ -197,10 +197,18 @@ async def _instance_doc(archive: Archive, study: str, series: str, sop: str, fie
     return doc
 
 
-async def frame_source(archive: Archive, study: str, series: str, sop: str) -> dict[str, Any]:
-    doc = await _instance_doc(archive, study, series, sop, _FRAME_FIELDS)
+async def frame_source(
+    archive: Archive, study: str, series: str, sop: str, numbers: list[int] | None = None
+) -> dict[str, Any]:
+    """The instance's frame table, only the part covering `numbers` (a slide's table has
+    tens of thousands of entries; a tile request reads one)."""
+    fields: dict[str, Any] = dict(_FRAME_FIELDS)
+    first = min(numbers) if numbers else 1
+    fields["frames.f"] = {"$slice": [first - 1, max(numbers) - first + 1]} if numbers else 1
+    doc = await _instance_doc(archive, study, series, sop, fields)
     if not doc.get("frames") and not doc.get("deflated"):
         raise NotFound(f"Instance {sop} has no frames")
+    doc["first"] = first
     return doc
 
 
@@ -215,13 +223,13 @@ def frames(archive: Archive, doc: dict[str, Any], numbers: list[int], as_stored:
     syntax = UID(doc["ts"])
     out = []
     for number in numbers:
-        if doc.get("deflated") or table.get("f") is not None and table["f"][number - 1] is None:
+        if doc.get("deflated") or "f" in table and table["f"] is None:
             raise NotFound(f"Frame {number} cannot be located in this instance")
         if not syntax.is_encapsulated:
             data = archive.blobs.read_range(key, table["start"] + (number - 1) * table["size"], table["size"])
             out.append(Frame(data, "application/octet-stream", None))
         elif as_stored:
-            ranges = table["f"][number - 1]
+            ranges = table["f"][number - doc["first"]]
             data = b"".join(archive.blobs.read_range(key, ranges[i], ranges[i + 1]) for i in range(0, len(ranges), 2))
             out.append(Frame(data, FRAME_MEDIA_TYPES.get(str(syntax), "application/octet-stream"), str(syntax)))
         else:

@@ -109,3 +109,33 @@ def test_move_to_configured_destination(mongod, tmp_path):
         stop_server(live)
         scp.terminate()
         scp.wait(10)
+
+
+def test_several_associations_at_once(server, tmp_path, dicomweb):
+    port = str(dicom_port(server))
+    jobs = []
+    studies = []
+    for index in range(4):
+        directory = tmp_path / f"a{index}"
+        directory.mkdir()
+        study, _, paths = write_study(directory, 5)
+        studies.append(study)
+        jobs.append(subprocess.Popen(["storescu", "-aec", "KUROSHIO", "127.0.0.1", port, *map(str, paths)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    echo = run("echoscu", "-aec", "KUROSHIO", "127.0.0.1", port)  # while the others are open
+    assert echo.returncode == 0
+    for job in jobs:
+        assert job.wait(120) == 0, job.stderr.read() if job.stderr else ""
+    for study in studies:
+        assert len(dicomweb.search_for_instances(study)) == 5
+
+
+def test_broken_cstore_is_refused(server, tmp_path, db):
+    """A data set whose pixel data is shorter than its description: refused, no trace."""
+    ds = ct_instance()
+    ds.PixelData = ds.PixelData[:100]
+    path = tmp_path / "short.dcm"
+    path.write_bytes(encode(ds))
+    result = run("storescu", "-aec", "KUROSHIO", "127.0.0.1", str(dicom_port(server)), str(path))
+    assert "0xa900" in (result.stdout + result.stderr).lower() or result.returncode != 0
+    assert db.dicom_instances.count_documents({"_id": ds.SOPInstanceUID}) == 0
