@@ -26,6 +26,7 @@ from typing import Any
 from bson import Binary
 from pymongo import ASCENDING, DESCENDING, IndexModel
 from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from server.store.database import Store, collection
 
@@ -115,26 +116,38 @@ class DicomIndex:
     # --- writes -----------------------------------------------------------------------
 
     async def add(self, records: list[InstanceRecord], moment: datetime) -> IndexOutcome:
-        """Index new instances in one transaction (already indexed ones are left as they are)."""
+        """Index new instances in one transaction (already indexed ones are left as they are).
 
-        async def body(session: AsyncClientSession) -> IndexOutcome:
-            return await self._add_in(session, records, moment)
+        The common case (all new, series known to their study or new) is tried first
+        without reading; a duplicate key aborts it and the checked form runs instead.
+        """
 
-        return await self.store.transaction(body)
+        async def optimistic(session: AsyncClientSession) -> IndexOutcome:
+            return await self._add_in(session, records, moment, checked=False)
+
+        async def checked(session: AsyncClientSession) -> IndexOutcome:
+            return await self._add_in(session, records, moment, checked=True)
+
+        try:
+            return await self.store.transaction(optimistic)
+        except (DuplicateKeyError, BulkWriteError):
+            return await self.store.transaction(checked)
 
     async def _add_in(
-        self, session: AsyncClientSession, records: list[InstanceRecord], moment: datetime
+        self, session: AsyncClientSession, records: list[InstanceRecord], moment: datetime, checked: bool
     ) -> IndexOutcome:
         outcome = IndexOutcome()
         unique = list({r.sop: r for r in records}.values())
-        sops = [r.sop for r in unique]
-        async for doc in self.instances.find({"_id": {"$in": sops}}, {"blob": 1}, session=session):
-            outcome.existing_blob[doc["_id"]] = doc["blob"]
-        series_ids = list({r.series for r in unique})
-        owners = {
-            doc["_id"]: doc["st"]
-            async for doc in self.series.find({"_id": {"$in": series_ids}}, {"st": 1}, session=session)
-        }
+        owners: dict[str, str] = {}
+        if checked:
+            sops = [r.sop for r in unique]
+            async for doc in self.instances.find({"_id": {"$in": sops}}, {"blob": 1}, session=session):
+                outcome.existing_blob[doc["_id"]] = doc["blob"]
+            series_ids = list({r.series for r in unique})
+            owners = {
+                doc["_id"]: doc["st"]
+                async for doc in self.series.find({"_id": {"$in": series_ids}}, {"st": 1}, session=session)
+            }
         new: list[InstanceRecord] = []
         for record in unique:
             if record.sop in outcome.existing_blob:
@@ -155,9 +168,9 @@ class DicomIndex:
         for series_uid, members in by_series.items():
             first = members[0]
             result = await self.series.update_one(
-                {"_id": series_uid},
+                {"_id": series_uid, "st": first.study},  # another study's series: duplicate key
                 {
-                    "$setOnInsert": {"st": first.study, "k": first.keys["series"], "j": first.attributes["series"]},
+                    "$setOnInsert": {"k": first.keys["series"], "j": first.attributes["series"]},
                     "$inc": {"n": len(members)},
                 },
                 upsert=True,
