@@ -33,7 +33,7 @@ LEVEL_NAMES = {"study": STUDY, "series": SERIES, "instance": INSTANCE}
 # The levels whose keys a query at each level may use (relational queries, PS3.18 10.6.1).
 SCOPES = {"study": ("study",), "series": ("study", "series"), "instance": ("study", "series", "instance")}
 CONTROL = {"includefield", "fuzzymatching", "limit", "offset"}
-MAX_LIMIT = 10_000
+MAX_LIMIT = 10_000  # results per request; more are paged with offset (Warning says so)
 
 
 class QueryError(ValueError):
@@ -134,7 +134,7 @@ def parse(level: str, params: Iterable[tuple[str, str]], scope: dict[str, str]) 
                     query.include_all = True
                 elif item:
                     query.include.add(tag_of(item))
-    if query.limit > MAX_LIMIT:
+    if query.limit == 0 or query.limit > MAX_LIMIT:
         query.limit = MAX_LIMIT
     for uid_keyword, uid in scope.items():
         add_match(query, uid_keyword, uid)

@@ -193,10 +193,14 @@ async def _search(request: Request, level: str, scope: dict[str, str]) -> Respon
     except (qido.QueryError, wado.BadRequest) as exc:
         raise DicomWebError(400, str(exc)) from None
     results = await qido.search(archive_of(request).index, query, base(request))
-    headers = {}
+    warnings = []
     if query.unsupported:
         names = ", ".join(sorted(set(query.unsupported)))
-        headers["Warning"] = f'299 kuroshio "The following query parameters are not supported and were ignored: {names}"'
+        warnings.append(f'299 kuroshio "The following query parameters are not supported and were ignored: {names}"')
+    if len(results) == qido.MAX_LIMIT:
+        warnings.append('299 kuroshio "The number of results exceeded the maximum supported by the server. '
+                        'Additional results can be requested with offset."')
+    headers = {"Warning": ", ".join(warnings)} if warnings else {}
     return Response(qido.encode(results), 200, media_type=DICOM_JSON, headers=headers)
 
 
@@ -344,27 +348,36 @@ async def retrieve_frames(request: Request, study: str, series: str, sop: str, f
     except wado.BadRequest as exc:
         raise DicomWebError(400, str(exc)) from None
     doc = await guarded(wado.frame_source(archive, study, series, sop, numbers))
+    return await _frames_response(request, archive, doc, numbers)
+
+
+async def _frames_response(request: Request, archive: Archive, doc: dict[str, Any], numbers: list[int]) -> Response:
+    """Frames as multipart/related; a few are answered from memory, many are streamed."""
     stored_media = wado.FRAME_MEDIA_TYPES.get(doc["ts"], "application/octet-stream")
     as_stored, part_type = _frame_wants(request, stored_media)
-    if as_stored or stored_media == "application/octet-stream":  # byte-range reads only
-        result = await guarded(_now(wado.frames, archive, doc, numbers, as_stored))
-    else:  # decoding
-        result = await guarded(asyncio.to_thread(wado.frames, archive, doc, numbers, as_stored))
+    try:
+        wado.check_frames(doc, numbers)
+    except wado.NotFound as exc:
+        raise DicomWebError(404, str(exc)) from None
+    reads_only = as_stored or stored_media == "application/octet-stream"
     boundary = multipart.boundary()
+
+    async def parts() -> AsyncIterator[bytes]:
+        for index, number in enumerate(numbers):
+            if reads_only and index < 16:
+                item = wado.frame(archive, doc, number, as_stored)  # a pread from the page cache
+            else:
+                item = await asyncio.to_thread(wado.frame, archive, doc, number, as_stored)
+            media = item.media_type + (f"; transfer-syntax={item.transfer_syntax}" if item.transfer_syntax else "")
+            header = multipart.part_header(boundary, media, [("Content-Length", str(len(item.data)))])
+            yield (b"\r\n" if index else b"") + header + item.data
+        yield multipart.closing(boundary)
+
     syntax = doc["ts"] if as_stored and part_type != "application/octet-stream" else None
-    chunks = []
-    for i, frame in enumerate(result):
-        chunks.append((b"" if i == 0 else b"\r\n") + multipart.part_header(
-            boundary, frame.media_type + (f"; transfer-syntax={frame.transfer_syntax}" if frame.transfer_syntax else ""),
-            [("Content-Length", str(len(frame.data)))],
-        ))
-        chunks.append(frame.data)
-    chunks.append(multipart.closing(boundary))
-    return Response(b"".join(chunks), 200, media_type=multipart.content_type(part_type, boundary, syntax))
-
-
-async def _now(function: Callable[..., Any], *args: Any) -> Any:
-    return function(*args)
+    media_type = multipart.content_type(part_type, boundary, syntax)
+    if len(numbers) <= 16:
+        return Response(b"".join([chunk async for chunk in parts()]), 200, media_type=media_type)
+    return StreamingResponse(parts(), 200, media_type=media_type)
 
 
 @dicomweb("retrieve-bulkdata", "GET", "/studies/{study}/series/{series}/instances/{sop}/bulkdata/{tag}")
@@ -373,7 +386,7 @@ async def retrieve_bulkdata(request: Request, study: str, series: str, sop: str,
     if tag == "7FE00010":
         doc = await guarded(wado.frame_source(archive_of(request), study, series, sop))
         count = (doc.get("frames") or {}).get("n", 1)
-        return await retrieve_frames(request, study, series, sop, ",".join(str(i) for i in range(1, count + 1)))
+        return await _frames_response(request, archive_of(request), doc, list(range(1, count + 1)))
     if not (len(tag) == 8 and all(c in "0123456789ABCDEF" for c in tag)):
         raise DicomWebError(400, f"{tag!r} is not a tag (8 hexadecimal digits)")
     data = await guarded(wado.bulkdata(archive_of(request), study, series, sop, tag))

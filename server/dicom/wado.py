@@ -212,30 +212,32 @@ async def frame_source(
     return doc
 
 
-def frames(archive: Archive, doc: dict[str, Any], numbers: list[int], as_stored: bool) -> list[Frame]:
-    """The requested frames, as stored (`as_stored`) or decoded to native little endian."""
+def check_frames(doc: dict[str, Any], numbers: list[int]) -> None:
+    """404 for frame numbers the instance does not have, or frames it cannot locate."""
     table = doc.get("frames") or {}
     count = table.get("n", 1)
     for number in numbers:
         if number > count:
             raise NotFound(f"Frame {number} does not exist; the instance has {count}")
+    if doc.get("deflated") or "f" in table and table["f"] is None:
+        raise NotFound("The frames of this instance cannot be located (deflated or unseparable fragments)")
+
+
+def frame(archive: Archive, doc: dict[str, Any], number: int, as_stored: bool) -> Frame:
+    """One frame (checked by `check_frames`), as stored (`as_stored`) or decoded to native
+    little endian; as stored it is a byte-range read at the offsets recorded at ingest."""
+    table = doc["frames"]
     key = BlobKey.parse(doc["blob"])
     syntax = UID(doc["ts"])
-    out = []
-    for number in numbers:
-        if doc.get("deflated") or "f" in table and table["f"] is None:
-            raise NotFound(f"Frame {number} cannot be located in this instance")
-        if not syntax.is_encapsulated:
-            data = archive.blobs.read_range(key, table["start"] + (number - 1) * table["size"], table["size"])
-            out.append(Frame(data, "application/octet-stream", None))
-        elif as_stored:
-            ranges = table["f"][number - doc["first"]]
-            data = b"".join(archive.blobs.read_range(key, ranges[i], ranges[i + 1]) for i in range(0, len(ranges), 2))
-            out.append(Frame(data, FRAME_MEDIA_TYPES.get(str(syntax), "application/octet-stream"), str(syntax)))
-        else:
-            pixels = pixel_array(archive.blobs.path(key), index=number - 1, raw=True)
-            out.append(Frame(np.ascontiguousarray(pixels).tobytes(), "application/octet-stream", EXPLICIT_LE))
-    return out
+    if not syntax.is_encapsulated:
+        data = archive.blobs.read_range(key, table["start"] + (number - 1) * table["size"], table["size"])
+        return Frame(data, "application/octet-stream", None)
+    if as_stored:
+        ranges = table["f"][number - doc["first"]]
+        data = b"".join(archive.blobs.read_range(key, ranges[i], ranges[i + 1]) for i in range(0, len(ranges), 2))
+        return Frame(data, FRAME_MEDIA_TYPES.get(str(syntax), "application/octet-stream"), str(syntax))
+    pixels = pixel_array(archive.blobs.path(key), index=number - 1, raw=True)
+    return Frame(np.ascontiguousarray(pixels).tobytes(), "application/octet-stream", EXPLICIT_LE)
 
 
 async def bulkdata(archive: Archive, study: str, series: str, sop: str, tag: str) -> bytes:
