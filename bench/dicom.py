@@ -34,9 +34,11 @@ TARGETS = {"stow_per_s": 250, "cstore_per_s": 150, "qido_study_ms": 3, "qido_ins
 
 
 def make_instances(directory: Path, count: int, per_study: int = 100) -> list[list[Path]]:
-    import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    """`count` 512x512 16-bit CT instances (the tests' synthetic CT, full size), in studies
+    of `per_study`, written as PS3.10 files."""
+    from pydicom.uid import generate_uid
+
+    from tests.dicom.conftest import ct_instance
 
     pixels = (np.random.default_rng(1).integers(0, 4096, 512 * 512, dtype=np.uint16)).tobytes()
     studies: list[list[Path]] = []
@@ -44,27 +46,12 @@ def make_instances(directory: Path, count: int, per_study: int = 100) -> list[li
         if index % per_study == 0:
             study, series = generate_uid(), generate_uid()
             studies.append([])
-        ds = Dataset()
-        ds.preamble = b"\0" * 128
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.PatientName, ds.PatientID = f"Bench^{len(studies)}", f"BENCH-{len(studies)}"
-        ds.StudyDate, ds.StudyTime, ds.Modality = "20240101", "120000", "CT"
-        ds.SeriesNumber, ds.InstanceNumber = 1, index % per_study + 1
+        ds = ct_instance(study, series, number=index % per_study + 1, patient_id=f"BENCH-{len(studies)}",
+                         patient_name=f"Bench^{len(studies)}", size=512)
         ds.ImagePositionPatient = [0, 0, index]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.PixelSpacing = [0.5, 0.5]
         ds.SliceThickness = 1
-        ds.Rows = ds.Columns = 512
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-        ds.WindowCenter, ds.WindowWidth = 40, 400
         ds.PixelData = pixels
         path = directory / f"{index:05d}.dcm"
         ds.save_as(path, enforce_file_format=True)
