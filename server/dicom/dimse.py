@@ -306,6 +306,13 @@ def _contexts_for(stored: list[wado.Stored]) -> list[Any]:
     return [build_context(sop_class, sorted(ts)) for sop_class, ts in sorted(syntaxes.items())[:128]]
 
 
+def _vr(tag: str) -> str:
+    try:
+        return pydicom.datadict.dictionary_VR(int(tag, 16))
+    except KeyError:
+        return "UN"
+
+
 def _first(element: qido.Json | None) -> Any:
     values = (element or {}).get("Value")
     return values[0] if values else None
@@ -322,7 +329,7 @@ def response_identifier(result: qido.Json, requested: list[str], level: str, ae_
     """A C-FIND response: the requested attributes, filled where the result has them."""
     chosen: qido.Json = {}
     for tag in requested:
-        chosen[tag] = result.get(tag) or {"vr": pydicom.datadict.dictionary_VR(int(tag, 16))}
+        chosen[tag] = result.get(tag) or {"vr": _vr(tag)}
     for keyword in {"study": ("StudyInstanceUID",), "series": ("StudyInstanceUID", "SeriesInstanceUID"),
                     "instance": ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"), "patient": ("PatientID",)}[level]:
         tag = qido.TAGS[keyword]

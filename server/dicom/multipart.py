@@ -148,11 +148,15 @@ def closing(boundary_: str) -> bytes:
 async def parts(
     boundary_: str, media_type: str, bodies: AsyncIterator[tuple[Iterable[tuple[str, str]], AsyncIterator[bytes]]]
 ) -> AsyncIterator[bytes]:
-    """A multipart/related body from (extra headers, body chunks) pairs, streamed."""
+    """A multipart/related body from (extra headers, body chunks) pairs, streamed; each
+    part's header travels with its first chunk (one write instead of two)."""
     first = True
     async for extra, chunks in bodies:
-        yield (b"" if first else b"\r\n") + part_header(boundary_, media_type, extra)
+        header = (b"" if first else b"\r\n") + part_header(boundary_, media_type, extra)
         first = False
         async for chunk in chunks:
-            yield chunk
+            yield header + chunk if header else chunk
+            header = b""
+        if header:
+            yield header
     yield closing(boundary_)
