@@ -148,15 +148,11 @@ def closing(boundary_: str) -> bytes:
 async def parts(
     boundary_: str, media_type: str, bodies: AsyncIterator[tuple[Iterable[tuple[str, str]], AsyncIterator[bytes]]]
 ) -> AsyncIterator[bytes]:
-    """A multipart/related body from (extra headers, body chunks) pairs, streamed; each
-    part's header travels with its first chunk (one write instead of two)."""
+    """A multipart/related body from (extra headers, body chunks) pairs, streamed."""
     first = True
     async for extra, chunks in bodies:
-        header = (b"" if first else b"\r\n") + part_header(boundary_, media_type, extra)
+        yield (b"" if first else b"\r\n") + part_header(boundary_, media_type, extra)
         first = False
         async for chunk in chunks:
-            yield header + chunk if header else chunk
-            header = b""
-        if header:
-            yield header
+            yield chunk
     yield closing(boundary_)
