@@ -5,7 +5,8 @@ Ingest of one instance, in this order (DESIGN.md, durability before acknowledgem
 1. the received bytes are in a staging file (`BlobStore.stage`), fsynced (`seal`);
 2. parsed once and validated (`instance.parse`), refused with a DICOM failure reason
    and removed without trace if broken;
-3. linked into the UID layout and the directory fsynced (`BlobStore.place`);
+3. linked into the UID layout (`BlobStore.place`), and the directories of a batch
+   fsynced once (`BlobStore.sync`);
 4. indexed (QIDO attributes, DICOM JSON without bulk data, frame and bulk data offsets)
    in one durable MongoDB transaction per batch (`DicomIndex.add`);
 5. only then reported as stored, and the study marked for FHIR reflection.
@@ -26,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -72,6 +73,7 @@ class Prepared:
     key: BlobKey | None = None
     record: InstanceRecord | None = None
     refusal: Refused | None = None
+    directories: set[Path] = field(default_factory=set)  # to fsync before indexing
 
 
 class Archive:
@@ -99,8 +101,8 @@ class Archive:
                 )
             key = BlobKey(parsed.study, parsed.series, parsed.sop, staged.digest(parsed.dataset_start))
             record = record_of(parsed, key, staged.size)
-            self.blobs.place(staged, key)
-            return Prepared(parsed, key, record)
+            directories = self.blobs.place(staged, key)
+            return Prepared(parsed, key, record, directories=directories)
         except Refused as refusal:
             return Prepared(refusal=refusal)
         except OSError as exc:
@@ -120,12 +122,14 @@ class Archive:
 
     async def _commit_batch(self, batch: list[Prepared]) -> list[Outcome]:
         records = [p.record for p in batch if p.record is not None]
+        directories = set().union(*(p.directories for p in batch))
         try:
+            await asyncio.to_thread(self.blobs.sync, directories)  # links durable first
             result = await self.index.add(records, datetime.now(UTC)) if records else None
         except Exception:
             # The placed blobs stay: one may be an earlier, indexed copy of the same bytes.
-            log.exception("indexing %d instances failed", len(records))
-            return [_refused(p, PROCESSING_FAILURE, "The index could not be written") for p in batch]
+            log.exception("storing %d instances failed", len(records))
+            return [_refused(p, PROCESSING_FAILURE, "The instance could not be made durable or indexed") for p in batch]
         kept: dict[str, str] = {}
         if result is not None:
             kept.update(result.existing_blob)

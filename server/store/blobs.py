@@ -116,17 +116,25 @@ class BlobStore:
     def path(self, key: BlobKey) -> Path:
         return self.root / key.relative
 
-    def place(self, staged: StagedFile, key: BlobKey) -> None:
-        """Link a sealed staging file into the layout (idempotent for the same content)."""
+    def place(self, staged: StagedFile, key: BlobKey) -> set[Path]:
+        """Link a sealed staging file into the layout (idempotent for the same content).
+
+        Returns the directories whose entries changed; the link is durable once `sync`
+        has flushed them (a batch syncs each directory once, not once per instance).
+        """
         target = self.path(key)
         created = _makedirs(target.parent, self.root)
         try:
             os.link(staged.path, target)
         except FileExistsError:
             pass  # the same name is the same content (content-addressed)
-        _fsync_dir(target.parent)
-        for directory in created:
-            _fsync_dir(directory.parent)
+        return {target.parent} | {directory.parent for directory in created}
+
+    @staticmethod
+    def sync(directories: set[Path]) -> None:
+        """fsync directories (deepest first) so that placed links survive a crash."""
+        for directory in sorted(directories, key=lambda d: -len(d.parts)):
+            _fsync_dir(directory)
 
     def read_range(self, key: BlobKey, offset: int, length: int) -> bytes:
         with open(self.path(key), "rb", buffering=0) as handle:
