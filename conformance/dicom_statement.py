@@ -164,6 +164,19 @@ def statement() -> str:
         "Every DIMSE request and DICOMweb route passes the server's authorization policy and is",
         "recorded in the audit trail. TLS is not provided by the AE (use a TLS terminator).",
         "",
+        "## 7 Limitations",
+        "",
+        "- STOW-RS of `application/dicom+json` with bulk data parts is not supported (415).",
+        "- Frames of deflated instances, and of encapsulated instances whose fragments cannot",
+        "  be assigned to frames (no offset tables, several fragments per frame, no frame",
+        "  start markers), are not retrievable by frame (404); the instance itself is.",
+        "- Frames of native pixel data with BitsAllocated 1 (not byte-aligned) are not",
+        "  retrievable by frame.",
+        "- A SOP Instance UID stored with another data set is refused (0x0111); replace an",
+        "  instance by deleting it first.",
+        "- C-MOVE sub-associations propose at most 128 presentation contexts (one per SOP",
+        "  class) and send each instance in its stored transfer syntax or an uncompressed one.",
+        "",
     ]
     return "\n".join(lines)
 
