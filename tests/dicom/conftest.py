@@ -100,7 +100,7 @@ def multipart_body(parts: list[bytes], boundary: str = "kuroshio-test-boundary")
     return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
 
 
-def test_files() -> list[Path]:
+def pydicom_test_files() -> list[Path]:
     """pydicom's and pydicom-data's test files (regular files only)."""
     from pydicom.data import get_testdata_files
 

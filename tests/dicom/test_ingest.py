@@ -16,7 +16,7 @@ from pydicom.uid import generate_uid
 
 from server.dicom.instance import Refused, parse
 from tests.conftest import start_server
-from tests.dicom.conftest import ct_instance, dicom_port, encode, multipart_body, test_files
+from tests.dicom.conftest import ct_instance, dicom_port, encode, multipart_body, pydicom_test_files
 
 BROKEN = {  # name -> why pydicom's file is not a valid PS3.10 instance
     "ExplVR_BigEndNoMeta.dcm": "no file meta", "ExplVR_LitEndNoMeta.dcm": "no file meta",
@@ -33,7 +33,7 @@ BROKEN = {  # name -> why pydicom's file is not a valid PS3.10 instance
 
 def classify():
     valid, refused = [], []
-    for path in test_files():
+    for path in pydicom_test_files():
         try:
             parsed = parse(path)
         except Refused:
