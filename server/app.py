@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.config import Settings
+from server.dicom import service as dicom_service
 from server.fhir import routes as fhir_routes
 from server.fhir.http import error_response
 from server.fhir.interactions import now
@@ -35,7 +36,7 @@ log = logging.getLogger("kuroshio")
 
 # Path prefix -> how errors are rendered there; the FHIR form is the default.
 ErrorRenderer = Callable[[Request, int, str], Response]
-ERROR_RENDERERS: dict[str, ErrorRenderer] = {}
+ERROR_RENDERERS: dict[str, ErrorRenderer] = {"/dicomweb": dicom_service.routes.error_response}
 
 
 class BodyTooLarge(Exception):
@@ -144,9 +145,12 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.store = store
         app.state.fhir_store = FhirStore(store)
         app.state.capability_statement = fhir_routes.build_capability_statement(settings, now())
+        # DICOM: archive, DIMSE AE and ImagingStudy reflection (server/dicom/service.py)
+        dicom = await dicom_service.start(app, settings, store, app.state.fhir_store)
         try:
             yield
         finally:
+            await dicom.stop()
             await store.close()
 
     app = FastAPI(
@@ -160,6 +164,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.services = {}
     audit.configure(settings.data_dir)
     app.include_router(fhir_routes.router)
+    dicom_service.install(app, settings)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, exempt=("/dicomweb",))
     app.add_middleware(AuditedExchange)

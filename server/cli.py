@@ -55,6 +55,7 @@ def serve(
             settings = settings.model_copy(update={"mongodb_uri": mongod.uri})
             console.print(f"embedded MongoDB ready ({mongod.dbpath})")
         console.print(f"FHIR R4 at {settings.fhir_base}")
+        console.print(f"DICOMweb at {settings.base_url}/dicomweb; DIMSE AE {settings.dicom_ae_title} on port {settings.dicom_port}")
         server = uvicorn.Server(
             uvicorn.Config(
                 create_app(settings),

@@ -26,7 +26,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     dicom_port: int = Field(11112, ge=0, le=65535)
-    dicom_ae_title: str = "KUROSHIO"
+    dicom_ae_title: str = Field("KUROSHIO", min_length=1, max_length=16)
+    # Known remote AEs (C-MOVE destinations): "AET@host:port,AET@host:port".
+    dicom_remote_aes: str = ""
+    # Origins allowed to call /dicomweb from a browser (comma-separated; "*" for any).
+    dicomweb_cors_origins: str = ""
     data_dir: Path = Path("./kuroshio-data")
     # The address clients use to reach this server (behind a proxy it differs from
     # host:port); absolute URLs in responses (Bundle links, Location) are built from it.
@@ -39,6 +43,14 @@ class Settings(BaseSettings):
     # Largest page a search or history request may ask for with _count.
     max_page_size: int = Field(1000, ge=1)
     default_page_size: int = Field(50, ge=1)
+
+    @field_validator("dicom_remote_aes")
+    @classmethod
+    def _check_remote_aes(cls, value: str) -> str:
+        from server.dicom.dimse import parse_remote_aes
+
+        parse_remote_aes(value)
+        return value
 
     @field_validator("public_base_url")
     @classmethod

@@ -1,0 +1,216 @@
+"""The archive: the DICOM side's handle on the shared store (the index and the blob store),
+and the one ingest path that STOW-RS and C-STORE both use.
+
+Ingest of one instance, in this order (DESIGN.md, durability before acknowledgement):
+1. the received bytes are in a staging file (`BlobStore.stage`), fsynced (`seal`);
+2. parsed once and validated (`instance.parse`), refused with a DICOM failure reason
+   and removed without trace if broken;
+3. linked into the UID layout (`BlobStore.place`), and the directories of a batch
+   fsynced once (`BlobStore.sync`);
+4. indexed (QIDO attributes, DICOM JSON without bulk data, frame and bulk data offsets)
+   in one durable MongoDB transaction per batch (`DicomIndex.add`);
+5. only then reported as stored, and the study marked for FHIR reflection.
+
+Steps 1-3 are blocking work (fsync, parsing) and run in worker threads (`prepare`);
+step 4 runs on the event loop for a batch of instances at once.
+
+Policy for a SOP Instance UID that is already stored: the same data set bytes are a
+success (idempotent, nothing changes; the file meta header may differ, as it does between
+a STOW-RS file and a C-STORE of the same instance); a different data set is refused with 0x0111 (Duplicate SOP
+Instance, PS3.7 C.4) and the stored instance is kept: an instance is replaced only by
+deleting it first. Never two copies: the index's unique key decides between concurrent
+writers, and content-addressed blob names keep their bytes apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+
+from server.dicom import qido
+from server.dicom.instance import DOES_NOT_MATCH_SOP_CLASS, ParsedInstance, Refused, parse
+from server.dicom.levels import INSTANCE, SERIES, STUDY
+from server.store.blobs import BlobKey, BlobStore, StagedFile
+from server.store.database import Store
+from server.store.dicom import DicomIndex, InstanceRecord
+
+log = logging.getLogger("kuroshio.dicom")
+
+SUCCESS = 0x0000
+DUPLICATE_SOP_INSTANCE = 0x0111
+PROCESSING_FAILURE = 0x0110
+OUT_OF_RESOURCES = 0xA700
+BATCH = 100
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened to one received instance (status 0 = stored)."""
+
+    status: int
+    message: str = ""
+    sop_class: str | None = None
+    sop: str | None = None
+    study: str | None = None
+    series: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == SUCCESS
+
+
+@dataclass(slots=True)
+class Prepared:
+    """An instance after the blocking steps: parsed and placed, or refused."""
+
+    parsed: ParsedInstance | None = None
+    key: BlobKey | None = None
+    record: InstanceRecord | None = None
+    refusal: Refused | None = None
+    directories: set[Path] = field(default_factory=set)  # to fsync before indexing
+
+
+class Archive:
+    def __init__(self, store: Store, root: Path) -> None:
+        self.index = DicomIndex(store)
+        self.blobs = BlobStore(root)
+        # Called after each change to the index (the FHIR reflection wakes up).
+        self.listeners: list[Callable[[], None]] = []
+
+    def changed(self) -> None:
+        for listener in self.listeners:
+            listener()
+
+    # --- blocking part (worker threads) -------------------------------------------------
+
+    def prepare(self, staged: StagedFile, expected_study: str | None = None) -> Prepared:
+        """Seal, parse, validate and place one staged instance (blocking)."""
+        try:
+            staged.seal()
+            parsed = parse(staged.path)
+            if expected_study is not None and parsed.study != expected_study:
+                raise Refused(
+                    DOES_NOT_MATCH_SOP_CLASS,
+                    f"The instance belongs to study {parsed.study}, not {expected_study} named in the request",
+                )
+            key = BlobKey(parsed.study, parsed.series, parsed.sop, staged.digest(parsed.dataset_start))
+            record = record_of(parsed, key, staged.size)
+            directories = self.blobs.place(staged, key)
+            return Prepared(parsed, key, record, directories=directories)
+        except Refused as refusal:
+            return Prepared(refusal=refusal)
+        except OSError as exc:
+            log.error("cannot store an instance: %s", exc)
+            return Prepared(refusal=Refused(OUT_OF_RESOURCES, "The server could not write the instance"))
+        finally:
+            staged.discard()
+
+    # --- indexing (event loop) ----------------------------------------------------------
+
+    async def commit(self, prepared: list[Prepared]) -> list[Outcome]:
+        """Index a batch of prepared instances and report each one's outcome."""
+        outcomes: list[Outcome] = []
+        for start in range(0, len(prepared), BATCH):
+            outcomes += await self._commit_batch(prepared[start:start + BATCH])
+        return outcomes
+
+    async def _commit_batch(self, batch: list[Prepared]) -> list[Outcome]:
+        records = [p.record for p in batch if p.record is not None]
+        directories = set().union(*(p.directories for p in batch))
+        try:
+            await asyncio.to_thread(self.blobs.sync, directories)  # links durable first
+            result = await self.index.add(records, datetime.now(UTC)) if records else None
+        except Exception:
+            # The placed blobs stay: one may be an earlier, indexed copy of the same bytes.
+            log.exception("storing %d instances failed", len(records))
+            return [_refused(p, PROCESSING_FAILURE, "The instance could not be made durable or indexed") for p in batch]
+        kept: dict[str, str] = {}
+        if result is not None:
+            kept.update(result.existing_blob)
+            kept.update({r.sop: r.blob for r in records if r.sop in result.inserted and r.sop not in kept})
+        outcomes: list[Outcome] = []
+        orphans: list[Prepared] = []
+        for p in batch:
+            if p.refusal is not None or p.parsed is None or p.key is None:
+                outcomes.append(_refused(p, p.refusal.reason if p.refusal else PROCESSING_FAILURE,
+                                         str(p.refusal) if p.refusal else ""))
+            elif result is not None and p.parsed.sop in result.series_conflict:
+                orphans.append(p)
+                owner = result.series_conflict[p.parsed.sop]
+                outcomes.append(_refused(p, DOES_NOT_MATCH_SOP_CLASS, f"Series {p.parsed.series} belongs to study {owner}"))
+            elif kept.get(p.parsed.sop) == p.key.relative:
+                outcomes.append(_stored(p.parsed))
+            else:
+                orphans.append(p)
+                outcomes.append(_refused(p, DUPLICATE_SOP_INSTANCE,
+                                         f"SOP Instance {p.parsed.sop} is already stored with different content"))
+        if orphans:
+            await asyncio.to_thread(self._forget, orphans, set(kept.values()))
+        if result is not None and result.inserted:
+            self.changed()
+        return outcomes
+
+    def _forget(self, placed: list[Prepared], referenced: set[str]) -> None:
+        """Remove placed blobs that the index does not reference."""
+        for p in placed:
+            if p.key is not None and p.key.relative not in referenced:
+                self.blobs.remove(p.key)
+
+    # --- delete -------------------------------------------------------------------------
+
+    async def delete(self, study: str, series: str | None = None, sop: str | None = None) -> int:
+        """Delete a study, series or instance: the index first (atomically), then bytes."""
+        query: dict[str, str] = {"st": study}
+        if series is not None:
+            query["se"] = series
+        if sop is not None:
+            query["_id"] = sop
+        removed = await self.index.remove(query)
+        await asyncio.to_thread(lambda: [self.blobs.remove(BlobKey.parse(b)) for b in removed.blobs])
+        if removed.blobs:
+            self.changed()
+        return len(removed.blobs)
+
+
+def record_of(parsed: ParsedInstance, key: BlobKey, size: int) -> InstanceRecord:
+    attributes = parsed.attributes
+    return InstanceRecord(
+        study=parsed.study,
+        series=parsed.series,
+        sop=parsed.sop,
+        blob=key.relative,
+        size=size,
+        transfer_syntax=parsed.transfer_syntax,
+        metadata=orjson.dumps(attributes),
+        keys={
+            "study": qido.normalize(STUDY, attributes),
+            "series": qido.normalize(SERIES, attributes),
+            "instance": qido.normalize(INSTANCE, attributes),
+        },
+        attributes={
+            "study": parsed.level_attributes(STUDY),
+            "series": parsed.level_attributes(SERIES),
+            "instance": parsed.level_attributes(INSTANCE),
+        },
+        modality=parsed.value("Modality"),
+        frames=parsed.frames.document() if parsed.frames is not None else None,
+        bulk=[[b.tag, b.offset, b.length] for b in parsed.bulk],
+        deflated=parsed.frames is None and "1.2.840.10008.1.2.1.99" == parsed.transfer_syntax,
+    )
+
+
+def _stored(parsed: ParsedInstance) -> Outcome:
+    return Outcome(SUCCESS, "", parsed.sop_class, parsed.sop, parsed.study, parsed.series)
+
+
+def _refused(p: Prepared, status: int, message: str) -> Outcome:
+    parsed = p.parsed
+    if parsed is None:
+        return Outcome(status, message)
+    return Outcome(status, message, parsed.sop_class, parsed.sop, parsed.study, parsed.series)

@@ -1,0 +1,344 @@
+"""The DIMSE Application Entity (PS3.7, PS3.8): C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET.
+
+pynetdicom runs the AE: each association in its own thread, our handlers bound to its
+events. A handler identifies the calling AE, asks `authorization.decide`, calls the same
+services as DICOMweb (the archive's ingest path, `qido` matching, the blob store) on the
+server's event loop, answers with PS3.4 status codes, and records the outcome with
+`audit.record`. TCP_NODELAY is set on every association socket, incoming and outgoing:
+without it each C-STORE waits on delayed ACKs (about 50 ms).
+
+Supported: Verification; every Storage SOP Class pydicom knows, in every transfer syntax
+pydicom knows (with SCU/SCP role selection, for C-GET); Patient Root and Study Root
+Query/Retrieve FIND, MOVE and GET at every level. C-MOVE sends to the AEs configured in
+KUROSHIO_DICOM_REMOTE_AES only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.events import Event
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from server.dicom import qido, wado
+from server.dicom.archive import Archive, Outcome
+from server.security import audit
+from server.security.authorization import Access, Forbidden, Principal, decide
+
+log = logging.getLogger("kuroshio.dimse")
+T = TypeVar("T")
+
+SUCCESS = 0x0000
+PENDING = 0xFF00
+CANCEL = 0xFE00
+NOT_AUTHORIZED = 0x0124
+UNABLE_TO_PROCESS = 0xC001  # C-FIND / C-MOVE / C-GET: "unable to process" (PS3.4 C.4)
+IDENTIFIER_DOES_NOT_MATCH = 0xA900
+MOVE_DESTINATION_UNKNOWN = 0xA801
+
+STORAGE_SOP_CLASSES = sorted({str(cx.abstract_syntax) for cx in AllStoragePresentationContexts})
+# Explicit VR Little Endian first: pynetdicom accepts the first of ours that the peer
+# proposes, and a sender then transfers files in that syntax without converting them.
+TRANSFER_SYNTAXES = sorted(ALL_TRANSFER_SYNTAXES, key=lambda uid: uid != "1.2.840.10008.1.2.1")
+QUERY_RETRIEVE = {
+    "find": (PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind),
+    "move": (PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelMove),
+    "get": (PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelGet),
+}
+LEVELS = {"PATIENT": "patient", "STUDY": "study", "SERIES": "series", "IMAGE": "instance"}
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteAE:
+    title: str
+    host: str
+    port: int
+
+
+def parse_remote_aes(text: str) -> dict[str, RemoteAE]:
+    """`AET@host:port,AET@host:port` -> {AET: RemoteAE} (ValueError if malformed)."""
+    remotes: dict[str, RemoteAE] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        title, at, address = item.partition("@")
+        host, colon, port = address.rpartition(":")
+        if not (at and colon and title and host and port.isdigit() and 0 < int(port) < 65536 and len(title) <= 16):
+            raise ValueError(f"{item!r} is not AET@host:port")
+        remotes[title] = RemoteAE(title, host.strip("[]"), int(port))
+    return remotes
+
+
+def _nodelay(event: Event) -> None:
+    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class ApplicationEntity:
+    """Our SCP: started and stopped by the app's lifespan."""
+
+    def __init__(self, archive: Archive, ae_title: str, remotes: dict[str, RemoteAE], loop: asyncio.AbstractEventLoop) -> None:
+        self.archive = archive
+        self.remotes = remotes
+        self.loop = loop
+        self.ae = AE(ae_title=ae_title)
+        self.ae.maximum_pdu_size = 0  # unlimited: fewer, larger PDUs from the sender
+        self.ae.network_timeout = 60
+        self.ae.acse_timeout = 30
+        self.ae.dimse_timeout = 60
+        self.ae.maximum_associations = 32
+        self.ae.add_supported_context(Verification)
+        for sop_class in STORAGE_SOP_CLASSES:
+            self.ae.add_supported_context(sop_class, TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+        for models in QUERY_RETRIEVE.values():
+            for model in models:
+                self.ae.add_supported_context(model)
+        self.server: ThreadedAssociationServer | None = None
+
+    def start(self, host: str, port: int) -> None:
+        handlers = [
+            (evt.EVT_CONN_OPEN, _nodelay),
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_C_FIND, self.on_find),
+            (evt.EVT_C_GET, self.on_get),
+            (evt.EVT_C_MOVE, self.on_move),
+        ]
+        self.server = self.ae.start_server((host, port), block=False, evt_handlers=handlers)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run a service coroutine on the server's event loop from this handler thread."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    @staticmethod
+    def principal(event: Event) -> Principal:
+        requestor = event.assoc.requestor
+        return Principal(subject=requestor.ae_title.strip(), kind="ae", address=str(requestor.address))
+
+    def admitted(self, event: Event, interaction: str) -> tuple[Principal, Access] | None:
+        principal = self.principal(event)
+        access = Access("dimse", interaction)
+        try:
+            decide(principal, access)
+        except Forbidden:
+            audit.record(principal, access, NOT_AUTHORIZED, "refused by policy")
+            return None
+        return principal, access
+
+    # --- C-ECHO / C-STORE ---------------------------------------------------------------
+
+    def on_echo(self, event: Event) -> int:
+        admitted = self.admitted(event, "C-ECHO")
+        if admitted is None:
+            return NOT_AUTHORIZED
+        audit.record(*admitted, SUCCESS, "C-ECHO")
+        return SUCCESS
+
+    def on_store(self, event: Event) -> int | Dataset:
+        admitted = self.admitted(event, "C-STORE")
+        if admitted is None:
+            return NOT_AUTHORIZED
+        staged = self.archive.blobs.stage()
+        try:
+            staged.write(event.encoded_dataset(include_meta=True))
+        except Exception:
+            staged.discard()
+            raise
+        prepared = self.archive.prepare(staged)
+        outcome: Outcome = self.run(self.archive.commit([prepared]))[0]
+        audit.record(*admitted, outcome.status, f"C-STORE {outcome.sop or ''} {outcome.message}".strip())
+        if outcome.ok:
+            return SUCCESS
+        status = Dataset()
+        status.Status = outcome.status
+        status.ErrorComment = outcome.message[:64]
+        return status
+
+    # --- C-FIND -------------------------------------------------------------------------
+
+    def on_find(self, event: Event) -> Iterator[tuple[int, Dataset | None]]:
+        admitted = self.admitted(event, "C-FIND")
+        if admitted is None:
+            yield NOT_AUTHORIZED, None
+            return
+        try:
+            level, query, requested = self.query(event.identifier)
+            results = self.run(self.find(level, query))
+        except (qido.QueryError, ValueError) as exc:
+            audit.record(*admitted, IDENTIFIER_DOES_NOT_MATCH, f"C-FIND {exc}")
+            yield IDENTIFIER_DOES_NOT_MATCH, None
+            return
+        audit.record(*admitted, SUCCESS, f"C-FIND {level} {len(results)} matches")
+        for result in results:
+            if event.is_cancelled:
+                yield CANCEL, None
+                return
+            yield PENDING, response_identifier(result, requested, level, self.ae.ae_title)
+
+    def query(self, identifier: Dataset) -> tuple[str, qido.QidoQuery, list[str]]:
+        """The query level, the QidoQuery, and the requested tags of a C-FIND/MOVE/GET identifier."""
+        raw_level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
+        if raw_level not in LEVELS:
+            raise qido.QueryError(f"QueryRetrieveLevel {raw_level!r} is not PATIENT, STUDY, SERIES or IMAGE")
+        level = LEVELS[raw_level]
+        params: list[tuple[str, str]] = []
+        requested: list[str] = []
+        for element in identifier:
+            if element.tag in (0x00080052, 0x00080005) or element.tag.group == 0x0002:
+                continue
+            requested.append(f"{element.tag:08X}")
+            if element.VR == "SQ" or element.value in (None, "", b""):
+                continue
+            params.append((element.keyword or f"{element.tag:08X}", _match_text(element)))
+        query_level = "study" if level == "patient" else level
+        query = qido.parse(query_level, params, {})
+        return level, query, requested
+
+    async def find(self, level: str, query: qido.QidoQuery) -> list[qido.Json]:
+        results = await qido.search(self.archive.index, query, "")
+        if level != "patient":
+            return results
+        patients: dict[tuple[str, str], qido.Json] = {}
+        for study in results:
+            key = tuple(_first(study.get(qido.TAGS[k])) for k in ("PatientID", "IssuerOfPatientID"))
+            patient = patients.setdefault(key, {t: v for t, v in study.items() if t in PATIENT_TAGS})  # type: ignore[arg-type]
+            counted = _first(patient.get("00201200")) or 0
+            patient["00201200"] = {"vr": "IS", "Value": [counted + 1]}
+        return list(patients.values())
+
+    # --- C-GET / C-MOVE -----------------------------------------------------------------
+
+    def matching_instances(self, identifier: Dataset) -> list[wado.Stored]:
+        """Every instance under the entities the identifier matches (any level)."""
+        _, query, _ = self.query(identifier)
+        instance_query = qido.QidoQuery("instance", filters=query.filters)
+
+        async def find() -> list[wado.Stored]:
+            return await wado.instances_where(self.archive, await qido.resolve(self.archive.index, instance_query))
+
+        return self.run(find())
+
+    def datasets(self, event: Event, stored: list[wado.Stored]) -> Iterator[tuple[int, Dataset | None]]:
+        for item in stored:
+            if event.is_cancelled:
+                yield CANCEL, None
+                return
+            yield PENDING, pydicom.dcmread(self.archive.blobs.path(item.blob))
+
+    def to_retrieve(self, event: Event, admitted: tuple[Principal, Access]) -> list[wado.Stored] | None:
+        """The instances a C-GET/C-MOVE identifier selects; None (audited) if malformed."""
+        try:
+            return self.matching_instances(event.identifier)
+        except (qido.QueryError, ValueError) as exc:
+            audit.record(*admitted, IDENTIFIER_DOES_NOT_MATCH, f"{admitted[1].interaction} {exc}")
+            return None
+
+    def on_get(self, event: Event) -> Iterator[Any]:
+        admitted = self.admitted(event, "C-GET")
+        if admitted is None:
+            yield NOT_AUTHORIZED, None
+            return
+        stored = self.to_retrieve(event, admitted)
+        if stored is None:
+            yield IDENTIFIER_DOES_NOT_MATCH, None
+            return
+        audit.record(*admitted, SUCCESS, f"C-GET {len(stored)} instances")
+        yield len(stored)
+        yield from self.datasets(event, stored)
+
+    def on_move(self, event: Event) -> Iterator[Any]:
+        admitted = self.admitted(event, "C-MOVE")
+        if admitted is None:
+            yield None, None
+            return
+        destination = self.remotes.get(event.move_destination.decode("ascii", "replace").strip()
+                                       if isinstance(event.move_destination, bytes) else str(event.move_destination).strip())
+        if destination is None:
+            audit.record(*admitted, MOVE_DESTINATION_UNKNOWN, f"C-MOVE to unknown {event.move_destination!r}")
+            yield None, None
+            return
+        stored = self.to_retrieve(event, admitted)
+        if stored is None:
+            yield destination.host, destination.port, {"evt_handlers": [(evt.EVT_CONN_OPEN, _nodelay)]}
+            yield IDENTIFIER_DOES_NOT_MATCH, None
+            return
+        contexts = _contexts_for(stored)
+        yield destination.host, destination.port, {"contexts": contexts, "evt_handlers": [(evt.EVT_CONN_OPEN, _nodelay)]}
+        audit.record(*admitted, SUCCESS, f"C-MOVE {len(stored)} instances to {destination.title}")
+        yield len(stored)
+        yield from self.datasets(event, stored)
+
+
+PATIENT_TAGS = {qido.TAGS[k] for k in ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "SpecificCharacterSet")}
+
+
+def _contexts_for(stored: list[wado.Stored]) -> list[Any]:
+    """Presentation contexts for a C-MOVE sub-association: each SOP class with the syntaxes
+    its instances are stored in plus the uncompressed ones (PS3.8 allows 128 contexts)."""
+    syntaxes: dict[str, set[str]] = {}
+    for item in stored:
+        syntaxes.setdefault(item.sop_class, {wado.EXPLICIT_LE, wado.IMPLICIT_LE}).add(item.transfer_syntax)
+    return [build_context(sop_class, sorted(ts)) for sop_class, ts in sorted(syntaxes.items())[:128]]
+
+
+def _vr(tag: str) -> str:
+    try:
+        return pydicom.datadict.dictionary_VR(int(tag, 16))
+    except KeyError:
+        return "UN"
+
+
+def _first(element: qido.Json | None) -> Any:
+    values = (element or {}).get("Value")
+    return values[0] if values else None
+
+
+def _match_text(element: pydicom.DataElement) -> str:
+    value = element.value
+    if isinstance(value, pydicom.multival.MultiValue):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def response_identifier(result: qido.Json, requested: list[str], level: str, ae_title: str) -> Dataset:
+    """A C-FIND response: the requested attributes, filled where the result has them."""
+    chosen: qido.Json = {}
+    for tag in requested:
+        chosen[tag] = result.get(tag) or {"vr": _vr(tag)}
+    for keyword in {"study": ("StudyInstanceUID",), "series": ("StudyInstanceUID", "SeriesInstanceUID"),
+                    "instance": ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"), "patient": ("PatientID",)}[level]:
+        tag = qido.TAGS[keyword]
+        if tag in result:
+            chosen[tag] = result[tag]
+    for tag, element in list(chosen.items()):
+        if "BulkDataURI" in element:
+            chosen[tag] = {"vr": element["vr"]}
+    ds = Dataset.from_json(chosen)
+    ds.QueryRetrieveLevel = {v: k for k, v in LEVELS.items()}[level]
+    ds.RetrieveAETitle = ae_title
+    return ds

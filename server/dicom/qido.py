@@ -1,0 +1,377 @@
+"""Query (QIDO-RS and C-FIND): matching per PS3.4 C.2.2.2 and PS3.18 8.3.4 / 10.6.
+
+A request becomes a `QidoQuery`: the target level, typed matchers per level compiled to
+MongoDB filters over the normalized values (`k.*`) the index stores, the fields to
+include, paging, and the parameters that were ignored (for the `Warning` header). User
+values only ever become operands (`re.escape`d in patterns), never operators.
+
+`normalize` is used both at ingest (what is stored in `k`) and here (what is compared),
+so the two agree by construction:
+- person names: the Alphabetic group, case-folded (PN matching is case-insensitive);
+  for fuzzy matching also the accent-stripped name components (`k.<keyword>~`).
+- dates `YYYYMMDD`; times `HHMMSS.ffffff` (missing parts padded), so that string order
+  is time order and ranges compare as strings.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+
+from server.dicom.levels import INSTANCE, SERIES, STUDY, TAGS, Key, Level
+from server.store.blobs import is_uid
+from server.store.dicom import DicomIndex
+
+Json = dict[str, Any]
+LEVEL_NAMES = {"study": STUDY, "series": SERIES, "instance": INSTANCE}
+# The levels whose keys a query at each level may use (relational queries, PS3.18 10.6.1).
+SCOPES = {"study": ("study",), "series": ("study", "series"), "instance": ("study", "series", "instance")}
+CONTROL = {"includefield", "fuzzymatching", "limit", "offset"}
+MAX_LIMIT = 10_000  # results per request; more are paged with offset (Warning says so)
+
+
+class QueryError(ValueError):
+    """A malformed query parameter (400)."""
+
+
+# --- normalization (shared by ingest and query) ---------------------------------------
+
+
+def fold(text: str) -> str:
+    return text.casefold()
+
+
+def strip_accents(text: str) -> str:
+    return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+
+
+def name_tokens(text: str) -> list[str]:
+    return [t for t in re.split(r"[\^\s,=]+", strip_accents(fold(text))) if t]
+
+
+def normalize_time(value: str, upper: bool = False) -> str:
+    """HHMMSS.ffffff; missing parts are the earliest (or, as an upper bound, latest) time."""
+    digits, _, fraction = value.partition(".")
+    if not re.fullmatch(r"\d{2}(\d{2}(\d{2})?)?", digits) or (fraction and not fraction.isdigit()):
+        raise QueryError(f"{value!r} is not a DICOM time (HHMMSS.FFFFFF)")
+    pad = ("5959" if upper else "0000")[: 6 - len(digits)]
+    return digits + pad + "." + (fraction + ("9" if upper else "0") * 6)[:6]
+
+
+def normalize_date(value: str) -> str:
+    value = value.replace(".", "")  # ACR-NEMA style YYYY.MM.DD
+    if not re.fullmatch(r"\d{8}", value):
+        raise QueryError(f"{value!r} is not a DICOM date (YYYYMMDD)")
+    return value
+
+
+def normalize(level: Level, attributes: Json) -> Json:
+    """The matching values of one level, from an instance's DICOM JSON."""
+    keys: Json = {}
+    for key in level.keys:
+        if key.keyword in level.computed:
+            continue  # kept up to date by the index (ModalitiesInStudy)
+        element = attributes.get(key.tag)
+        values = element.get("Value") if element else None
+        if not values or values[0] is None:
+            continue
+        first = values[0]
+        try:
+            if key.kind == "pn":
+                name = first.get("Alphabetic", "") if isinstance(first, dict) else str(first)
+                keys[key.keyword] = fold(name)
+                keys[key.keyword + "~"] = name_tokens(name)
+            elif key.kind == "date":
+                keys[key.keyword] = normalize_date(str(first))
+            elif key.kind == "time":
+                keys[key.keyword] = normalize_time(str(first).strip())
+            elif key.kind == "number":
+                keys[key.keyword] = int(first)
+            else:
+                keys[key.keyword] = str(first)
+        except (QueryError, ValueError, TypeError):
+            continue  # a malformed stored value is not matchable, but the instance is kept
+    return keys
+
+
+# --- the query --------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class QidoQuery:
+    level: str
+    filters: dict[str, Json] = field(default_factory=dict)  # level -> MongoDB filter on k.*
+    include: set[str] = field(default_factory=set)  # tags to add to the default return set
+    include_all: bool = False
+    fuzzy: bool = False
+    limit: int = 0
+    offset: int = 0
+    unsupported: list[str] = field(default_factory=list)
+
+
+def parse(level: str, params: Iterable[tuple[str, str]], scope: dict[str, str]) -> QidoQuery:
+    """Build a query at `level` from request parameters; `scope` holds the UIDs in the path."""
+    query = QidoQuery(level)
+    params = list(params)
+    for name, value in params:
+        if name == "fuzzymatching":
+            if value.lower() not in ("true", "false"):
+                raise QueryError("fuzzymatching must be true or false")
+            query.fuzzy = value.lower() == "true"
+        elif name in ("limit", "offset"):
+            if not value.isdigit() or len(value) > 9:
+                raise QueryError(f"{name} must be a non-negative integer")
+            setattr(query, name, int(value))
+        elif name == "includefield":
+            for item in re.split(r"[,\s]+", value.strip()):
+                if item == "all":
+                    query.include_all = True
+                elif item:
+                    query.include.add(tag_of(item))
+    if query.limit == 0 or query.limit > MAX_LIMIT:
+        query.limit = MAX_LIMIT
+    for uid_keyword, uid in scope.items():
+        add_match(query, uid_keyword, uid)
+    for name, value in params:
+        if name in CONTROL:
+            continue
+        if name.startswith("_"):
+            query.unsupported.append(name)
+            continue
+        if "." in name:  # sequence matching (e.g. RequestAttributesSequence.X)
+            for part in name.split("."):
+                tag_of(part)
+            query.unsupported.append(name)
+            continue
+        tag = tag_of(name)
+        keyword = keyword_for_tag(int(tag, 16)) or tag
+        if not add_match(query, keyword, value):
+            query.unsupported.append(name)
+            query.include.add(tag)
+    return query
+
+
+def tag_of(name: str) -> str:
+    """A keyword or 8-hex-digit tag as the DICOM JSON tag string (400 if neither)."""
+    if re.fullmatch(r"[0-9A-Fa-f]{8}", name):
+        return name.upper()
+    tag = tag_for_keyword(name)
+    if tag is None:
+        raise QueryError(f"{name!r} is neither a DICOM attribute keyword nor a tag")
+    return f"{tag:08X}"
+
+
+def key_for(level: str, keyword: str) -> tuple[str, Key] | None:
+    for scope_level in SCOPES[level]:
+        for key in LEVEL_NAMES[scope_level].keys:
+            if key.keyword == keyword:
+                return scope_level, key
+    return None
+
+
+def add_match(query: QidoQuery, keyword: str, value: str) -> bool:
+    """Add one attribute match to the query; False if the attribute is not a key here."""
+    found = key_for(query.level, keyword)
+    if found is None:
+        return False
+    level, key = found
+    query.include.add(key.tag)
+    condition = matcher(key, value, query.fuzzy)
+    if condition is not None:
+        query.filters.setdefault(level, {}).setdefault("$and", []).append(condition)
+    return True
+
+
+def matcher(key: Key, value: str, fuzzy: bool) -> Json | None:
+    """The MongoDB condition for one key, or None for universal matching (empty value)."""
+    field_name = f"k.{key.keyword}"
+    value = value.strip()
+    if value in ("", "*"):
+        return None
+    if key.kind == "uid":
+        uids = [u.strip() for u in re.split(r"[,\\]", value) if u.strip()]
+        for uid in uids:
+            if not is_uid(uid):
+                raise QueryError(f"{uid!r} is not a valid UID for {key.keyword}")
+        return {field_name: uids[0]} if len(uids) == 1 else {field_name: {"$in": uids}}
+    if key.kind in ("date", "time"):
+        return {field_name: _range(key, value)}
+    if key.kind == "number":
+        try:
+            return {field_name: int(value)}
+        except ValueError:
+            raise QueryError(f"{value!r} is not an integer for {key.keyword}") from None
+    if key.kind == "pn":
+        if fuzzy:
+            tokens = name_tokens(value.replace("*", " ").replace("?", " "))
+            if not tokens:
+                return None
+            return {f"{field_name}~": {"$all": [re.compile("^" + re.escape(t)) for t in tokens]}}
+        return _string(field_name, fold(value))
+    if key.keyword == "ModalitiesInStudy" and ("\\" in value or "," in value):
+        return {field_name: {"$in": [v.strip() for v in re.split(r"[,\\]", value) if v.strip()]}}
+    return _string(field_name, value)
+
+
+def _string(field_name: str, value: str) -> Json:
+    if "*" in value or "?" in value:
+        pattern = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in value)
+        return {field_name: re.compile(f"^{pattern}$", re.DOTALL)}
+    return {field_name: value}
+
+
+def _range(key: Key, value: str) -> Json | str:
+    norm = normalize_date if key.kind == "date" else normalize_time
+    if "-" not in value:
+        if key.kind == "date":
+            return norm(value)
+        return {"$gte": normalize_time(value), "$lte": normalize_time(value, upper=True)}
+    low, _, high = value.partition("-")
+    bounds: Json = {}
+    if low.strip():
+        bounds["$gte"] = norm(low.strip())
+    if high.strip():
+        bounds["$lte"] = normalize_time(high.strip(), upper=True) if key.kind == "time" else norm(high.strip())
+    if not bounds:
+        raise QueryError(f"{value!r} is not a range for {key.keyword}")
+    return bounds
+
+
+# --- the response -----------------------------------------------------------------------
+
+
+def attributes_of(doc: Json, level: Level, query: QidoQuery, computed: Json, extra: Json | None = None) -> Json:
+    """One result: the level's stored attributes, the computed ones, and includefields."""
+    result: Json = dict(extra or {})
+    stored: Json = doc.get("j", {})
+    result.update(stored)
+    if (query.include or query.include_all) and "meta" in doc:
+        meta = orjson.loads(doc["meta"])
+        for tag in meta if query.include_all else query.include:
+            if tag in meta and tag not in result and "BulkDataURI" not in meta[tag]:
+                result[tag] = meta[tag]
+    for keyword, value in computed.items():
+        result[TAGS[keyword]] = value
+    return result
+
+
+def needs_metadata(query: QidoQuery) -> bool:
+    """Whether instance results need the full stored JSON (includefield beyond the index)."""
+    known = INSTANCE.tags | {TAGS[k] for k in INSTANCE.computed}
+    return query.include_all or any(tag not in known for tag in query.include)
+
+
+def element(keyword: str, *values: Any) -> Json:
+    tag = tag_for_keyword(keyword)
+    assert tag is not None, keyword
+    vr = dictionary_VR(tag)
+    return {"vr": vr, "Value": list(values)} if values else {"vr": vr}
+
+
+# --- the search -------------------------------------------------------------------------
+
+_ORDER = {"study": [("_id", 1)], "series": [("st", 1), ("k.SeriesNumber", 1), ("_id", 1)],
+          "instance": [("st", 1), ("se", 1), ("k.InstanceNumber", 1), ("_id", 1)]}
+
+
+async def resolve(index: DicomIndex, query: QidoQuery) -> Json:
+    """The MongoDB filter at the query's level, higher-level keys resolved to UIDs first."""
+    level = query.level
+    filters = query.filters
+    scoped: Json = {}
+    if level != "study" and "study" in filters:
+        studies = await index.distinct("study", "_id", filters["study"])
+        scoped["st"] = {"$in": studies}
+    if level == "instance" and "series" in filters:
+        series = await index.distinct("series", "_id", {**filters["series"], **scoped})
+        scoped["se"] = {"$in": series}
+    return {**filters.get(level, {}), **scoped}
+
+
+async def search(index: DicomIndex, query: QidoQuery, base: str) -> list[Json]:
+    """Run a query against the index; results in the DICOM JSON model."""
+    level = query.level
+    mongo_filter = await resolve(index, query)
+    projection = None if level != "instance" or needs_metadata(query) else {"meta": 0, "frames": 0, "bulk": 0}
+    if level == "instance" and projection is None:
+        projection = {"frames": 0, "bulk": 0}
+    docs = await index.find(level, mongo_filter, projection, query.offset, query.limit, _ORDER[level])
+    if not docs:
+        return []
+    # Higher-level attributes (PS3.18 10.6.3.3: returned for queries not scoped to a study).
+    parents: dict[str, dict[str, Json]] = {}
+    if level in ("series", "instance"):
+        ids = list({d["st"] for d in docs})
+        parents["study"] = {d["_id"]: d for d in await index.find("study", {"_id": {"$in": ids}})}
+    if level == "instance":
+        ids = list({d["se"] for d in docs})
+        parents["series"] = {d["_id"]: d for d in await index.find("series", {"_id": {"$in": ids}})}
+    results = []
+    for doc in docs:
+        if level == "study":
+            results.append(attributes_of(doc, STUDY, query, _study_computed(doc, base)))
+        elif level == "series":
+            study = parents["study"].get(doc["st"], {})
+            extra = dict(study.get("j", {}))
+            extra[TAGS["StudyInstanceUID"]] = element("StudyInstanceUID", doc["st"])
+            results.append(attributes_of(doc, SERIES, query, _series_computed(doc, base), extra))
+        else:
+            extra = {}
+            if query.include_all:
+                extra.update(parents["study"].get(doc["st"], {}).get("j", {}))
+                extra.update(parents["series"].get(doc["se"], {}).get("j", {}))
+            extra[TAGS["StudyInstanceUID"]] = element("StudyInstanceUID", doc["st"])
+            extra[TAGS["SeriesInstanceUID"]] = element("SeriesInstanceUID", doc["se"])
+            series_doc = parents["series"].get(doc["se"], {})
+            modality = series_doc.get("j", {}).get(TAGS["Modality"])
+            if modality:
+                extra[TAGS["Modality"]] = modality
+            results.append(attributes_of(doc, INSTANCE, query, _instance_computed(doc, base), extra))
+    return results
+
+
+def _study_computed(doc: Json, base: str) -> Json:
+    modalities = doc.get("k", {}).get("ModalitiesInStudy", [])
+    return {
+        "ModalitiesInStudy": element("ModalitiesInStudy", *modalities),
+        "NumberOfStudyRelatedSeries": element("NumberOfStudyRelatedSeries", doc.get("nser", 0)),
+        "NumberOfStudyRelatedInstances": element("NumberOfStudyRelatedInstances", doc.get("n", 0)),
+        "InstanceAvailability": element("InstanceAvailability", "ONLINE"),
+        "RetrieveURL": element("RetrieveURL", f"{base}/studies/{doc['_id']}"),
+    }
+
+
+def _series_computed(doc: Json, base: str) -> Json:
+    return {
+        "NumberOfSeriesRelatedInstances": element("NumberOfSeriesRelatedInstances", doc.get("n", 0)),
+        "InstanceAvailability": element("InstanceAvailability", "ONLINE"),
+        "RetrieveURL": element("RetrieveURL", f"{base}/studies/{doc['st']}/series/{doc['_id']}"),
+    }
+
+
+def _instance_computed(doc: Json, base: str) -> Json:
+    return {
+        "AvailableTransferSyntaxUID": element("AvailableTransferSyntaxUID", doc["ts"]),
+        "InstanceAvailability": element("InstanceAvailability", "ONLINE"),
+        "RetrieveURL": element(
+            "RetrieveURL", f"{base}/studies/{doc['st']}/series/{doc['se']}/instances/{doc['_id']}"
+        ),
+    }
+
+
+def encode(results: list[Json]) -> bytes:
+    return orjson.dumps(results, option=orjson.OPT_SORT_KEYS)
+
+
+def encode_one(result: Json) -> bytes:
+    return orjson.dumps(result, option=orjson.OPT_SORT_KEYS)
+
+
+def element_or_empty(keyword: str, value: Any) -> Json:
+    return element(keyword, value) if value else element(keyword)

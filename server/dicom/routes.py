@@ -1,0 +1,476 @@
+"""DICOMweb routes under /dicomweb (PS3.18): STOW-RS, QIDO-RS, WADO-RS, and delete.
+
+Each route parses the request, calls one service (archive, qido, wado) and encodes the
+answer. Every route is declared with `@dicomweb(...)`, which adds the authorization
+dependency and records it in `RESOURCES`, the list the conformance statement is built
+from. Errors are rendered by `error_response` (registered for "/dicomweb" in
+server/app.py): the status code, a `Warning: 299` header and a text body, as PS3.18 8.6.3
+describes; STOW-RS failures per instance are in the response's FailedSOPSequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response, StreamingResponse
+from python_multipart.exceptions import MultipartParseError
+from starlette.requests import ClientDisconnect
+
+from server.dicom import multipart, qido, wado
+from server.dicom.archive import Archive, Outcome, Prepared
+from server.security.authorization import authorize
+from server.store.blobs import StagedFile
+
+DICOM_JSON = "application/dicom+json"
+router = APIRouter(prefix="/dicomweb")
+# (interaction, method, path) of every route, for the conformance statement.
+RESOURCES: list[tuple[str, str, str]] = []
+IN_LOOP_READ = 8 * 1024 * 1024  # blobs up to this size are read without a thread hop
+STOW_BATCH = 50
+
+
+class DicomWebError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def error_response(request: Request, status: int, message: str) -> Response:
+    warning = message.replace('"', "'").replace("\r", " ").replace("\n", " ")
+    return Response(
+        message.encode(),
+        status,
+        media_type="text/plain; charset=utf-8",
+        headers={"Warning": f'299 kuroshio "{warning[:900]}"'},
+    )
+
+
+def dicomweb(interaction: str, method: str, *paths: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def register(handler: Callable[..., Any]) -> Callable[..., Any]:
+        for path in paths:
+            RESOURCES.append((interaction, method, "/dicomweb" + path))
+            router.add_api_route(
+                path, handler, methods=[method], response_class=Response,
+                dependencies=[Depends(authorize("dicomweb", interaction))],
+            )
+        return handler
+
+    return register
+
+
+def archive_of(request: Request) -> Archive:
+    return request.app.state.dicom
+
+
+def base(request: Request) -> str:
+    return request.app.state.settings.base_url + "/dicomweb"
+
+
+async def guarded(call: Any) -> Any:
+    """Map service exceptions to DICOMweb errors."""
+    try:
+        return await call
+    except (wado.BadRequest, qido.QueryError) as exc:
+        raise DicomWebError(400, str(exc)) from None
+    except wado.NotFound as exc:
+        raise DicomWebError(404, str(exc)) from None
+    except wado.NotAcceptable as exc:
+        raise DicomWebError(406, str(exc)) from None
+
+
+# --- STOW-RS ------------------------------------------------------------------------------
+
+
+@dicomweb("store", "POST", "/studies", "/studies/{study}")
+async def store_instances(request: Request, study: str | None = None) -> Response:
+    media, params = multipart.parse_header_params(request.headers.get("content-type", ""))
+    if media != "multipart/related":
+        raise DicomWebError(415, 'STOW-RS takes multipart/related; type="application/dicom"')
+    if params.get("type", "application/dicom").lower() != "application/dicom":
+        raise DicomWebError(
+            415, f"Parts of type {params['type']} are not accepted; send application/dicom (PS3.10 files)"
+        )
+    if not params.get("boundary"):
+        raise DicomWebError(400, "The multipart/related Content-Type has no boundary")
+    if study is not None:
+        try:
+            wado.check_uids(study)
+        except wado.BadRequest as exc:
+            raise DicomWebError(400, str(exc)) from None
+    outcomes = await receive(request, archive_of(request), params["boundary"], study)
+    if not outcomes:
+        raise DicomWebError(400, "The request contained no instances")
+    stored = sum(1 for o in outcomes if o.ok)
+    status = 200 if stored == len(outcomes) else 202 if stored else 409
+    return Response(qido.encode_one(stow_response(outcomes, base(request), study)), status, media_type=DICOM_JSON)
+
+
+async def receive(request: Request, archive: Archive, boundary: str, study: str | None) -> list[Outcome]:
+    """Stream parts into staging files; prepare them in threads as each completes, and
+    index them in batches, so memory holds a chunk, never an instance."""
+    loop = asyncio.get_running_loop()
+    pending: list[asyncio.Future[Prepared]] = []
+    outcomes: list[Outcome] = []
+    finished: list[StagedFile] = []
+    current: list[StagedFile] = []
+
+    def begin(headers: dict[str, str]) -> Callable[[bytes], None]:
+        staged = archive.blobs.stage()
+        current.append(staged)
+        return staged.write
+
+    def end() -> None:
+        finished.append(current.pop())
+
+    reader = multipart.PartReader(boundary, begin, end)
+    try:
+        async for chunk in request.stream():
+            reader.feed(chunk)
+            pending += [loop.run_in_executor(None, archive.prepare, staged, study) for staged in finished]
+            finished.clear()
+            if len(pending) >= STOW_BATCH:
+                outcomes += await archive.commit(list(await asyncio.gather(*pending)))
+                pending = []
+        reader.finish()
+    except (MultipartParseError, ClientDisconnect) as exc:
+        for staged in current:
+            staged.discard()
+        outcomes += await archive.commit(list(await asyncio.gather(*pending)))
+        if isinstance(exc, ClientDisconnect):
+            raise
+        raise DicomWebError(400, f"Malformed multipart body: {exc}") from None
+    for staged in current:  # a part the body ended inside of
+        staged.discard()
+    outcomes += await archive.commit(list(await asyncio.gather(*pending)))
+    return outcomes
+
+
+def stow_response(outcomes: list[Outcome], base_url: str, study: str | None) -> dict[str, Any]:
+    referenced = []
+    failed = []
+    for o in outcomes:
+        item: dict[str, Any] = {
+            "00081150": qido.element_or_empty("ReferencedSOPClassUID", o.sop_class),
+            "00081155": qido.element_or_empty("ReferencedSOPInstanceUID", o.sop),
+        }
+        if o.ok:
+            item["00081190"] = qido.element(
+                "RetrieveURL", f"{base_url}/studies/{o.study}/series/{o.series}/instances/{o.sop}"
+            )
+            referenced.append(item)
+        else:
+            item["00081197"] = qido.element("FailureReason", o.status)
+            failed.append(item)
+    body: dict[str, Any] = {}
+    studies = {o.study for o in outcomes if o.ok} or ({study} if study else set())
+    if len(studies) == 1:
+        body["00081190"] = qido.element("RetrieveURL", f"{base_url}/studies/{studies.pop()}")
+    if failed:
+        body["00081198"] = {"vr": "SQ", "Value": failed}
+    if referenced:
+        body["00081199"] = {"vr": "SQ", "Value": referenced}
+    return body
+
+
+# --- QIDO-RS ------------------------------------------------------------------------------
+
+
+def _json_accepted(request: Request) -> None:
+    for media in multipart.accept(request.headers.get("accept")):
+        if media.media_type in (DICOM_JSON, "application/json", "*/*", "application/*"):
+            return
+    raise DicomWebError(406, "QIDO-RS answers application/dicom+json only")
+
+
+async def _search(request: Request, level: str, scope: dict[str, str]) -> Response:
+    _json_accepted(request)
+    try:
+        wado.check_uids(*scope.values())
+        query = qido.parse(level, request.query_params.multi_items(), scope)
+    except (qido.QueryError, wado.BadRequest) as exc:
+        raise DicomWebError(400, str(exc)) from None
+    results = await qido.search(archive_of(request).index, query, base(request))
+    warnings = []
+    if query.unsupported:
+        names = ", ".join(sorted(set(query.unsupported)))
+        warnings.append(f'299 kuroshio "The following query parameters are not supported and were ignored: {names}"')
+    if len(results) == qido.MAX_LIMIT:
+        warnings.append('299 kuroshio "The number of results exceeded the maximum supported by the server. '
+                        'Additional results can be requested with offset."')
+    headers = {"Warning": ", ".join(warnings)} if warnings else {}
+    return Response(qido.encode(results), 200, media_type=DICOM_JSON, headers=headers)
+
+
+@dicomweb("search-studies", "GET", "/studies")
+async def search_studies(request: Request) -> Response:
+    return await _search(request, "study", {})
+
+
+@dicomweb("search-series", "GET", "/series")
+async def search_all_series(request: Request) -> Response:
+    return await _search(request, "series", {})
+
+
+@dicomweb("search-series", "GET", "/studies/{study}/series")
+async def search_series(request: Request, study: str) -> Response:
+    return await _search(request, "series", {"StudyInstanceUID": study})
+
+
+@dicomweb("search-instances", "GET", "/instances")
+async def search_all_instances(request: Request) -> Response:
+    return await _search(request, "instance", {})
+
+
+@dicomweb("search-instances", "GET", "/studies/{study}/instances")
+async def search_study_instances(request: Request, study: str) -> Response:
+    return await _search(request, "instance", {"StudyInstanceUID": study})
+
+
+@dicomweb("search-instances", "GET", "/studies/{study}/series/{series}/instances")
+async def search_instances(request: Request, study: str, series: str) -> Response:
+    return await _search(request, "instance", {"StudyInstanceUID": study, "SeriesInstanceUID": series})
+
+
+# --- WADO-RS: instances ---------------------------------------------------------------------
+
+
+def _dicom_syntaxes(request: Request) -> list[str]:
+    """Acceptable transfer syntaxes for application/dicom parts (PS3.18 8.7.3.5.2: none
+    named means Explicit VR Little Endian)."""
+    syntaxes = []
+    for media in multipart.accept(request.headers.get("accept")):
+        if media.media_type == "multipart/related" and media.part_type in (None, "application/dicom"):
+            syntaxes.append(media.transfer_syntax or wado.EXPLICIT_LE)
+        elif media.media_type in ("application/dicom", "*/*", "multipart/*"):
+            syntaxes.append(media.transfer_syntax or wado.EXPLICIT_LE)
+    if not syntaxes:
+        raise DicomWebError(406, 'Instances are sent as multipart/related; type="application/dicom"')
+    return syntaxes
+
+
+async def _retrieve(request: Request, study: str, series: str | None, sop: str | None) -> Response:
+    archive = archive_of(request)
+    wanted = _dicom_syntaxes(request)
+    stored = await guarded(wado.instances(archive, study, series, sop))
+    try:
+        syntax = wado.choose_syntax(stored, wanted)
+    except wado.NotAcceptable as exc:
+        raise DicomWebError(406, str(exc)) from None
+    boundary = multipart.boundary()
+
+    async def bodies() -> AsyncIterator[tuple[Iterable[tuple[str, str]], AsyncIterator[bytes]]]:
+        for item in stored:
+            syntax_out = item.transfer_syntax if syntax == "*" else syntax
+            yield [("Content-Length", str(item.size))] if syntax_out == item.transfer_syntax else [], _instance(archive, item, syntax)
+
+    return StreamingResponse(
+        multipart.parts(boundary, "application/dicom", bodies()),
+        media_type=multipart.content_type("application/dicom", boundary, None if syntax == "*" else syntax),
+    )
+
+
+async def _instance(archive: Archive, item: wado.Stored, syntax: str) -> AsyncIterator[bytes]:
+    if syntax in ("*", item.transfer_syntax) and item.size <= IN_LOOP_READ:
+        yield archive.blobs.read(item.blob)  # one pread from the page cache
+        return
+    chunks = wado.instance_bytes(archive, item, syntax)
+    while True:
+        chunk = await asyncio.to_thread(next, chunks, None)
+        if chunk is None:
+            return
+        yield chunk
+
+
+@dicomweb("retrieve-study", "GET", "/studies/{study}")
+async def retrieve_study(request: Request, study: str) -> Response:
+    return await _retrieve(request, study, None, None)
+
+
+@dicomweb("retrieve-series", "GET", "/studies/{study}/series/{series}")
+async def retrieve_series(request: Request, study: str, series: str) -> Response:
+    return await _retrieve(request, study, series, None)
+
+
+@dicomweb("retrieve-instance", "GET", "/studies/{study}/series/{series}/instances/{sop}")
+async def retrieve_instance(request: Request, study: str, series: str, sop: str) -> Response:
+    return await _retrieve(request, study, series, sop)
+
+
+# --- WADO-RS: metadata ----------------------------------------------------------------------
+
+
+async def _metadata(request: Request, study: str, series: str | None, sop: str | None) -> Response:
+    _json_accepted(request)
+    body = await guarded(wado.metadata(archive_of(request), base(request), study, series, sop))
+    return Response(body, 200, media_type=DICOM_JSON)
+
+
+@dicomweb("retrieve-metadata", "GET", "/studies/{study}/metadata")
+async def study_metadata(request: Request, study: str) -> Response:
+    return await _metadata(request, study, None, None)
+
+
+@dicomweb("retrieve-metadata", "GET", "/studies/{study}/series/{series}/metadata")
+async def series_metadata(request: Request, study: str, series: str) -> Response:
+    return await _metadata(request, study, series, None)
+
+
+@dicomweb("retrieve-metadata", "GET", "/studies/{study}/series/{series}/instances/{sop}/metadata")
+async def instance_metadata(request: Request, study: str, series: str, sop: str) -> Response:
+    return await _metadata(request, study, series, sop)
+
+
+# --- WADO-RS: frames and bulk data ----------------------------------------------------------
+
+
+def _frame_wants(request: Request, stored_media: str) -> tuple[bool, str]:
+    """(as stored?, part media type) for a frames request (PS3.18 8.7.3.5.3): octet-stream
+    without a transfer syntax means uncompressed; `*` or the stored media type, as stored."""
+    for media in multipart.accept(request.headers.get("accept")):
+        part = media.part_type if media.media_type == "multipart/related" else media.media_type
+        if part in (None, "*/*", "application/octet-stream"):
+            if media.transfer_syntax == "*" or stored_media == "application/octet-stream":
+                return True, "application/octet-stream"
+            return False, "application/octet-stream"
+        if part == stored_media:
+            return True, stored_media
+    raise DicomWebError(406, f"The frames are available as application/octet-stream or {stored_media}")
+
+
+@dicomweb("retrieve-frames", "GET", "/studies/{study}/series/{series}/instances/{sop}/frames/{frames}")
+async def retrieve_frames(request: Request, study: str, series: str, sop: str, frames: str) -> Response:
+    archive = archive_of(request)
+    try:
+        numbers = wado.parse_frame_list(frames)
+    except wado.BadRequest as exc:
+        raise DicomWebError(400, str(exc)) from None
+    doc = await guarded(wado.frame_source(archive, study, series, sop, numbers))
+    return await _frames_response(request, archive, doc, numbers)
+
+
+async def _frames_response(request: Request, archive: Archive, doc: dict[str, Any], numbers: list[int]) -> Response:
+    """Frames as multipart/related; a few are answered from memory, many are streamed."""
+    stored_media = wado.FRAME_MEDIA_TYPES.get(doc["ts"], "application/octet-stream")
+    as_stored, part_type = _frame_wants(request, stored_media)
+    try:
+        wado.check_frames(doc, numbers)
+    except wado.NotFound as exc:
+        raise DicomWebError(404, str(exc)) from None
+    reads_only = as_stored or stored_media == "application/octet-stream"
+    boundary = multipart.boundary()
+
+    async def parts() -> AsyncIterator[bytes]:
+        for index, number in enumerate(numbers):
+            if reads_only and index < 16:
+                item = wado.frame(archive, doc, number, as_stored)  # a pread from the page cache
+            else:
+                item = await asyncio.to_thread(wado.frame, archive, doc, number, as_stored)
+            media = item.media_type + (f"; transfer-syntax={item.transfer_syntax}" if item.transfer_syntax else "")
+            header = multipart.part_header(boundary, media, [("Content-Length", str(len(item.data)))])
+            yield (b"\r\n" if index else b"") + header + item.data
+        yield multipart.closing(boundary)
+
+    syntax = doc["ts"] if as_stored and part_type != "application/octet-stream" else None
+    media_type = multipart.content_type(part_type, boundary, syntax)
+    if len(numbers) <= 16:
+        return Response(b"".join([chunk async for chunk in parts()]), 200, media_type=media_type)
+    return StreamingResponse(parts(), 200, media_type=media_type)
+
+
+@dicomweb("retrieve-bulkdata", "GET", "/studies/{study}/series/{series}/instances/{sop}/bulkdata/{tag}")
+async def retrieve_bulkdata(request: Request, study: str, series: str, sop: str, tag: str) -> Response:
+    tag = tag.upper()
+    if tag == "7FE00010":
+        doc = await guarded(wado.frame_source(archive_of(request), study, series, sop))
+        count = (doc.get("frames") or {}).get("n", 1)
+        return await _frames_response(request, archive_of(request), doc, list(range(1, count + 1)))
+    if not (len(tag) == 8 and all(c in "0123456789ABCDEF" for c in tag)):
+        raise DicomWebError(400, f"{tag!r} is not a tag (8 hexadecimal digits)")
+    data = await guarded(wado.bulkdata(archive_of(request), study, series, sop, tag))
+    boundary = multipart.boundary()
+    body = multipart.part_header(boundary, "application/octet-stream", [("Content-Length", str(len(data)))]) + data + multipart.closing(boundary)
+    return Response(body, 200, media_type=multipart.content_type("application/octet-stream", boundary))
+
+
+# --- WADO-RS: rendered and thumbnails ---------------------------------------------------------
+
+
+def _image_type(request: Request) -> str:
+    for media in multipart.accept(request.headers.get("accept")):
+        if media.media_type in ("image/jpeg", "image/png"):
+            return media.media_type
+        if media.media_type in ("*/*", "image/*"):
+            return "image/jpeg"
+    raise DicomWebError(406, "Rendered images are available as image/jpeg or image/png")
+
+
+async def _rendered(request: Request, study: str, series: str, sop: str | None, frame: int, thumbnail: bool) -> Response:
+    archive = archive_of(request)
+    media_type = _image_type(request)
+    if sop is None:
+        stored = await guarded(wado.instances(archive, study, series))
+        middle = stored[len(stored) // 2]
+        series, sop = middle.series, middle.sop
+    assert series is not None
+    doc = await guarded(wado.frame_source(archive, study, series, sop))
+    try:
+        options = wado.rendering(dict(request.query_params), media_type, thumbnail)
+    except wado.BadRequest as exc:
+        raise DicomWebError(400, str(exc)) from None
+    image = await guarded(asyncio.to_thread(wado.render, archive, doc, frame, options))
+    return Response(image, 200, media_type=media_type)
+
+
+@dicomweb("retrieve-rendered", "GET", "/studies/{study}/series/{series}/instances/{sop}/rendered")
+async def rendered_instance(request: Request, study: str, series: str, sop: str) -> Response:
+    return await _rendered(request, study, series, sop, 1, False)
+
+
+@dicomweb("retrieve-rendered", "GET", "/studies/{study}/series/{series}/instances/{sop}/frames/{frame}/rendered")
+async def rendered_frame(request: Request, study: str, series: str, sop: str, frame: str) -> Response:
+    numbers = wado.parse_frame_list(frame) if frame.isdigit() else []
+    if len(numbers) != 1:
+        raise DicomWebError(400, "A rendered frame is one frame number")
+    return await _rendered(request, study, series, sop, numbers[0], False)
+
+
+@dicomweb("retrieve-thumbnail", "GET", "/studies/{study}/series/{series}/instances/{sop}/thumbnail")
+async def thumbnail_instance(request: Request, study: str, series: str, sop: str) -> Response:
+    return await _rendered(request, study, series, sop, 1, True)
+
+
+@dicomweb("retrieve-thumbnail", "GET", "/studies/{study}/series/{series}/thumbnail")
+async def thumbnail_series(request: Request, study: str, series: str) -> Response:
+    return await _rendered(request, study, series, None, 1, True)
+
+
+# --- delete (an extension: PS3.18 defines no delete) ------------------------------------------
+
+
+async def _delete(request: Request, study: str, series: str | None, sop: str | None) -> Response:
+    try:
+        wado.check_uids(study, series, sop)
+    except wado.BadRequest as exc:
+        raise DicomWebError(400, str(exc)) from None
+    removed = await archive_of(request).delete(study, series, sop)
+    if not removed:
+        raise DicomWebError(404, wado.missing(study, series, sop))
+    return Response(status_code=204)
+
+
+@dicomweb("delete", "DELETE", "/studies/{study}")
+async def delete_study(request: Request, study: str) -> Response:
+    return await _delete(request, study, None, None)
+
+
+@dicomweb("delete", "DELETE", "/studies/{study}/series/{series}")
+async def delete_series(request: Request, study: str, series: str) -> Response:
+    return await _delete(request, study, series, None)
+
+
+@dicomweb("delete", "DELETE", "/studies/{study}/series/{series}/instances/{sop}")
+async def delete_instance(request: Request, study: str, series: str, sop: str) -> Response:
+    return await _delete(request, study, series, sop)

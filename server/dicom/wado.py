@@ -1,0 +1,341 @@
+"""Retrieve (WADO-RS and the data behind C-GET/C-MOVE): instances, metadata, frames,
+bulk data, rendered images; transfer syntax negotiation and transcoding.
+
+Instances stream from the blob store as stored when the requested transfer syntax is the
+stored one (or `*`); otherwise they are transcoded with pydicom (decoders from pylibjpeg,
+encoders for RLE) or refused with 406 when no codec can produce the syntax. Metadata is the
+DICOM JSON precomputed at ingest: a study's metadata is the concatenation of its stored
+documents, never a file read. A frame is a byte-range read at the offsets recorded at ingest.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
+from pydicom.uid import UID
+
+from server.dicom.archive import Archive
+from server.store.blobs import BlobKey, is_uid
+
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+RLE = "1.2.840.10008.1.2.5"
+# Syntaxes any stored instance can be transcoded to (pydicom decodes, then writes these).
+TRANSCODE_TARGETS = (EXPLICIT_LE, IMPLICIT_LE, RLE)
+# Media types of compressed frames (PS3.18 Table 8.7.3-2), by transfer syntax.
+FRAME_MEDIA_TYPES = {
+    "1.2.840.10008.1.2.4.50": "image/jpeg",
+    "1.2.840.10008.1.2.4.51": "image/jpeg",
+    "1.2.840.10008.1.2.4.57": "image/jpeg",
+    "1.2.840.10008.1.2.4.70": "image/jpeg",
+    "1.2.840.10008.1.2.4.80": "image/jls",
+    "1.2.840.10008.1.2.4.81": "image/jls",
+    "1.2.840.10008.1.2.4.90": "image/jp2",
+    "1.2.840.10008.1.2.4.91": "image/jp2",
+    "1.2.840.10008.1.2.4.201": "image/jphc",
+    "1.2.840.10008.1.2.4.202": "image/jphc",
+    "1.2.840.10008.1.2.4.203": "image/jphc",
+    "1.2.840.10008.1.2.5": "image/dicom-rle",
+}
+
+
+class NotFound(LookupError):
+    pass
+
+
+class NotAcceptable(ValueError):
+    pass
+
+
+class BadRequest(ValueError):
+    pass
+
+
+@dataclass(slots=True)
+class Stored:
+    """One stored instance as retrieval needs it."""
+
+    study: str
+    series: str
+    sop: str
+    blob: BlobKey
+    size: int
+    transfer_syntax: str
+    sop_class: str
+
+
+def check_uids(*uids: str | None) -> None:
+    for uid in uids:
+        if uid is not None and not is_uid(uid):
+            raise BadRequest(f"{uid!r} is not a valid UID")
+
+
+def _scope(study: str, series: str | None, sop: str | None) -> dict[str, str]:
+    check_uids(study, series, sop)
+    query = {"st": study}
+    if series is not None:
+        query["se"] = series
+    if sop is not None:
+        query["_id"] = sop
+    return query
+
+
+_ORDER = [("se", 1), ("k.InstanceNumber", 1), ("_id", 1)]
+
+
+async def instances(archive: Archive, study: str, series: str | None = None, sop: str | None = None) -> list[Stored]:
+    found = await instances_where(archive, _scope(study, series, sop))
+    if not found:
+        raise NotFound(missing(study, series, sop))
+    return found
+
+
+async def instances_where(archive: Archive, query: dict[str, Any]) -> list[Stored]:
+    """The stored instances matching an index filter (from `_scope` or `qido.resolve`)."""
+    fields = {"se": 1, "st": 1, "blob": 1, "size": 1, "ts": 1, "k.SOPClassUID": 1}
+    docs = await archive.index.find("instance", query, fields, sort=_ORDER)
+    return [
+        Stored(d["st"], d["se"], d["_id"], BlobKey.parse(d["blob"]), d["size"], d["ts"], d["k"].get("SOPClassUID", ""))
+        for d in docs
+    ]
+
+
+def missing(study: str, series: str | None, sop: str | None) -> str:
+    if sop is not None:
+        return f"Instance {sop} of series {series} in study {study} is not stored"
+    if series is not None:
+        return f"Series {series} of study {study} is not stored"
+    return f"Study {study} is not stored"
+
+
+def choose_syntax(stored: list[Stored], wanted: list[str]) -> str:
+    """The transfer syntax to send: the first acceptable one every instance can have
+    ("*" = as stored); 406 when none."""
+    for syntax in wanted:
+        if syntax == "*":
+            return syntax
+        if all(s.transfer_syntax == syntax for s in stored) or syntax in TRANSCODE_TARGETS:
+            return syntax
+    raise NotAcceptable(
+        f"Cannot provide transfer syntax {', '.join(wanted)}; stored as "
+        f"{', '.join(sorted({s.transfer_syntax for s in stored}))}, and can transcode to "
+        f"{', '.join(TRANSCODE_TARGETS)}"
+    )
+
+
+def instance_bytes(archive: Archive, stored: Stored, syntax: str) -> Iterator[bytes]:
+    """The PS3.10 bytes of one instance in `syntax` (streamed when no transcoding)."""
+    if syntax in ("*", stored.transfer_syntax):
+        yield from archive.blobs.chunks(stored.blob)
+        return
+    yield transcode(archive.blobs.read(stored.blob), syntax)
+
+
+def transcode(data: bytes, syntax: str) -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(data))
+    target = UID(syntax)
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        ds.decompress()
+    if target.is_compressed:
+        ds.compress(target)
+    else:
+        ds.file_meta.TransferSyntaxUID = target
+    out = io.BytesIO()
+    ds.save_as(out, implicit_vr=target.is_implicit_VR, little_endian=target.is_little_endian, enforce_file_format=True)
+    return out.getvalue()
+
+
+# --- metadata -----------------------------------------------------------------------------
+
+
+async def metadata(archive: Archive, base: str, study: str, series: str | None = None, sop: str | None = None) -> bytes:
+    """The DICOM JSON array of the instances in scope, from the stored documents."""
+    docs = await archive.index.find("instance", _scope(study, series, sop), {"meta": 1, "se": 1, "st": 1}, sort=_ORDER)
+    if not docs:
+        raise NotFound(missing(study, series, sop))
+    parts = []
+    for doc in docs:
+        prefix = f'"BulkDataURI":"{base}/studies/{doc["st"]}/series/{doc["se"]}/instances/{doc["_id"]}/'.encode()
+        parts.append(bytes(doc["meta"]).replace(b'"BulkDataURI":"', prefix))
+    return b"[" + b",".join(parts) + b"]"
+
+
+# --- frames and bulk data -----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Frame:
+    data: bytes
+    media_type: str
+    transfer_syntax: str | None
+
+
+def parse_frame_list(text: str) -> list[int]:
+    numbers = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item.isdigit() or int(item) < 1 or len(item) > 9:
+            raise BadRequest(f"{text!r} is not a list of frame numbers (1, 2, ...)")
+        numbers.append(int(item))
+    return numbers
+
+
+_FRAME_FIELDS = {"blob": 1, "ts": 1, "deflated": 1, "st": 1, "se": 1, "frames.n": 1, "frames.start": 1, "frames.size": 1}
+
+
+async def _instance_doc(archive: Archive, study: str, series: str, sop: str, fields: dict[str, Any]) -> dict[str, Any]:
+    check_uids(study, series, sop)
+    doc = await archive.index.instance(sop, fields)
+    if doc is None or doc["st"] != study or doc["se"] != series:
+        raise NotFound(missing(study, series, sop))
+    return doc
+
+
+async def frame_source(
+    archive: Archive, study: str, series: str, sop: str, numbers: list[int] | None = None
+) -> dict[str, Any]:
+    """The instance's frame table, only the part covering `numbers` (a slide's table has
+    tens of thousands of entries; a tile request reads one)."""
+    fields: dict[str, Any] = dict(_FRAME_FIELDS)
+    first = min(numbers) if numbers else 1
+    fields["frames.f"] = {"$slice": [first - 1, max(numbers) - first + 1]} if numbers else 1
+    doc = await _instance_doc(archive, study, series, sop, fields)
+    if not doc.get("frames") and not doc.get("deflated"):
+        raise NotFound(f"Instance {sop} has no frames")
+    doc["first"] = first
+    return doc
+
+
+def check_frames(doc: dict[str, Any], numbers: list[int]) -> None:
+    """404 for frame numbers the instance does not have, or frames it cannot locate."""
+    table = doc.get("frames") or {}
+    count = table.get("n", 1)
+    for number in numbers:
+        if number > count:
+            raise NotFound(f"Frame {number} does not exist; the instance has {count}")
+    if doc.get("deflated") or "f" in table and table["f"] is None:
+        raise NotFound("The frames of this instance cannot be located (deflated or unseparable fragments)")
+
+
+def frame(archive: Archive, doc: dict[str, Any], number: int, as_stored: bool) -> Frame:
+    """One frame (checked by `check_frames`), as stored (`as_stored`) or decoded to native
+    little endian; as stored it is a byte-range read at the offsets recorded at ingest."""
+    table = doc["frames"]
+    key = BlobKey.parse(doc["blob"])
+    syntax = UID(doc["ts"])
+    if not syntax.is_encapsulated:
+        data = archive.blobs.read_range(key, table["start"] + (number - 1) * table["size"], table["size"])
+        return Frame(data, "application/octet-stream", None)
+    if as_stored:
+        ranges = table["f"][number - doc["first"]]
+        data = b"".join(archive.blobs.read_range(key, ranges[i], ranges[i + 1]) for i in range(0, len(ranges), 2))
+        return Frame(data, FRAME_MEDIA_TYPES.get(str(syntax), "application/octet-stream"), str(syntax))
+    pixels = pixel_array(archive.blobs.path(key), index=number - 1, raw=True)
+    return Frame(np.ascontiguousarray(pixels).tobytes(), "application/octet-stream", EXPLICIT_LE)
+
+
+async def bulkdata(archive: Archive, study: str, series: str, sop: str, tag: str) -> bytes:
+    doc = await _instance_doc(archive, study, series, sop, {"blob": 1, "bulk": 1, "st": 1, "se": 1, "deflated": 1})
+    key = BlobKey.parse(doc["blob"])
+    if doc.get("deflated"):
+        ds = pydicom.dcmread(archive.blobs.path(key))
+        if int(tag, 16) not in ds:
+            raise NotFound(f"No bulk data {tag} in instance {sop}")
+        return bytes(ds[int(tag, 16)].value)
+    for name, offset, length in doc.get("bulk", []):
+        if name == tag:
+            return archive.blobs.read_range(key, offset, length)
+    raise NotFound(f"No bulk data {tag} in instance {sop}")
+
+
+# --- rendered -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Rendering:
+    media_type: str = "image/jpeg"
+    quality: int = 90
+    window: tuple[float, float, str] | None = None  # center, width, function
+    viewport: tuple[int, int] | None = None
+
+
+def rendering(params: dict[str, str], media_type: str, thumbnail: bool = False) -> Rendering:
+    result = Rendering(media_type)
+    try:
+        if "quality" in params:
+            result.quality = max(1, min(100, int(params["quality"])))
+        if "window" in params:
+            center, width, *function = params["window"].split(",")
+            result.window = (float(center), float(width), (function[0] if function else "linear").lower())
+        if "viewport" in params:
+            vw, vh, *_ = params["viewport"].split(",")
+            result.viewport = (int(vw), int(vh))
+    except (ValueError, IndexError):
+        raise BadRequest("window must be center,width[,function] and viewport vw,vh[,sx,sy,sw,sh]") from None
+    if result.viewport and (not 0 < result.viewport[0] <= 8192 or not 0 < result.viewport[1] <= 8192):
+        raise BadRequest("viewport sizes must be between 1 and 8192")
+    if thumbnail and result.viewport is None:
+        result.viewport = (128, 128)
+    return result
+
+
+def render(archive: Archive, doc: dict[str, Any], frame: int, options: Rendering) -> bytes:
+    """A frame as a consumer image: modality LUT, VOI window (given or stored), 8 bits."""
+    from PIL import Image
+
+    path = archive.blobs.path(BlobKey.parse(doc["blob"]))
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    count = int(ds.get("NumberOfFrames") or 1)
+    if not 1 <= frame <= count:
+        raise NotFound(f"Frame {frame} does not exist; the instance has {count}")
+    try:
+        pixels = pixel_array(path, index=frame - 1)
+    except Exception as exc:
+        raise NotAcceptable(f"The pixel data cannot be decoded for rendering: {exc}") from None
+    color = pixels.ndim == 3 and pixels.shape[-1] in (3, 4)
+    if color:
+        image8 = _to_8bit(pixels.astype(np.float64), None)
+    else:
+        inverted = str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1"
+        values = apply_modality_lut(pixels, ds).astype(np.float64)
+        if options.window is not None:
+            center, width, function = options.window
+            windowed = _window(values, center, width, function)
+            image8 = (255 - windowed if inverted else windowed).astype(np.uint8)
+        else:
+            if "WindowCenter" in ds and "WindowWidth" in ds:
+                values = apply_voi_lut(values, ds, index=0).astype(np.float64)
+            image8 = _to_8bit(values, inverted)
+    image = Image.fromarray(image8)
+    if options.viewport is not None:
+        image.thumbnail(options.viewport)
+    out = io.BytesIO()
+    if options.media_type == "image/png":
+        image.save(out, "PNG")
+    else:
+        image.convert("RGB" if color else "L").save(out, "JPEG", quality=options.quality)
+    return out.getvalue()
+
+
+def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    if width <= 0:
+        raise BadRequest("The window width must be positive")
+    if function == "sigmoid":
+        return 255.0 / (1 + np.exp(-4 * (values - center) / width))
+    low, high = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+    return np.clip((values - low) / max(high - low, 1e-9), 0, 1) * 255
+
+
+def _to_8bit(values: np.ndarray, inverted: bool) -> np.ndarray:
+    low, high = float(values.min()), float(values.max())
+    scaled = (values - low) / (high - low) * 255 if high > low else np.zeros_like(values)
+    if inverted:
+        scaled = 255 - scaled
+    return scaled.astype(np.uint8)
+

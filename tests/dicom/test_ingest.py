@@ -1,0 +1,181 @@
+"""The one ingest path: every pydicom / pydicom-data test file by STOW-RS (valid ones
+stored byte-identical, broken ones refused with a failure reason and no trace), the same
+study by STOW-RS and C-STORE at once stored once, idempotency, and a kill -9 mid-STOW."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+
+import httpx
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from server.dicom.instance import Refused, parse
+from tests.conftest import start_server
+from tests.dicom.conftest import ct_instance, dicom_port, encode, multipart_body, pydicom_test_files
+
+BROKEN = {  # name -> why pydicom's file is not a valid PS3.10 instance
+    "ExplVR_BigEndNoMeta.dcm": "no file meta", "ExplVR_LitEndNoMeta.dcm": "no file meta",
+    "OT-PAL-8-face.dcm": "no preamble", "no_meta.dcm": "no file meta", "rtstruct.dcm": "no preamble",
+    "MR_truncated.dcm": "truncated pixel data", "emri_small_jpeg_2k_lossless_too_short.dcm": "truncated",
+    "rtplan_truncated.dcm": "truncated", "meta_missing_tsyntax.dcm": "no transfer syntax",
+    "SC_rgb_jpeg.dcm": "implicit VR data under an explicit transfer syntax",
+    "MR_small_padded.dcm": "pixel data longer than described", "nested_priv_SQ.dcm": "pixel data length",
+    "bad_sequence.dcm": "invalid UIDs", "badVR.dcm": "invalid IS value",
+    "rtdose.dcm": "meta SOP Instance UID differs", "rtdose_1frame.dcm": "meta differs",
+    "rtdose_expb.dcm": "meta differs", "rtdose_expb_1frame.dcm": "meta differs", "rtplan.dcm": "meta differs",
+}
+
+
+def classify():
+    valid, refused = [], []
+    for path in pydicom_test_files():
+        try:
+            parsed = parse(path)
+        except Refused:
+            refused.append(path)
+            continue
+        valid.append((path, parsed))
+    return valid, refused
+
+
+def test_test_files_by_stow(http, db):
+    valid, refused = classify()
+    assert {p.name for p in refused} >= set(BROKEN), "a known-broken file was accepted"
+    syntaxes = {parsed.transfer_syntax for _, parsed in valid}
+    assert len(syntaxes) >= 10, syntaxes
+    for path in [p for p in refused if p.name in BROKEN]:
+        body, content_type = multipart_body([path.read_bytes()])
+        response = http.post("studies", content=body, headers={"Content-Type": content_type})
+        assert response.status_code == 409, path.name
+        reason = response.json()["00081198"]["Value"][0]["00081197"]["Value"][0]
+        assert reason in (0xC000, 0xA900, 0xC122), (path.name, hex(reason))
+    seen = set()
+    for path, parsed in valid:
+        if parsed.sop in seen:
+            continue  # pydicom ships a few files sharing a SOP Instance UID
+        seen.add(parsed.sop)
+        body, content_type = multipart_body([path.read_bytes()])
+        response = http.post("studies", content=body, headers={"Content-Type": content_type})
+        if response.status_code == 409 and response.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0x0111]:
+            continue  # same UID, other bytes, from an earlier test file
+        assert response.status_code == 200, (path.name, response.text)
+        retrieved = http.get(
+            f"studies/{parsed.study}/series/{parsed.series}/instances/{parsed.sop}",
+            headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
+        )
+        assert path.read_bytes() in retrieved.content, path.name
+    # no trace of the refused ones
+    refused_sops = set()
+    for path in refused:
+        try:
+            refused_sops.add(str(pydicom.dcmread(path, force=True).get("SOPInstanceUID", "")))
+        except Exception:
+            pass
+    refused_sops -= seen
+    assert db.dicom_instances.count_documents({"_id": {"$in": sorted(refused_sops)}}) == 0
+
+
+def test_idempotent_and_different_bytes_refused(http, db):
+    instance = ct_instance()
+    body, content_type = multipart_body([encode(instance)])
+    assert http.post("studies", content=body, headers={"Content-Type": content_type}).status_code == 200
+    assert http.post("studies", content=body, headers={"Content-Type": content_type}).status_code == 200
+    instance.PatientName = "Other^Name"
+    body, content_type = multipart_body([encode(instance)])
+    response = http.post("studies", content=body, headers={"Content-Type": content_type})
+    assert response.status_code == 409
+    assert response.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0x0111]
+    assert db.dicom_instances.count_documents({"_id": instance.SOPInstanceUID}) == 1
+    study = db.dicom_studies.find_one({"_id": instance.StudyInstanceUID})
+    assert study["n"] == 1
+
+
+def test_study_url_mismatch_and_truncated_body(http, db):
+    instance = ct_instance()
+    body, content_type = multipart_body([encode(instance)])
+    other = generate_uid()
+    response = http.post(f"studies/{other}", content=body, headers={"Content-Type": content_type})
+    assert response.status_code == 409
+    assert response.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xA900]
+    cut = body[: len(body) // 2]
+    response = http.post("studies", content=cut, headers={"Content-Type": content_type})
+    assert response.status_code in (400, 409)
+    assert db.dicom_instances.count_documents({"_id": instance.SOPInstanceUID}) == 0
+
+
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk is installed by scripts/test")
+def test_same_study_by_stow_and_cstore_at_once(server, http, db, tmp_path):
+    study, series = generate_uid(), generate_uid()
+    instances = [ct_instance(study, series, number=i) for i in range(1, 21)]
+    paths = []
+    for i, ds in enumerate(instances):
+        path = tmp_path / f"{i}.dcm"
+        path.write_bytes(encode(ds))
+        paths.append(path)
+    body, content_type = multipart_body([p.read_bytes() for p in paths])
+    results = {}
+
+    def stow():
+        results["stow"] = http.post("studies", content=body, headers={"Content-Type": content_type}).status_code
+
+    thread = threading.Thread(target=stow)
+    thread.start()
+    store = subprocess.run(["storescu", "-aec", "KUROSHIO", "127.0.0.1", str(dicom_port(server)), *map(str, paths)],
+                           capture_output=True, text=True, timeout=120)
+    thread.join()
+    assert store.returncode == 0, store.stderr
+    assert results["stow"] == 200
+    assert db.dicom_instances.count_documents({"st": study}) == 20
+    doc = db.dicom_studies.find_one({"_id": study})
+    assert doc["n"] == 20 and doc["nser"] == 1
+    assert db.dicom_series.find_one({"_id": series})["n"] == 20
+
+
+def test_kill_during_stow_leaves_acknowledged_retrievable(mongod, tmp_path, db):
+    live = start_server(mongod.uri, tmp_path / "killed")
+    study = generate_uid()
+    acknowledged: list[str] = []
+    batches = [[ct_instance(study, number=b * 10 + i, size=128) for i in range(10)] for b in range(20)]
+
+    def send():
+        with httpx.Client(base_url=f"{live.base_url}/dicomweb/", timeout=30) as client:
+            for batch in batches:
+                body, content_type = multipart_body([encode(ds) for ds in batch])
+                try:
+                    response = client.post("studies", content=body, headers={"Content-Type": content_type})
+                except httpx.HTTPError:
+                    return
+                if response.status_code == 200:
+                    acknowledged.extend(ds.SOPInstanceUID for ds in batch)
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while len(acknowledged) < 50 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    live.process.kill()
+    live.process.wait()
+    thread.join()
+    assert 50 <= len(acknowledged) < 200
+    restarted = start_server(mongod.uri, tmp_path / "killed")
+    try:
+        with httpx.Client(base_url=f"{restarted.base_url}/dicomweb/", timeout=30) as client:
+            for sop in acknowledged:
+                doc = db.dicom_instances.find_one({"_id": sop}, {"se": 1})
+                assert doc is not None
+                response = client.get(f"studies/{study}/series/{doc['se']}/instances/{sop}/metadata")
+                assert response.status_code == 200
+        indexed = list(db.dicom_instances.find({"st": study}, {"blob": 1}))
+        for doc in indexed:  # nothing half-indexed: every indexed instance has its bytes
+            assert (tmp_path / "killed" / "dicom" / doc["blob"]).is_file()
+        study_doc = db.dicom_studies.find_one({"_id": study})
+        assert study_doc["n"] == len(indexed)
+        assert sum(s["n"] for s in db.dicom_series.find({"st": study})) == len(indexed)
+    finally:
+        restarted.process.terminate()
+        restarted.process.wait(30)

@@ -1,0 +1,109 @@
+"""QIDO-RS matching (PS3.18 8.3.4, PS3.4 C.2.2.2): UID lists, wildcards, ranges, person
+names (case rules, fuzzy), includefield, paging, Warning headers, and malformed queries."""
+
+from __future__ import annotations
+
+import pytest
+from pydicom.uid import generate_uid
+
+from tests.dicom.conftest import ct_instance, encode, multipart_body
+
+JSON = {"Accept": "application/dicom+json"}
+
+
+@pytest.fixture(scope="module")
+def corpus(server):
+    """Three studies of one made-up patient family, stored once for this module."""
+    import httpx
+
+    tag = generate_uid()[-10:]
+    specs = [
+        ("Müller^Jörg", f"Q{tag}-1", "20240110", "093000", "CT"),
+        ("MULLER^Anna", f"Q{tag}-2", "20240215", "141500", "MR"),
+        ("Smith^John", f"Q{tag}-3", "20231231", "235959", "CT"),
+    ]
+    studies = []
+    parts = []
+    for name, patient_id, date, time, modality in specs:
+        study, series = generate_uid(), generate_uid()
+        for number in (1, 2):
+            ds = ct_instance(study, series, number=number, patient_id=patient_id, patient_name=name,
+                             modality=modality, study_date=date)
+            ds.SpecificCharacterSet = "ISO_IR 192"
+            ds.StudyTime = time
+            parts.append(encode(ds))
+        studies.append(study)
+    body, content_type = multipart_body(parts)
+    with httpx.Client(base_url=f"{server.base_url}/dicomweb/") as client:
+        assert client.post("studies", content=body, headers={"Content-Type": content_type}).status_code == 200
+    return tag, studies
+
+
+def uids(response):
+    assert response.status_code == 200, response.text
+    return sorted(r["0020000D"]["Value"][0] for r in response.json())
+
+
+def test_matching(http, corpus):
+    tag, (a, b, c) = corpus
+    get = lambda **params: http.get("studies", params=params, headers=JSON)
+    assert uids(get(PatientID=f"Q{tag}-*")) == sorted([a, b, c])
+    assert uids(get(PatientID=f"Q{tag}-?")) == sorted([a, b, c])
+    assert uids(get(StudyInstanceUID=f"{a},{c}")) == sorted([a, c])
+    assert uids(get(StudyInstanceUID=f"{a}\\{b}")) == sorted([a, b])
+    assert uids(get(PatientID=f"Q{tag}-*", StudyDate="20240101-20241231")) == sorted([a, b])
+    assert uids(get(PatientID=f"Q{tag}-*", StudyDate="-20231231")) == [c]
+    assert uids(get(PatientID=f"Q{tag}-*", StudyTime="09-12")) == [a]
+    assert uids(get(PatientID=f"Q{tag}-*", ModalitiesInStudy="MR")) == [b]
+    assert uids(get(PatientID=f"Q{tag}-*", PatientName="smith^john")) == [c]  # PN: case-insensitive
+    assert uids(get(PatientID=f"Q{tag}-*", PatientName="M*")) == sorted([a, b])
+    assert uids(get(PatientID=f"Q{tag}-*", PatientName="muller", fuzzymatching="true")) == sorted([a, b])
+    assert uids(get(PatientID=f"Q{tag}-*", PatientName="jorg", fuzzymatching="true")) == [a]
+    assert uids(get(PatientID='{"$gt": ""}')) == []  # a value is data, never an operator
+
+
+def test_levels_includefield_paging_and_warnings(http, corpus):
+    tag, (a, b, c) = corpus
+    study = http.get("studies", params={"StudyInstanceUID": a}, headers=JSON).json()[0]
+    for keyword_tag in ("00080061", "00201206", "00201208", "00081190", "00100010", "00080020"):
+        assert keyword_tag in study
+    assert study["00100010"]["Value"][0]["Alphabetic"] == "Müller^Jörg"
+    series = http.get(f"studies/{a}/series", headers=JSON).json()
+    assert series[0]["00201209"]["Value"] == [2]
+    everywhere = http.get("series", params={"PatientID": f"Q{tag}-2"}, headers=JSON).json()
+    assert [s["0020000D"]["Value"][0] for s in everywhere] == [b]
+    instances = http.get(f"studies/{a}/instances", headers=JSON).json()
+    assert len(instances) == 2 and instances[0]["00083002"]["Value"] == ["1.2.840.10008.1.2.1"]
+    with_field = http.get(f"studies/{a}/instances", params={"includefield": "WindowCenter,00281051"}, headers=JSON).json()
+    assert with_field[0]["00281050"]["Value"] == [40.0] and "00281051" in with_field[0]
+    everything = http.get(f"studies/{a}/instances", params={"includefield": "all"}, headers=JSON).json()
+    assert "00280101" in everything[0]  # BitsStored, only in the full metadata
+    page1 = uids(http.get("studies", params={"PatientID": f"Q{tag}-*", "limit": 2}, headers=JSON))
+    page2 = uids(http.get("studies", params={"PatientID": f"Q{tag}-*", "limit": 2, "offset": 2}, headers=JSON))
+    assert len(page1) == 2 and len(page2) == 1 and not set(page1) & set(page2)
+    warned = http.get("studies", params={"StudyInstanceUID": a, "BodyPartExamined": "HEAD"}, headers=JSON)
+    assert warned.status_code == 200 and "BodyPartExamined" in warned.headers["Warning"]
+    instances_in_study = http.get("instances", params={"StudyInstanceUID": a, "InstanceNumber": "2"}, headers=JSON)
+    assert len(instances_in_study.json()) == 1
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"NoSuchKeyword": "x"},
+        {"StudyDate": "2024-01-01"},
+        {"StudyInstanceUID": "1.02.3"},
+        {"limit": "-1"},
+        {"fuzzymatching": "maybe"},
+        {"StudyTime": "99x"},
+    ],
+)
+def test_malformed_queries_are_400(http, params):
+    response = http.get("studies", params=params, headers=JSON)
+    assert response.status_code == 400, response.text
+    assert response.headers["Warning"].startswith("299 ")
+
+
+def test_qido_content_negotiation(http):
+    assert http.get("studies", headers={"Accept": "application/dicom+xml"}).status_code == 406
+    assert http.get("studies", headers={"Accept": "application/json"}).status_code == 200

@@ -1,0 +1,146 @@
+"""WADO-RS retrieval: transfer syntax negotiation (as stored, transcoded, 406), frames of
+compressed instances, bulk data URIs, rendered/thumbnail, malformed requests, CORS, and
+a STOW larger than the FHIR body limit (streamed to disk)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from tests.conftest import start_server, stop_server
+from tests.dicom.conftest import ct_instance, encode, multipart_body
+
+DICOM_ANY = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+
+
+def store_file(http, path):
+    """Store a copy of a pydicom test file under new UIDs (test files share UIDs)."""
+    ds = pydicom.dcmread(path)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    out = io.BytesIO()
+    ds.save_as(out)
+    data = out.getvalue()
+    body, content_type = multipart_body([data])
+    response = http.post("studies", content=body, headers={"Content-Type": content_type})
+    assert response.status_code == 200, response.text
+    return data, ds, f"studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+
+
+def parts(response):
+    """The bodies of a multipart/related response."""
+    assert response.status_code == 200, response.text
+    boundary = [p.split("=", 1)[1].strip('"') for p in response.headers["content-type"].split(";") if p.strip().startswith("boundary=")][0]
+    chunks = response.content.split(b"--" + boundary.encode())[1:-1]
+    return [chunk.split(b"\r\n\r\n", 1)[1][:-2] for chunk in chunks]
+
+
+def test_jpeg_instance_negotiation_and_frames(http):
+    data, ds, url = store_file(http, get_testdata_file("SC_rgb_jpeg_gdcm.dcm"))
+    assert data in http.get(url, headers=DICOM_ANY).content
+    transcoded = http.get(url, headers={"Accept": 'multipart/related; type="application/dicom"'})
+    assert transcoded.status_code == 200
+    assert "transfer-syntax=1.2.840.10008.1.2.1" in transcoded.headers["content-type"]
+    decoded = pydicom.dcmread(io.BytesIO(parts(transcoded)[0]))
+    assert decoded.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert decoded.pixel_array.shape[:2] == (ds.Rows, ds.Columns)
+    refused = http.get(url, headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.80'})
+    assert refused.status_code == 406
+    as_stored = http.get(f"{url}/frames/1", headers={"Accept": 'multipart/related; type="image/jpeg"'})
+    assert as_stored.status_code == 200 and parts(as_stored)[0].startswith(b"\xff\xd8")
+    raw = http.get(f"{url}/frames/1", headers={"Accept": 'multipart/related; type="application/octet-stream"'})
+    assert len(parts(raw)[0]) == ds.Rows * ds.Columns * 3
+    assert http.get(f"{url}/frames/2", headers={"Accept": "multipart/related; type=\"application/octet-stream\""}).status_code == 404
+
+
+def test_multiframe_frames_and_bulkdata(http):
+    data, ds, url = store_file(http, get_testdata_file("emri_small.dcm"))
+    full = ds
+    frame_size = ds.Rows * ds.Columns * 2
+    response = http.get(f"{url}/frames/1,3", headers={"Accept": 'multipart/related; type="application/octet-stream"'})
+    frames = parts(response)
+    assert frames == [full.PixelData[:frame_size], full.PixelData[2 * frame_size:3 * frame_size]]
+    metadata = http.get(f"{url}/metadata").json()[0]
+    bulk_url = metadata["7FE00010"]["BulkDataURI"]
+    assert bulk_url.startswith("http")
+    for frame in (0, 9):
+        assert full.PixelData[frame * frame_size:(frame + 1) * frame_size] in http.get(bulk_url).content
+    for bad in ("0", "a", "1,,2", "99999999999"):
+        assert http.get(f"{url}/frames/{bad}").status_code in (400, 404)
+
+
+def test_rendered_and_thumbnail(http):
+    ds = ct_instance(size=64)
+    body, content_type = multipart_body([encode(ds)])
+    assert http.post("studies", content=body, headers={"Content-Type": content_type}).status_code == 200
+    url = f"studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    jpeg = http.get(f"{url}/rendered", params={"window": "100,200,linear", "viewport": "32,32", "quality": "80"})
+    assert jpeg.status_code == 200 and jpeg.headers["content-type"] == "image/jpeg"
+    from PIL import Image
+
+    assert Image.open(io.BytesIO(jpeg.content)).size == (32, 32)
+    assert http.get(f"{url}/frames/1/rendered", headers={"Accept": "image/png"}).content.startswith(b"\x89PNG")
+    assert http.get(f"{url}/thumbnail").status_code == 200
+    assert http.get(f"studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/thumbnail").status_code == 200
+    assert http.get(f"{url}/rendered", headers={"Accept": "image/gif"}).status_code == 406
+    assert http.get(f"{url}/rendered", params={"window": "a,b"}).status_code == 400
+
+
+@pytest.mark.parametrize(
+    "headers,body",
+    [
+        ({"Content-Type": "multipart/related; type=\"application/dicom\""}, b"--x--"),  # no boundary
+        ({"Content-Type": "multipart/related; type=\"application/dicom+json\"; boundary=x"}, b"--x--"),
+        ({"Content-Type": "text/plain"}, b"hello"),
+        ({"Content-Type": "multipart/related; type=\"application/dicom\"; boundary=x"}, b"garbage without parts"),
+    ],
+)
+def test_malformed_stow(http, headers, body):
+    response = http.post("studies", content=body, headers=headers)
+    assert 400 <= response.status_code < 500 and response.status_code != 404, response.text
+
+
+def test_large_stow_is_streamed_past_the_body_limit(http, db):
+    ds = ct_instance(size=512)
+    ds.NumberOfFrames = 140  # ~73 MB, over the 64 MB FHIR body limit
+    ds.PixelData = np.zeros(512 * 512 * 140, dtype=np.uint16).tobytes()
+    body, content_type = multipart_body([encode(ds)])
+    response = http.post("studies", content=body, headers={"Content-Type": content_type})
+    assert response.status_code == 200, response.text
+    doc = db.dicom_instances.find_one({"_id": ds.SOPInstanceUID}, {"frames.n": 1})
+    assert doc["frames"]["n"] == 140
+
+
+def test_cors_when_configured(mongod, tmp_path):
+    import httpx
+
+    live = start_server(mongod.uri, tmp_path / "cors", {"KUROSHIO_DICOMWEB_CORS_ORIGINS": "https://viewer.example"})
+    try:
+        response = httpx.options(
+            f"{live.base_url}/dicomweb/studies",
+            headers={"Origin": "https://viewer.example", "Access-Control-Request-Method": "GET"},
+        )
+        assert response.headers["access-control-allow-origin"] == "https://viewer.example"
+        plain = httpx.get(f"{live.base_url}/dicomweb/studies", headers={"Origin": "https://viewer.example"})
+        assert plain.headers["access-control-allow-origin"] == "https://viewer.example"
+    finally:
+        stop_server(live)
+
+
+def test_delete_levels(http, dicomweb):
+    study, series = generate_uid(), generate_uid()
+    instances = [ct_instance(study, series, number=i) for i in (1, 2)]
+    dicomweb.store_instances(instances)
+    url = f"studies/{study}/series/{series}/instances/{instances[0].SOPInstanceUID}"
+    assert http.delete(url).status_code == 204
+    assert http.get(f"{url}/metadata").status_code == 404
+    assert http.delete(url).status_code == 404
+    assert http.get("studies", params={"StudyInstanceUID": study}).json()[0]["00201208"]["Value"] == [1]
+    assert http.delete(f"studies/{study}/series/{series}").status_code == 204
+    assert http.get("studies", params={"StudyInstanceUID": study}).json() == []
+    assert http.delete("studies/not-a-uid").status_code == 400
