@@ -54,6 +54,7 @@ class LiveServer:
     process: subprocess.Popen[bytes]
     data_dir: Path
     log_path: Path
+    dicom_port: int
 
     @property
     def fhir(self) -> str:
@@ -61,7 +62,7 @@ class LiveServer:
 
 
 def start_server(mongod_uri: str, data_dir: Path, extra_env: dict[str, str] | None = None) -> LiveServer:
-    port = free_port()
+    port, dicom_port = free_port(), free_port()
     log_path = data_dir / "server.log"
     data_dir.mkdir(parents=True, exist_ok=True)
     env = {
@@ -69,7 +70,7 @@ def start_server(mongod_uri: str, data_dir: Path, extra_env: dict[str, str] | No
         "KUROSHIO_MONGODB_URI": mongod_uri,
         "KUROSHIO_MONGODB_DATABASE": DATABASE,
         "KUROSHIO_PORT": str(port),
-        "KUROSHIO_DICOM_PORT": str(free_port()),
+        "KUROSHIO_DICOM_PORT": str(dicom_port),
         "KUROSHIO_DATA_DIR": str(data_dir),
         **(extra_env or {}),
     }
@@ -85,7 +86,7 @@ def start_server(mongod_uri: str, data_dir: Path, extra_env: dict[str, str] | No
             raise RuntimeError(f"server exited: {log_path.read_text()[-3000:]}")
         try:
             if httpx.get(f"{base_url}/fhir/metadata", timeout=2).status_code == 200:
-                return LiveServer(base_url, process, data_dir, log_path)
+                return LiveServer(base_url, process, data_dir, log_path, dicom_port)
         except httpx.HTTPError:
             pass
         time.sleep(0.2)

@@ -1,31 +1,44 @@
-"""The README's curl examples work as written against a live server."""
+"""The README's command examples work as written against a live server."""
 
 from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
+from pydicom.data import get_testdata_file
+
 README = Path(__file__).resolve().parent.parent / "README.md"
+TOOLS = ("curl ", "echoscu ", "storescu ", "findscu ")
 
 
-def curl_lines() -> list[str]:
+def example_lines() -> list[str]:
     text = README.read_text()
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
-    return [line for block in blocks for line in block.splitlines() if line.startswith("curl ")]
+    return [line for block in blocks for line in block.splitlines() if line.startswith(TOOLS)]
 
 
-def test_readme_has_curl_examples():
-    assert len(curl_lines()) >= 8
+def test_readme_has_examples_for_each_interface():
+    lines = example_lines()
+    assert sum(line.startswith("curl ") and "/fhir" in line for line in lines) >= 8
+    assert sum(line.startswith("curl ") and "/dicomweb" in line for line in lines) >= 4
+    assert any(line.startswith("storescu ") for line in lines)
 
 
-def test_readme_curl_examples_work_as_written(server):
-    for line in curl_lines():
-        command = line.replace("http://127.0.0.1:8080", server.base_url)
+def test_readme_examples_work_as_written(server, tmp_path):
+    shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "image.dcm")
+    dicom_port = server.dicom_port
+    for line in example_lines():
+        command = line.replace("http://127.0.0.1:8080", server.base_url).replace(" 11112", f" {dicom_port}")
         args = shlex.split(command)
-        args.insert(1, "--fail-with-body")
-        result = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        if args[0] == "curl":
+            args.insert(1, "--fail-with-body")
+        result = subprocess.run(args, capture_output=True, text=True, timeout=60, cwd=tmp_path)
         assert result.returncode == 0, (line, result.stdout[-2000:], result.stderr[-2000:])
         if "$validate" in line:
             assert "Patient.birthDate" in result.stdout
+        if line.startswith("findscu"):
+            assert "1.3.6.1.4.1.5962.1.2.1.20040119072730.12322" in result.stdout + result.stderr
+    assert (tmp_path / "image.jpg").read_bytes()[:2] == b"\xff\xd8"

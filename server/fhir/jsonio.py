@@ -32,13 +32,29 @@ _DECIMAL_LEXEME = re.compile(
 _BOM = b"\xef\xbb\xbf"
 
 
+class Lexeme(Decimal):
+    """A decimal that remembers how it was written (`1.0e-5` stays `1.0e-5`, not the
+    `0.000010` Decimal would print)."""
+
+    __slots__ = ("text",)
+    text: str
+
+    def __new__(cls, text: str) -> Lexeme:
+        value = super().__new__(cls, text)
+        value.text = text
+        return value
+
+    def __reduce__(self) -> tuple[type[Lexeme], tuple[str]]:
+        return Lexeme, (self.text,)
+
+
 def _exact_int(lexeme: str) -> int | Decimal:
-    """Integers beyond 64 bits stay Decimal, which orjson can write back (ints it cannot)."""
-    return int(lexeme) if len(lexeme) < 19 else Decimal(lexeme)
+    """Integers beyond 64 bits stay exact, which orjson can write back (big ints it cannot)."""
+    return int(lexeme) if len(lexeme) < 19 else Lexeme(lexeme)
 
 
 def _exact(body: bytes) -> Any:
-    return simplejson.loads(body.decode("utf-8"), use_decimal=True, parse_int=_exact_int)
+    return simplejson.loads(body.decode("utf-8"), parse_float=Lexeme, parse_int=_exact_int)
 
 
 def _prints_back(lexeme: bytes) -> bool:
@@ -85,6 +101,8 @@ def parse_resource(body: bytes) -> JSONObject:
 
 
 def _exact_decimal(value: Any) -> orjson.Fragment:
+    if isinstance(value, Lexeme):
+        return orjson.Fragment(value.text)
     if isinstance(value, Decimal):
         return orjson.Fragment(str(value))
     raise TypeError(f"cannot serialize {type(value).__name__}")

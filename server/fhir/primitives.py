@@ -67,7 +67,7 @@ def _integer(type_name: str) -> Checker:
 def _decimal(value: Any) -> str | None:
     # jsonio reads a decimal as a float when the float prints back to the same lexeme, and
     # as a Decimal otherwise; JSON has no NaN or Infinity, so a float here is finite.
-    if type(value) in (int, float) or (type(value) is Decimal and value.is_finite()):
+    if type(value) in (int, float) or (isinstance(value, Decimal) and value.is_finite()):
         return None
     return "must be a JSON number (a FHIR decimal)"
 

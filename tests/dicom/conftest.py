@@ -32,12 +32,8 @@ def http(server: LiveServer) -> Iterator[httpx.Client]:
 
 
 def dicom_port(server: LiveServer) -> int:
-    """The DIMSE port the live server was started with (read from its environment)."""
-    return int(server.process.args and _env(server)["KUROSHIO_DICOM_PORT"])
-
-
-def _env(server: LiveServer) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in open(f"/proc/{server.process.pid}/environ").read().split("\0") if "=" in line)
+    """The DIMSE port the live server was started with."""
+    return server.dicom_port
 
 
 def ct_instance(

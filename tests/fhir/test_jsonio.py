@@ -10,11 +10,12 @@ from server.fhir.outcome import FhirError
 
 @pytest.mark.parametrize(
     "number",
-    [b"1.50", b"72.5", b"0.1", b"100.0", b"1e3", b"1E-7", b"-0.0", b"3.14159265358979323846264", b"12345678901234567890123", b"0"],
+    [b"1.50", b"72.5", b"0.1", b"100.0", b"1e3", b"1E-7", b"1.0e-5", b"-0.0", b"3.14159265358979323846264",
+     b"12345678901234567890123", b"0", b"-2.50E+10"],
 )
 def test_numbers_round_trip(number):
     body = b'{"a":[' + number + b'],"b":{"c":' + number + b"}}"
-    assert jsonio.dumps(jsonio.parse(body)) == body.replace(b"1e3", b"1E+3").replace(b"1E-7", b"1E-7")
+    assert jsonio.dumps(jsonio.parse(body)) == body
 
 
 def test_decimal_like_text_in_strings_does_not_change_strings():
