@@ -29,6 +29,8 @@ from server.security import audit
 from server.security.authorization import Forbidden
 from server.store.database import Store
 from server.store.fhir import FhirStore
+from terminology import operations as terminology_operations  # noqa: F401  (registers $lookup, $expand, ...)
+from terminology.definitions import install as install_terminology
 
 log = logging.getLogger("kuroshio")
 
@@ -133,6 +135,7 @@ def create_app(settings: Settings) -> FastAPI:
         store = await Store.open(uri, settings.mongodb_database)
         app.state.store = store
         app.state.fhir_store = FhirStore(store)
+        install_terminology(store)
         app.state.capability_statement = fhir_routes.build_capability_statement(settings, now())
         try:
             yield

@@ -1,0 +1,132 @@
+"""Resolving canonical URLs to definitions for one request.
+
+Definitions come first from the resources sent with the request (`tx-resource`, as the
+HL7 terminology test runner and validators send them), then from the store. When no
+version is asked for, the highest version wins; a request-local cache keeps one
+request from resolving the same URL twice (nothing outlives the request).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.fhir import jsonio
+from server.store.terminology import Canonical, TerminologyStore
+from terminology.builtin import builtin_code_system
+from terminology.codesystems import CodeSystemVersion, StoredConcepts, inline_version
+
+_NUMBER = re.compile(r"(\d+)")
+
+
+def version_key(version: str | None) -> tuple[Any, ...]:
+    """Order versions naturally (1.10 after 1.9; dates compare as numbers)."""
+    if version is None:
+        return ()
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in _NUMBER.split(version) if p)
+
+
+def split_canonical(value: str) -> tuple[str, str | None]:
+    url, _, version = value.partition("|")
+    return url, version or None
+
+
+def version_matches(wanted: str | None, actual: str | None) -> bool:
+    """Exact match, or a wildcard/partial version (`1.x`, `1`) matching by prefix."""
+    if wanted is None:
+        return True
+    if actual is None:
+        return False
+    if wanted == actual:
+        return True
+    parts = wanted.split(".")
+    if parts[-1] in ("x", "X", "*"):
+        parts = parts[:-1]
+    actual_parts = actual.split(".")
+    return len(parts) < len(actual_parts) and actual_parts[: len(parts)] == parts
+
+
+def pick(candidates: list[Any], version: str | None, version_of: Any) -> Any | None:
+    matching = [c for c in candidates if version_matches(version, version_of(c))]
+    if not matching:
+        return None
+    return max(matching, key=lambda c: version_key(version_of(c)))
+
+
+@dataclass
+class Context:
+    store: TerminologyStore | None
+    tx_resources: list[dict[str, Any]] = field(default_factory=list)
+    _code_systems: dict[tuple[str, str | None], CodeSystemVersion | None] = field(default_factory=dict)
+
+    def local(self, type_: str, url: str) -> list[dict[str, Any]]:
+        return [r for r in self.tx_resources if r.get("resourceType") == type_ and r.get("url") == url]
+
+    async def stored(self, type_: str, url: str) -> list[Canonical]:
+        if self.store is None:
+            return []
+        found = await self.store.definitions(type_, url)
+        if not found:
+            found = await self.store.definitions_by_identifier(type_, url)
+        return found
+
+    async def resource(self, type_: str, url: str, version: str | None = None) -> dict[str, Any] | None:
+        """A ValueSet, ConceptMap or NamingSystem by canonical URL (and version)."""
+        if version is None and "|" in url:
+            url, version = split_canonical(url)
+        local = pick(self.local(type_, url), version, lambda r: r.get("version"))
+        if local is not None:
+            return local
+        stored = pick(await self.stored(type_, url), version, lambda c: c.version)
+        return jsonio.loads(stored.body) if stored is not None else None
+
+    async def versions_of(self, type_: str, url: str) -> list[str]:
+        local = [r.get("version") for r in self.local(type_, url)]
+        stored = [c.version for c in await self.stored(type_, url)]
+        return [v for v in local + stored if v]
+
+    async def code_system(self, url: str, version: str | None = None) -> CodeSystemVersion | None:
+        if version is None and "|" in url:
+            url, version = split_canonical(url)
+        key = (url, version)
+        if key not in self._code_systems:
+            self._code_systems[key] = await self._resolve_code_system(url, version)
+        return self._code_systems[key]
+
+    async def _resolve_code_system(self, url: str, version: str | None) -> CodeSystemVersion | None:
+        local = pick(
+            [r for r in self.local("CodeSystem", url) if r.get("content") != "supplement"],
+            version, lambda r: r.get("version"),
+        )
+        if local is not None:
+            return inline_version(local)
+        stored = pick(
+            [c for c in await self.stored("CodeSystem", url) if c.supplements is None],
+            version, lambda c: c.version,
+        )
+        if stored is not None and self.store is not None:
+            header = jsonio.loads(stored.body)
+            if stored.generation is None:
+                return inline_version(header)
+            return CodeSystemVersion(
+                {k: v for k, v in header.items() if k != "concept"},
+                StoredConcepts(self.store, stored.generation),
+            )
+        return builtin_code_system(url, version)
+
+    async def supplement(self, url: str, version: str | None = None) -> dict[str, Any] | None:
+        """A CodeSystem supplement by its own canonical URL."""
+        if version is None and "|" in url:
+            url, version = split_canonical(url)
+        local = pick(
+            [r for r in self.local("CodeSystem", url) if r.get("content") == "supplement"],
+            version, lambda r: r.get("version"),
+        )
+        if local is not None:
+            return local
+        stored = pick([c for c in await self.stored("CodeSystem", url) if c.supplements], version, lambda c: c.version)
+        return jsonio.loads(stored.body) if stored is not None else None
+
+    async def is_value_set(self, url: str) -> bool:
+        return await self.resource("ValueSet", url) is not None

@@ -1,0 +1,307 @@
+"""$validate-code for CodeSystem and ValueSet: is this code valid, and is it in the set?
+
+The answer is a Parameters resource: `result`, the code system's own `display`, `code`,
+`system`, `version`, `inactive`, and every problem as an issue (with `message` joining
+the errors and warnings) in the wording and with the tx-issue-type codes the HL7
+terminology ecosystem uses. Problems with the code are results (`result=false`), not
+HTTP errors; only a value set that cannot be found or evaluated is an HTTP error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from terminology.codesystems import CodeSystemVersion
+from terminology.concepts import Concept
+from terminology.context import Context
+from terminology.expansion import contains
+from terminology.languages import valid_displays
+from terminology.outcomes import TxIssue, outcome
+
+ABSOLUTE = ("http:", "https:", "urn:")
+
+
+@dataclass
+class Coded:
+    """One coding to validate, and the FHIRPath prefix its issues point at."""
+
+    system: str | None
+    code: str | None
+    version: str | None = None
+    display: str | None = None
+    path: str = "Coding"
+
+    def at(self, element: str) -> tuple[str, ...]:
+        if self.path == "":
+            return (element,)
+        return (f"{self.path}.{element}",)
+
+
+@dataclass
+class Options:
+    languages: list[str] = field(default_factory=list)
+    abstract_allowed: bool = True
+    active_only: bool = False
+    lenient_display: bool = False
+    infer_system: bool = False
+
+
+@dataclass
+class Verdict:
+    valid: bool
+    issues: list[TxIssue] = field(default_factory=list)
+    cs: CodeSystemVersion | None = None
+    concept: Concept | None = None
+    unknown_system: str | None = None
+    coded: Coded | None = None
+
+
+def _unknown_system_text(system: str, version: str | None, known: list[str]) -> str:
+    if version and known:
+        return (
+            f"A definition for CodeSystem '{system}' version '{version}' could not be found, so the code "
+            f"cannot be validated. Valid versions: {', '.join(sorted(known))}"
+        )
+    return f"A definition for CodeSystem '{system}' could not be found, so the code cannot be validated"
+
+
+async def check_coding(context: Context, coded: Coded, options: Options) -> Verdict:
+    """Validate one coding against its code system (no value set yet)."""
+    if not coded.system:
+        return Verdict(False, [TxIssue(
+            "error", "invalid",
+            "Coding has no system. A code with no system has no defined meaning, and it cannot be validated. A system should be provided",
+            "invalid-data", coded.at("system") if coded.path else ("system",),
+        )], coded=coded)
+    system = coded.system
+    cs = await context.code_system(system, coded.version)
+    if cs is None:
+        issues = []
+        if not system.startswith(ABSOLUTE):
+            issues.append(TxIssue(
+                "error", "invalid", "Coding.system must be an absolute reference, not a local reference",
+                "invalid-data", coded.at("system"),
+            ))
+        if await context.is_value_set(system):
+            issues.append(TxIssue(
+                "error", "invalid",
+                f"The Coding references a value set, not a code system ('{system}')",
+                "invalid-data", coded.at("system"),
+            ))
+            return Verdict(False, issues, coded=coded)
+        supplement = await context.supplement(system)
+        if supplement is not None:
+            canonical = f"{system}|{supplement['version']}" if supplement.get("version") else system
+            issues.append(TxIssue(
+                "error", "invalid",
+                f"CodeSystem {canonical} is a supplement, so can't be used as a value in Coding.system",
+                "invalid-data", coded.at("system"),
+            ))
+            return Verdict(False, issues, coded=coded)
+        known = await context.versions_of("CodeSystem", system)
+        issues.append(TxIssue(
+            "error", "not-found", _unknown_system_text(system, coded.version, known),
+            "not-found", coded.at("system"),
+        ))
+        return Verdict(False, issues, unknown_system=system if not coded.version else f"{system}|{coded.version}", coded=coded)
+    code = coded.code or ""
+    concept = await cs.find(code)
+    if concept is None:
+        if cs.content == "fragment":
+            version = f" version '{cs.version}'" if cs.version else ""
+            return Verdict(True, [TxIssue(
+                "warning", "code-invalid",
+                f"Unknown Code '{code}' in the CodeSystem '{cs.url}'{version} - note that the code system is labeled as a fragment, so the code may be valid in some other fragment",
+                "invalid-code", coded.at("code"),
+            )], cs=cs, coded=coded)
+        version = f" version '{cs.version}'" if cs.version else ""
+        return Verdict(False, [TxIssue(
+            "error", "code-invalid", f"Unknown code '{code}' in the CodeSystem '{cs.url}'{version}",
+            "invalid-code", coded.at("code"),
+        )], cs=cs, coded=coded)
+    issues: list[TxIssue] = []
+    if concept.code != code:
+        issues.append(TxIssue(
+            "information", "business-rule",
+            f"The code '{code}' differs from the correct code '{concept.code}' by case. Although the code system '{cs.versioned()}' is case insensitive, implementers are strongly encouraged to use the correct case anyway",
+            "code-rule", coded.at("code"),
+        ))
+    valid = True
+    if concept.inactive or concept.status == "deprecated":
+        issues.append(_status_issue(concept, coded))
+    if coded.display is not None:
+        display_issue = _display_issue(cs, concept, coded, options)
+        if display_issue is not None:
+            issues.append(display_issue)
+            valid = valid and display_issue.severity != "error"
+    if concept.abstract and not options.abstract_allowed:
+        issues.append(TxIssue(
+            "error", "business-rule",
+            f"Code '{cs.url}#{concept.code}' is abstract, and not allowed in this context",
+            "code-rule", coded.at("code"),
+        ))
+        valid = False
+    return Verdict(valid, issues, cs, concept, coded=coded)
+
+
+def _status_issue(concept: Concept, coded: Coded) -> TxIssue:
+    if concept.status == "deprecated" and not concept.inactive:
+        text = f"The concept '{concept.code}' is deprecated and its use should be reviewed"
+    elif concept.status in ("retired",):
+        text = f"The concept '{concept.code}' has a status of retired and inactive and its use should be reviewed"
+    else:
+        text = f"The concept '{concept.code}' has a status of inactive and its use should be reviewed"
+    return TxIssue("warning", "business-rule", text, "code-comment", (coded.path or "code",))
+
+
+def _display_issue(cs: CodeSystemVersion, concept: Concept, coded: Coded, options: Options) -> TxIssue | None:
+    given = coded.display or ""
+    candidates = valid_displays(cs, concept, options.languages)
+    if given in candidates or (not candidates and not concept.display):
+        return None
+    if any(_normal(given) == _normal(c) for c in candidates):
+        severity = "warning" if options.lenient_display else "error"
+        return TxIssue(
+            severity, "invalid",
+            f"Wrong whitespace in Display Name '{given}' for {cs.url}#{concept.code}. Valid display is {_choices(candidates)}",
+            "invalid-display", coded.at("display"),
+        )
+    if any(given.lower() == c.lower() for c in candidates) and not cs.case_sensitive:
+        return None
+    languages = ",".join(options.languages) if options.languages else "--"
+    severity = "warning" if options.lenient_display else "error"
+    if not candidates:
+        return TxIssue(
+            severity, "invalid",
+            f"Wrong Display Name '{given}' for {cs.url}#{concept.code}. There are no valid display names found for language(s) '{languages}'. Default display is '{concept.display}'",
+            "invalid-display", coded.at("display"),
+        )
+    return TxIssue(
+        severity, "invalid",
+        f"Wrong Display Name '{given}' for {cs.url}#{concept.code}. Valid display is {_choices(candidates)} (for the language(s) '{languages}')",
+        "invalid-display", coded.at("display"),
+    )
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _choices(candidates: list[str]) -> str:
+    if len(candidates) == 1:
+        return f"'{candidates[0]}'"
+    quoted = [f"'{c}'" for c in candidates]
+    return f"one of {len(candidates)} choices: {', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
+def _vs_canonical(vs: dict[str, Any]) -> str:
+    url = vs.get("url") or "(unidentified)"
+    return f"{url}|{vs['version']}" if vs.get("version") and vs.get("url") else url
+
+
+async def infer_system(context: Context, vs: dict[str, Any], code: str) -> tuple[str | None, list[str]]:
+    """The one code system of the value set that has this code, if exactly one does."""
+    systems: list[str] = []
+    for include in (vs.get("compose") or {}).get("include", []):
+        system = include.get("system")
+        if system and system not in systems:
+            cs = await context.code_system(system, include.get("version"))
+            if cs is not None and await cs.find(code) is not None:
+                systems.append(system)
+    return (systems[0] if len(systems) == 1 else None), systems
+
+
+async def validate_in_value_set(context: Context, vs: dict[str, Any], coded_list: list[Coded], options: Options, codeable: bool) -> dict[str, Any]:
+    """Validate codings against a value set (one Coding/code, or a CodeableConcept)."""
+    vs_canonical = _vs_canonical(vs)
+    verdicts: list[Verdict] = []
+    issues: list[TxIssue] = []
+    found: Verdict | None = None
+    for coded in coded_list:
+        if coded.system is None and coded.code and (options.infer_system or not codeable):
+            system, systems = await infer_system(context, vs, coded.code)
+            if system is None and len(systems) > 1:
+                issues.append(TxIssue(
+                    "error", "not-found",
+                    f"The System URI could not be determined for the code '{coded.code}' in the ValueSet '{vs_canonical}': value set expansion has multiple matches: [{', '.join(systems)}]",
+                    "cannot-infer", coded.at("code"),
+                ))
+            elif system is not None:
+                coded.system = system
+        verdict = await check_coding(context, coded, options)
+        verdicts.append(verdict)
+        member = False
+        if verdict.concept is not None and verdict.cs is not None:
+            member = bool(await contains(context, vs, verdict.cs, verdict.concept))
+            inactive_excluded = (vs.get("compose") or {}).get("inactive") is False or options.active_only
+            if member and inactive_excluded and verdict.concept.inactive:
+                member = False
+                verdict.issues.insert(0, TxIssue(
+                    "error", "business-rule",
+                    f"The concept '{verdict.concept.code}' is valid but is not active",
+                    "code-rule", coded.at("code"),
+                ))
+        elif verdict.cs is not None and verdict.cs.content == "fragment":
+            member = verdict.valid
+        if member and verdict.valid:
+            found = found or verdict
+        else:
+            shown = f"{coded.system or ''}#{coded.code}"
+            if coded.display and verdict.concept is None and verdict.cs is not None:
+                shown += f" ('{coded.display}')"
+            if not member:
+                severity = "information" if codeable else "error"
+                verdict.issues.append(TxIssue(
+                    severity, "code-invalid",
+                    f"The provided code '{shown}' was not found in the value set '{vs_canonical}'",
+                    "this-code-not-in-vs" if codeable else "not-in-vs",
+                    coded.at("code"),
+                ))
+    for v in verdicts:
+        issues.extend(v.issues)
+    chosen = found or next((v for v in verdicts if v.concept is not None), None) or (verdicts[0] if verdicts else None)
+    result = found is not None
+    if codeable and not result:
+        issues.insert(0, TxIssue(
+            "error", "code-invalid", f"No valid coding was found for the value set '{vs_canonical}'", "not-in-vs",
+        ))
+    return _answer(result, chosen, issues, verdicts, codeable)
+
+
+async def validate_in_code_system(context: Context, coded_list: list[Coded], options: Options, codeable: bool) -> dict[str, Any]:
+    verdicts = [await check_coding(context, coded, options) for coded in coded_list]
+    issues = [i for v in verdicts for i in v.issues]
+    good = next((v for v in verdicts if v.valid and v.concept is not None), None)
+    chosen = good or next((v for v in verdicts if v.concept is not None), None) or (verdicts[0] if verdicts else None)
+    return _answer(good is not None or (bool(verdicts) and all(v.valid for v in verdicts)), chosen, issues, verdicts, codeable)
+
+
+def _answer(result: bool, chosen: Verdict | None, issues: list[TxIssue], verdicts: list[Verdict], codeable: bool) -> dict[str, Any]:
+    parameters: list[dict[str, Any]] = [{"name": "result", "valueBoolean": result}]
+    if chosen is not None and chosen.coded is not None:
+        coded = chosen.coded
+        if chosen.concept is not None:
+            parameters.append({"name": "code", "valueCode": chosen.concept.code})
+        elif coded.code and not codeable:
+            parameters.append({"name": "code", "valueCode": coded.code})
+        if chosen.cs is not None:
+            parameters.append({"name": "system", "valueUri": chosen.cs.url})
+            if chosen.cs.version:
+                parameters.append({"name": "version", "valueString": chosen.cs.version})
+        if chosen.concept is not None:
+            display = chosen.concept.display
+            if display:
+                parameters.append({"name": "display", "valueString": display})
+            if chosen.concept.inactive:
+                parameters.append({"name": "inactive", "valueBoolean": True})
+    unknown = [v.unknown_system for v in verdicts if v.unknown_system]
+    for system in dict.fromkeys(unknown):
+        parameters.append({"name": "x-unknown-system", "valueCanonical": system})
+    shown = [i for i in issues if i.severity in ("error", "warning")] or [i for i in issues if i.severity == "information" and not result]
+    if shown:
+        parameters.append({"name": "message", "valueString": "; ".join(sorted({i.text for i in shown}))})
+    if issues:
+        parameters.append({"name": "issues", "resource": outcome(issues)})
+    return {"resourceType": "Parameters", "parameter": parameters}
+
