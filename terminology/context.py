@@ -54,11 +54,38 @@ def pick(candidates: list[Any], version: str | None, version_of: Any) -> Any | N
     return max(matching, key=lambda c: version_key(version_of(c)))
 
 
+STANDARDS_STATUS = "http://hl7.org/fhir/StructureDefinition/structuredefinition-standards-status"
+
+
+def standards_status(resource: dict[str, Any]) -> str | None:
+    """deprecated/withdrawn (standards status), draft, or experimental; None when unremarkable."""
+    for extension in resource.get("extension", []):
+        if extension.get("url") == STANDARDS_STATUS and extension.get("valueCode") in ("deprecated", "withdrawn"):
+            return str(extension["valueCode"])
+    if resource.get("status") == "draft":
+        return "draft"
+    if resource.get("experimental") is True:
+        return "experimental"
+    return None
+
+
 @dataclass
 class Context:
     store: TerminologyStore | None
     tx_resources: list[dict[str, Any]] = field(default_factory=list)
     _code_systems: dict[tuple[str, str | None], CodeSystemVersion | None] = field(default_factory=dict)
+    # canonical -> notable status (draft, experimental, deprecated, withdrawn) of what was used
+    notes: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def note(self, resource: dict[str, Any]) -> None:
+        """Remember a definition whose status users should be told about."""
+        status = standards_status(resource)
+        if resource.get("resourceType") == "ValueSet" and status not in ("deprecated", "withdrawn"):
+            return
+        if status is not None and resource.get("url"):
+            url = resource["url"]
+            canonical = f"{url}|{resource['version']}" if resource.get("version") else url
+            self.notes[canonical] = (str(resource.get("resourceType")), status)
 
     def local(self, type_: str, url: str) -> list[dict[str, Any]]:
         return [r for r in self.tx_resources if r.get("resourceType") == type_ and r.get("url") == url]
@@ -75,11 +102,13 @@ class Context:
         """A ValueSet, ConceptMap or NamingSystem by canonical URL (and version)."""
         if version is None and "|" in url:
             url, version = split_canonical(url)
-        local = pick(self.local(type_, url), version, lambda r: r.get("version"))
-        if local is not None:
-            return local
-        stored = pick(await self.stored(type_, url), version, lambda c: c.version)
-        return jsonio.loads(stored.body) if stored is not None else None
+        found = pick(self.local(type_, url), version, lambda r: r.get("version"))
+        if found is None:
+            stored = pick(await self.stored(type_, url), version, lambda c: c.version)
+            found = jsonio.loads(stored.body) if stored is not None else None
+        if found is not None:
+            self.note(found)
+        return found
 
     async def versions_of(self, type_: str, url: str) -> list[str]:
         local = [r.get("version") for r in self.local(type_, url)]
@@ -91,7 +120,10 @@ class Context:
             url, version = split_canonical(url)
         key = (url, version)
         if key not in self._code_systems:
-            self._code_systems[key] = await self._resolve_code_system(url, version)
+            cs = await self._resolve_code_system(url, version)
+            if cs is not None:
+                self.note(cs.resource)
+            self._code_systems[key] = cs
         return self._code_systems[key]
 
     async def _resolve_code_system(self, url: str, version: str | None) -> CodeSystemVersion | None:

@@ -22,7 +22,7 @@ from terminology.codesystems import CodeSystemVersion, criteria_accepts
 from terminology.concepts import Concept, words
 from terminology.context import Context, split_canonical
 from terminology.filters import compile_filters
-from terminology.languages import display_for
+from terminology.languages import display_for, preferred
 from terminology.outcomes import tx_error
 
 DEFAULT_LIMIT = 1000
@@ -30,6 +30,10 @@ ECHOED = (
     "activeOnly", "count", "displayLanguage", "excludeNested", "excludeNotForUI",
     "excludePostCoordinated", "filter", "includeDefinition", "includeDesignations", "offset",
 )
+
+
+# What an expansion repeats of its value set (the definition itself is not needed to use it).
+SUMMARY = ("resourceType", "language", "extension", "url", "version", "name", "title", "status", "experimental")
 
 
 @dataclass
@@ -43,6 +47,7 @@ class ExpandOptions:
     include_definition: bool = False
     languages: list[str] = field(default_factory=list)
     properties: list[str] = field(default_factory=list)
+    offset_given: bool = False
     limit: int = DEFAULT_LIMIT
     echo: list[dict[str, Any]] = field(default_factory=list)  # parameters to report
 
@@ -155,7 +160,7 @@ class Expander:
             if page is not None and not restrict:
                 skip, limit = page
                 collected.total = await cs.source.count(selection.criteria, selection.tests)
-                concepts = await cs.source.select(selection.criteria, selection.tests, skip, limit)
+                concepts = await cs.source.select(selection.criteria, selection.tests, skip, limit) if limit else []
             else:
                 concepts = await cs.source.select(selection.criteria, selection.tests)
             for concept in concepts:
@@ -266,10 +271,11 @@ async def expand(context: Context, vs: dict[str, Any], options: ExpandOptions) -
         "timestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
         "total": total,
     }
-    if options.count is not None or options.offset:
+    if options.offset_given:
         expansion["offset"] = options.offset
     parameters = list(options.echo)
     parameters += [{"name": "used-codesystem", "valueUri": u} for u in collected.used]
+    parameters += [{"name": f"warning-{status}", "valueUri": canonical} for canonical, (_, status) in context.notes.items()]
     if parameters:
         expansion["parameter"] = parameters
     contains = [contains_entry(e, options) for e in page]
@@ -283,7 +289,7 @@ async def expand(context: Context, vs: dict[str, Any], options: ExpandOptions) -
         ]
     if contains:
         expansion["contains"] = contains
-    result = {k: v for k, v in vs.items() if k not in ("expansion", "text", "meta")}
+    result = {k: v for k, v in vs.items() if k in SUMMARY}
     result["expansion"] = expansion
     return result
 
@@ -301,6 +307,8 @@ def contains_entry(entry: Entry, options: ExpandOptions) -> dict[str, Any]:
         item["display"] = display
     if options.include_designations:
         designations = [*concept.designations, *entry.designations]
+        if display != concept.display and concept.display:
+            designations = [preferred(entry.cs, concept.display)] + [d for d in designations if d.get("value") != display]
         if designations:
             item["designation"] = designations
     extensions = [

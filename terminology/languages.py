@@ -74,3 +74,15 @@ def valid_displays(cs: CodeSystemVersion, concept: Concept, languages: list[str]
         if not languages or any(language_matches(lang, designation.get("language") or cs.language or "en") for lang in languages):
             displays.append(value)
     return list(dict.fromkeys(displays))
+
+
+HL7_TERM_MAINT = "http://terminology.hl7.org/CodeSystem/hl7TermMaintInfra"
+
+
+def preferred(cs: CodeSystemVersion, display: str) -> dict[str, Any]:
+    """The code system's own display as a designation (when another language is shown)."""
+    return {
+        "language": cs.language or "en",
+        "use": {"system": HL7_TERM_MAINT, "code": "preferredForLanguage", "display": "Preferred For Language"},
+        "value": display,
+    }

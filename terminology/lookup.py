@@ -12,10 +12,8 @@ from typing import Any
 from server.store.terminology import ConceptCriteria
 from terminology.codesystems import CodeSystemVersion
 from terminology.concepts import Concept
-from terminology.languages import display_for
+from terminology.languages import display_for, preferred
 from terminology.outcomes import tx_error
-
-HL7_TERM_MAINT = "http://terminology.hl7.org/CodeSystem/hl7TermMaintInfra"
 
 
 def _wanted(properties: list[str], code: str) -> bool:
@@ -43,13 +41,8 @@ async def lookup(cs: CodeSystemVersion, concept: Concept, properties: list[str],
     if concept.definition:
         parameters.append({"name": "definition", "valueString": concept.definition})
     parameters.append({"name": "abstract", "valueBoolean": concept.abstract})
-    if concept.display:
-        parameters.append({"name": "designation", "part": [
-            {"name": "language", "valueCode": cs.language or "en"},
-            {"name": "use", "valueCoding": {"system": HL7_TERM_MAINT, "code": "preferredForLanguage", "display": "Preferred For Language"}},
-            {"name": "value", "valueString": concept.display},
-        ]})
-    for designation in concept.designations:
+    designations = [preferred(cs, concept.display)] if concept.display else []
+    for designation in [*designations, *concept.designations]:
         parts: list[dict[str, Any]] = []
         if designation.get("language"):
             parts.append({"name": "language", "valueCode": designation["language"]})

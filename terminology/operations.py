@@ -119,6 +119,23 @@ async def instance(call: OperationCall) -> dict[str, Any] | None:
     return jsonio.loads(stored.body)
 
 
+EXPANSION_PARAMETER = "http://hl7.org/fhir/StructureDefinition/valueset-expansion-parameter"
+
+
+def expansion_parameters(vs: dict[str, Any]) -> list[dict[str, Any]]:
+    """Expansion parameters the value set itself sets (compose extension)."""
+    found = []
+    for ext in (vs.get("compose") or {}).get("extension", []):
+        if ext.get("url") != EXPANSION_PARAMETER:
+            continue
+        parts = {e.get("url"): e for e in ext.get("extension", [])}
+        name = parts.get("name", {}).get("valueCode")
+        value_part = {k: v for k, v in parts.get("value", {}).items() if k.startswith("value")}
+        if name and value_part:
+            found.append({"name": name, **value_part})
+    return found
+
+
 def echo(call: OperationCall) -> list[dict[str, Any]]:
     return [
         {"name": p["name"], **{k: v for k, v in p.items() if k.startswith("value")}}
@@ -133,6 +150,7 @@ def echo(call: OperationCall) -> list[dict[str, Any]]:
 async def value_set_for(call: OperationCall, context: Context, url_name: str = "url") -> dict[str, Any]:
     vs = await instance(call) or resource_param(call, "valueSet", "ValueSet")
     if vs is not None:
+        context.note(vs)
         return vs
     url = text(call, url_name)
     if url is None:
@@ -150,6 +168,12 @@ async def value_set_for(call: OperationCall, context: Context, url_name: str = "
 async def expand_operation(call: OperationCall) -> OperationResult:
     context = context_for(call)
     vs = await value_set_for(call, context)
+    defaults = expansion_parameters(vs)
+    if defaults:
+        call.parameters = {**call.parameters, "parameter": [
+            *call.parameters.get("parameter", []),
+            *(d for d in defaults if not call.values(d["name"])),
+        ]}
     limit_header = call.headers.get("x-too-costly-threshold", "")
     options = ExpandOptions(
         count=number(call, "count"),
@@ -162,7 +186,10 @@ async def expand_operation(call: OperationCall) -> OperationResult:
         languages=languages(call),
         properties=[str(p) for p in call.values("property")],
         echo=echo(call),
+        offset_given=value(call, "offset") is not None,
     )
+    if call.headers.get("accept-language") and not call.values("displayLanguage"):
+        options.echo.append({"name": "displayLanguage", "valueCode": call.headers["accept-language"]})
     if limit_header.isdigit():
         options.limit = int(limit_header)
     if options.include_definition and "definition" not in options.properties:
@@ -219,7 +246,7 @@ async def validate_code_operation(call: OperationCall) -> OperationResult:
                 coded.version = coded.version or version or (cs or {}).get("version")
         return OperationResult(await validate_in_code_system(context, codings, options, codeable))
     vs = await value_set_for(call, context)
-    codings, codeable = codings_from(call, "Coding")
+    codings, codeable = codings_from(call, "")
     return OperationResult(await validate_in_value_set(context, vs, codings, options, codeable))
 
 

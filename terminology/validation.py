@@ -16,8 +16,8 @@ from terminology.codesystems import CodeSystemVersion
 from terminology.concepts import Concept
 from terminology.context import Context
 from terminology.expansion import contains
-from terminology.languages import valid_displays
-from terminology.outcomes import TxIssue, outcome
+from terminology.languages import display_for, valid_displays
+from terminology.outcomes import TxError, TxIssue, outcome
 
 ABSOLUTE = ("http:", "https:", "urn:")
 
@@ -233,7 +233,10 @@ async def validate_in_value_set(context: Context, vs: dict[str, Any], coded_list
         verdicts.append(verdict)
         member = False
         if verdict.concept is not None and verdict.cs is not None:
-            member = bool(await contains(context, vs, verdict.cs, verdict.concept))
+            try:
+                member = bool(await contains(context, vs, verdict.cs, verdict.concept))
+            except TxError as exc:
+                return _answer(False, verdict, exc.issues, [verdict], codeable, coded_list if codeable else None, options)
             inactive_excluded = (vs.get("compose") or {}).get("inactive") is False or options.active_only
             if member and inactive_excluded and verdict.concept.inactive:
                 member = False
@@ -266,7 +269,14 @@ async def validate_in_value_set(context: Context, vs: dict[str, Any], coded_list
         issues.insert(0, TxIssue(
             "error", "code-invalid", f"No valid coding was found for the value set '{vs_canonical}'", "not-in-vs",
         ))
-    return _answer(result, chosen, issues, verdicts, codeable)
+    return _answer(result, chosen, issues + status_issues(context), verdicts, codeable, coded_list if codeable else None, options)
+
+
+def status_issues(context: Context) -> list[TxIssue]:
+    return [
+        TxIssue("information", "business-rule", f"Reference to {status} {kind} {canonical}", "status-check")
+        for canonical, (kind, status) in context.notes.items()
+    ]
 
 
 async def validate_in_code_system(context: Context, coded_list: list[Coded], options: Options, codeable: bool) -> dict[str, Any]:
@@ -274,23 +284,32 @@ async def validate_in_code_system(context: Context, coded_list: list[Coded], opt
     issues = [i for v in verdicts for i in v.issues]
     good = next((v for v in verdicts if v.valid and v.concept is not None), None)
     chosen = good or next((v for v in verdicts if v.concept is not None), None) or (verdicts[0] if verdicts else None)
-    return _answer(good is not None or (bool(verdicts) and all(v.valid for v in verdicts)), chosen, issues, verdicts, codeable)
+    valid = good is not None or (bool(verdicts) and all(v.valid for v in verdicts))
+    return _answer(valid, chosen, issues + status_issues(context), verdicts, codeable, coded_list if codeable else None, options)
 
 
-def _answer(result: bool, chosen: Verdict | None, issues: list[TxIssue], verdicts: list[Verdict], codeable: bool) -> dict[str, Any]:
+def _answer(
+    result: bool, chosen: Verdict | None, issues: list[TxIssue], verdicts: list[Verdict], codeable: bool,
+    codeable_concept: list[Coded] | None, options: Options,
+) -> dict[str, Any]:
     parameters: list[dict[str, Any]] = [{"name": "result", "valueBoolean": result}]
+    if codeable_concept is not None:
+        parameters.append({"name": "codeableConcept", "valueCodeableConcept": {"coding": [
+            {k: v for k, v in (("system", c.system), ("version", c.version), ("code", c.code), ("display", c.display)) if v is not None}
+            for c in codeable_concept
+        ]}})
     if chosen is not None and chosen.coded is not None:
         coded = chosen.coded
-        if chosen.concept is not None:
+        if chosen.concept is not None and codeable:
             parameters.append({"name": "code", "valueCode": chosen.concept.code})
-        elif coded.code and not codeable:
+        elif coded.code:
             parameters.append({"name": "code", "valueCode": coded.code})
         if chosen.cs is not None:
             parameters.append({"name": "system", "valueUri": chosen.cs.url})
             if chosen.cs.version:
                 parameters.append({"name": "version", "valueString": chosen.cs.version})
         if chosen.concept is not None:
-            display = chosen.concept.display
+            display = display_for(chosen.cs, chosen.concept, options.languages) if chosen.cs else chosen.concept.display
             if display:
                 parameters.append({"name": "display", "valueString": display})
             if chosen.concept.inactive:
