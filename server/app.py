@@ -135,7 +135,7 @@ def create_app(settings: Settings) -> FastAPI:
         store = await Store.open(uri, settings.mongodb_database)
         app.state.store = store
         app.state.fhir_store = FhirStore(store)
-        install_terminology(store)
+        app.state.services["terminology"] = install_terminology(store, settings)
         app.state.capability_statement = fhir_routes.build_capability_statement(settings, now())
         try:
             yield

@@ -44,12 +44,19 @@ def property_value(prop: dict[str, Any]) -> Any:
 
 
 def value_text(value: Any) -> str:
-    """A property value as the string filters compare with (`=`, `in`, regex)."""
+    """A property value as one string (a Coding as its code)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, dict):  # Coding
         return str(value.get("code", ""))
     return str(value)
+
+
+def value_texts(value: Any) -> list[str]:
+    """The strings filters (`=`, `in`, regex) compare a value with: a Coding's code and display."""
+    if isinstance(value, dict) and value.get("display"):
+        return [value_text(value), str(value["display"])]
+    return [value_text(value)]
 
 
 @dataclass(slots=True)
@@ -74,7 +81,7 @@ class Concept:
     def property_texts(self, code: str) -> list[str]:
         if code in ("parent",):
             return list(self.parents)
-        return [value_text(v) for v in self.values(code)]
+        return [t for v in self.values(code) for t in value_texts(v)]
 
     # --- MongoDB form -------------------------------------------------------------------
 
@@ -97,7 +104,7 @@ class Concept:
             "act": not self.inactive,
             "abs": self.abstract,
             "leaf": self.leaf,
-            "pv": sorted({f"{p.get('code')}={value_text(property_value(p))}" for p in self.properties}),
+            "pv": sorted({f"{p.get('code')}={t}" for p in self.properties for t in value_texts(property_value(p))}),
             "pk": sorted({str(p.get("code")) for p in self.properties}),
             "w": words(self.display, *(d.get("value") for d in self.designations)),
             "j": Binary(jsonio.dumps({k: v for k, v in detail.items() if v})),

@@ -15,16 +15,19 @@ switches the pointer, and the loader purges the previous generation afterwards.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from pymongo.asynchronous.client_session import AsyncClientSession
 
+from server.config import Settings
 from server.fhir import interactions, jsonio
 from server.store.database import Store
 from server.store.fhir import NewVersion
 from server.store.terminology import Canonical, TerminologyStore
 from terminology.conceptmaps import mapping_rows
 from terminology.concepts import flatten
+from terminology.normalization import Normalizer, incoming_hook
 
 TYPES = frozenset({"CodeSystem", "ValueSet", "ConceptMap", "NamingSystem"})
 GENERATION_EXTENSION = "https://kuroshio.dev/fhir/StructureDefinition/concepts-generation"
@@ -95,16 +98,30 @@ async def _code_system(
 _installed: list[Any] = []
 
 
-def install(store: Store) -> TerminologyStore:
-    """Join the FHIR write path (idempotent: a new app replaces the previous hook)."""
+@dataclass(frozen=True)
+class Service:
+    """What the operations need from start-up: the tables and the configured limits."""
+
+    store: TerminologyStore
+    expansion_limit: int
+
+
+def install(store: Store, settings: Settings) -> Service:
+    """Join the FHIR write path: definitions after each write, normalization before
+    validation (idempotent: a new app replaces the previous hooks)."""
     tstore = TerminologyStore(store)
 
     async def hook(session: AsyncClientSession, new: NewVersion) -> None:
         await after_write(tstore, session, new)
 
     for old in _installed:
-        if old in interactions.HOOKS.after_write:
-            interactions.HOOKS.after_write.remove(old)
+        for hooks in (interactions.HOOKS.after_write, interactions.HOOKS.incoming):
+            if old in hooks:
+                hooks.remove(old)
     _installed[:] = [hook]
     interactions.HOOKS.after_write.append(hook)
-    return tstore
+    if settings.terminology_normalize:
+        normalize = incoming_hook(Normalizer(tstore, tuple(settings.terminology_targets)))
+        _installed.append(normalize)
+        interactions.HOOKS.incoming.append(normalize)
+    return Service(tstore, settings.terminology_expansion_limit)

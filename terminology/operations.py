@@ -16,7 +16,7 @@ from server.fhir.operations import OperationCall, OperationResult, operation
 from server.store.terminology import TerminologyStore
 from terminology import conceptmaps, lookup as lookups
 from terminology.context import Context, split_canonical
-from terminology.expansion import ECHOED, ExpandOptions, expand
+from terminology.expansion import DEFAULT_LIMIT, ECHOED, ExpandOptions, expand
 from terminology.languages import parse_accept_language
 from terminology.outcomes import TxError, outcome, tx_error
 from terminology.validation import Coded, Options, validate_in_code_system, validate_in_value_set
@@ -102,6 +102,14 @@ def context_for(call: OperationCall) -> Context:
     return Context(TerminologyStore(call.db.store), resources)
 
 
+def expansion_limit(call: OperationCall) -> int:
+    """The configured limit, lowered (never raised) by an X-TOO-COSTLY-THRESHOLD header."""
+    service = call.services.get("terminology")
+    limit = service.expansion_limit if service is not None else DEFAULT_LIMIT
+    header = call.headers.get("x-too-costly-threshold", "")
+    return min(limit, int(header)) if header.isdigit() else limit
+
+
 def languages(call: OperationCall) -> list[str]:
     display_language = text(call, "displayLanguage")
     if display_language:
@@ -174,7 +182,6 @@ async def expand_operation(call: OperationCall) -> OperationResult:
             *call.parameters.get("parameter", []),
             *(d for d in defaults if not call.values(d["name"])),
         ]}
-    limit_header = call.headers.get("x-too-costly-threshold", "")
     options = ExpandOptions(
         count=number(call, "count"),
         offset=number(call, "offset") or 0,
@@ -187,11 +194,10 @@ async def expand_operation(call: OperationCall) -> OperationResult:
         properties=[str(p) for p in call.values("property")],
         echo=echo(call),
         offset_given=value(call, "offset") is not None,
+        limit=expansion_limit(call),
     )
     if call.headers.get("accept-language") and not call.values("displayLanguage"):
         options.echo.append({"name": "displayLanguage", "valueCode": call.headers["accept-language"]})
-    if limit_header.isdigit():
-        options.limit = int(limit_header)
     if options.include_definition and "definition" not in options.properties:
         options.properties.append("definition")
     return OperationResult(await expand(context, vs, options))

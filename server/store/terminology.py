@@ -32,6 +32,7 @@ from pymongo import ASCENDING, IndexModel
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from server.store.database import Store, collection
+from server.store.fhir import RESOURCES
 
 CANONICALS = collection(
     "tx_canonicals",
@@ -242,6 +243,11 @@ class TerminologyStore:
 
     async def count_concepts(self, generation: str, criteria: ConceptCriteria) -> int:
         return await self.concepts.count_documents(criteria.compile(generation))
+
+    async def current_ids(self, type_: str) -> list[str]:
+        """Ids of the live resources of a type (for re-applying mappings to stored data)."""
+        cursor = self.store[RESOURCES].find({"t": type_, "deleted": False}, {"_id": 1})
+        return [doc["_id"].split("/", 1)[1] async for doc in cursor]
 
     # --- concept maps ---------------------------------------------------------------------
 
