@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from server.config import Settings, load_settings
 from server.store.database import Store
+from terminology.definitions import install
 
 T = TypeVar("T")
 app = typer.Typer(no_args_is_help=True, help="Terminology: load code systems, value sets and maps; re-apply mappings")
@@ -60,6 +61,7 @@ def run(config: Path | None, job: Callable[[Store, Callable[[int, int | None, st
         async def main() -> T:
             assert settings.mongodb_uri is not None
             store = await Store.open(settings.mongodb_uri, settings.mongodb_database)
+            install(store, settings)  # definitions (and normalization) join the write path
             try:
                 return await job(store, progress)
             finally:

@@ -69,6 +69,19 @@ def standards_status(resource: dict[str, Any]) -> str | None:
     return None
 
 
+def implicit_value_set(url: str) -> dict[str, Any] | None:
+    """The implicit value sets of a code system: `[system]?fhir_vs` (all codes) and
+    `[system]?fhir_vs=isa/[code]` (a concept and its descendants), as SNOMED CT and
+    LOINC define them."""
+    system, _, query = url.partition("?fhir_vs")
+    include: dict[str, Any] = {"system": system}
+    if query.startswith("=isa/") and len(query) > 5:
+        include["filter"] = [{"property": "concept", "op": "is-a", "value": query[5:]}]
+    elif query:
+        return None
+    return {"resourceType": "ValueSet", "url": url, "status": "active", "compose": {"include": [include]}}
+
+
 @dataclass
 class Context:
     store: TerminologyStore | None
@@ -102,6 +115,8 @@ class Context:
         """A ValueSet, ConceptMap or NamingSystem by canonical URL (and version)."""
         if version is None and "|" in url:
             url, version = split_canonical(url)
+        if type_ == "ValueSet" and "?fhir_vs" in url:
+            return implicit_value_set(url)
         found = pick(self.local(type_, url), version, lambda r: r.get("version"))
         if found is None:
             stored = pick(await self.stored(type_, url), version, lambda c: c.version)

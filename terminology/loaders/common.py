@@ -7,6 +7,9 @@ A large code system's concepts are inserted in batches under a fresh generation,
 any transaction (a full SNOMED CT does not fit in one); then its CodeSystem resource is
 PUT with `content = not-present`, its concept count and that generation, which switches
 every reader to the new concepts at once; the previous generation is purged last.
+
+Loaders write through the FHIR write path, so the terminology hooks must be installed
+(`terminology.definitions.install`), as `kuroshio serve` and `kuroshio terminology` do.
 """
 
 from __future__ import annotations

@@ -169,7 +169,7 @@ def _linguistic_variants(folder: Path, concepts: dict[str, Concept]) -> None:
                 continue
             name = row.get("LONG_COMMON_NAME") or row.get("LinguisticVariantDisplayName")
             if not name:
-                name = ":".join(row.get(p, "") for p in FSN_PARTS).rstrip(":")
+                name = ":".join(row[p] for p in FSN_PARTS if row.get(p, "").strip())
             if name.strip(":"):
                 concept.designations.append(_designation(name, None, language))
 
