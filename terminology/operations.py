@@ -175,6 +175,7 @@ async def value_set_for(call: OperationCall, context: Context, url_name: str = "
 @guarded
 async def expand_operation(call: OperationCall) -> OperationResult:
     context = context_for(call)
+    count, offset = number(call, "count"), number(call, "offset")  # checked before any lookup
     vs = await value_set_for(call, context)
     defaults = expansion_parameters(vs)
     if defaults:
@@ -183,8 +184,8 @@ async def expand_operation(call: OperationCall) -> OperationResult:
             *(d for d in defaults if not call.values(d["name"])),
         ]}
     options = ExpandOptions(
-        count=number(call, "count"),
-        offset=number(call, "offset") or 0,
+        count=count,
+        offset=offset or 0,
         filter=text(call, "filter"),
         active_only=flag(call, "activeOnly") or (vs.get("compose") or {}).get("inactive") is False,
         exclude_not_for_ui=flag(call, "excludeNotForUI"),
@@ -193,7 +194,7 @@ async def expand_operation(call: OperationCall) -> OperationResult:
         languages=languages(call),
         properties=[str(p) for p in call.values("property")],
         echo=echo(call),
-        offset_given=value(call, "offset") is not None,
+        offset_given=offset is not None,
         limit=expansion_limit(call),
     )
     if call.headers.get("accept-language") and not call.values("displayLanguage"):
@@ -281,10 +282,10 @@ async def code_system_for(call: OperationCall, context: Context, system: str | N
 async def lookup_operation(call: OperationCall) -> OperationResult:
     context = context_for(call)
     coding = coding_param(call, "coding") or {"system": text(call, "system"), "code": text(call, "code"), "version": text(call, "version")}
-    cs = await code_system_for(call, context, coding.get("system"), coding.get("version"))
     code = coding.get("code")
     if not code:
         raise tx_error(400, "required", "A code (or coding) is required", "invalid-data")
+    cs = await code_system_for(call, context, coding.get("system"), coding.get("version"))
     concept = await cs.find(code)
     if concept is None:
         version = f" version '{cs.version}'" if cs.version else ""
