@@ -7,7 +7,10 @@ from pathlib import Path
 
 from conformance.tx_ecosystem.runner import run, write_reports
 
-DEFAULT_TESTS = Path(__file__).resolve().parents[3] / "shared" / "data" / "tx-ecosystem"
+DEFAULT_TESTS = next(
+    (p / "shared" / "data" / "tx-ecosystem" for p in Path(__file__).resolve().parents if (p / "shared" / "data").is_dir()),
+    Path("tx-ecosystem"),
+)
 
 
 def main() -> None:

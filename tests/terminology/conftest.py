@@ -17,7 +17,15 @@ from tests.conftest import DATABASE
 
 T = TypeVar("T")
 FIXTURES = Path(__file__).parent / "fixtures"
-LOINC_SUBSET = Path(__file__).resolve().parents[3] / "shared" / "data" / "loinc-subset"
+def shared_data() -> Path:
+    """The shared data folder (`shared/data` beside the clone or a parent of it)."""
+    for parent in Path(__file__).resolve().parents:
+        if (parent / "shared" / "data").is_dir():
+            return parent / "shared" / "data"
+    return Path("/nonexistent/shared/data")
+
+
+LOINC_SUBSET = shared_data() / "loinc-subset"
 HOSPITAL = "http://hospital.example.org/fhir/CodeSystem/lab"
 
 
