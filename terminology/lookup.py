@@ -20,6 +20,11 @@ def _wanted(properties: list[str], code: str) -> bool:
     return not properties or "*" in properties or code in properties
 
 
+def _asked(properties: list[str], code: str) -> bool:
+    """Hierarchy properties cost extra queries: only when asked for (or `*`)."""
+    return "*" in properties or code in properties
+
+
 def _property(code: str, value: dict[str, Any], description: str | None = None) -> dict[str, Any]:
     parts: list[dict[str, Any]] = [{"name": "code", "valueCode": code}, {"name": "value", **value}]
     if description:
@@ -59,11 +64,11 @@ async def lookup(cs: CodeSystemVersion, concept: Concept, properties: list[str],
         if code in ("parent", "child") or not _wanted(properties, code):
             continue
         parameters.append(_property(code, {k: v for k, v in prop.items() if k.startswith("value")}))
-    if _wanted(properties, "parent"):
+    if concept.parents and _asked(properties, "parent"):
+        found = {c.code: c for c in await cs.source.select(ConceptCriteria(codes=concept.parents), [])}
         for parent in concept.parents:
-            found = await cs.source.get(parent)
-            parameters.append(_property("parent", {"valueCode": parent}, found.display if found else None))
-    if _wanted(properties, "child"):
+            parameters.append(_property("parent", {"valueCode": parent}, found[parent].display if parent in found else None))
+    if _asked(properties, "child"):
         for child in await cs.source.select(ConceptCriteria(child_of=concept.code), []):
             parameters.append(_property("child", {"valueCode": child.code}, child.display))
     return {"resourceType": "Parameters", "parameter": parameters}
