@@ -81,9 +81,13 @@ def report(result: object) -> None:
         console.print(f"[yellow]... and {len(result.skipped) - 20} more skipped[/yellow]")
 
 
-def fail(exc: Exception) -> None:
-    console.print(f"[red]{exc}[/red]")
-    raise typer.Exit(2)
+def load(config: Path | None, job: Callable[[Store, Callable[[int, int | None, str], None]], Awaitable[object]], refused: type[Exception]) -> None:
+    """Run a loader and report; input the loader refuses is one red line and exit code 2."""
+    try:
+        report(run(config, job))
+    except refused as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
 
 
 @load_app.command("package")
@@ -92,9 +96,9 @@ def load_package(
     config: ConfigOption = None,
 ) -> None:
     """A FHIR npm package: its CodeSystems, ValueSets, ConceptMaps and NamingSystems."""
-    from terminology.loaders.npm import load_package as load
+    from terminology.loaders.npm import load_package as load_npm
 
-    report(run(config, lambda store, progress: load(store, source, progress=progress)))
+    load(config, lambda store, progress: load_npm(store, source, progress=progress), ValueError)
 
 
 @load_app.command("loinc")
@@ -103,12 +107,9 @@ def load_loinc(
     config: ConfigOption = None,
 ) -> None:
     """LOINC from a release folder (LoincTable/, AccessoryFiles/)."""
-    from terminology.loaders.loinc import LoincReleaseError, load_loinc as load
+    from terminology.loaders.loinc import LoincReleaseError, load_loinc as load_release
 
-    try:
-        report(run(config, lambda store, progress: load(store, folder, progress)))
-    except LoincReleaseError as exc:
-        fail(exc)
+    load(config, lambda store, progress: load_release(store, folder, progress), LoincReleaseError)
 
 
 @load_app.command("snomed")
@@ -120,10 +121,7 @@ def load_snomed(
     """SNOMED CT from an RF2 snapshot."""
     from terminology.loaders.snomed import Rf2Error, load_rf2
 
-    try:
-        report(run(config, lambda store, progress: load_rf2(store, folder, language_refset, progress)))
-    except Rf2Error as exc:
-        fail(exc)
+    load(config, lambda store, progress: load_rf2(store, folder, language_refset, progress), Rf2Error)
 
 
 @load_app.command("gps")
@@ -132,12 +130,9 @@ def load_gps(
     config: ConfigOption = None,
 ) -> None:
     """The SNOMED CT Global Patient Set, as a SNOMED CT fragment."""
-    from terminology.loaders.snomed import Rf2Error, load_gps as load
+    from terminology.loaders.snomed import Rf2Error, load_gps as load_set
 
-    try:
-        report(run(config, lambda store, progress: load(store, source, progress)))
-    except Rf2Error as exc:
-        fail(exc)
+    load(config, lambda store, progress: load_set(store, source, progress), Rf2Error)
 
 
 @load_app.command("local")
@@ -151,10 +146,7 @@ def load_local(
     """A local code table: local code, display, target system, target code, equivalence."""
     from terminology.loaders.local import LocalTableError, load_local_table
 
-    try:
-        report(run(config, lambda store, progress: load_local_table(store, table, system, name, language)))
-    except LocalTableError as exc:
-        fail(exc)
+    load(config, lambda store, progress: load_local_table(store, table, system, name, language), LocalTableError)
 
 
 @app.command("reapply")

@@ -142,10 +142,9 @@ def _cross_version(node: dict[str, Any], element: str) -> list[dict[str, Any]]:
                     else:
                         item[sub.get("url")] = val
         values.append(item)
-    if kept:
-        node["extension"] = kept
-    else:
-        node.pop("extension", None)
+    node["extension"] = kept
+    if not kept:
+        del node["extension"]
     return values
 
 
