@@ -10,7 +10,7 @@ the same `ConceptCriteria`, so the operations never care which one they have.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from server.store.terminology import ConceptCriteria, TerminologyStore
@@ -121,6 +121,44 @@ class StoredConcepts:
         if not tests:
             return await self.store.count_concepts(self.generation, criteria)
         return len(await self.select(criteria, tests))
+
+
+class SupplementedConcepts:
+    """A source whose concepts gain the designations, properties and extensions that
+    CodeSystem supplements add (only when a request or value set asks for them)."""
+
+    def __init__(self, source: ConceptSource, supplements: list[dict[str, Any]]) -> None:
+        self.source = source
+        self.extra: dict[str, list[dict[str, Any]]] = {}
+        for supplement in supplements:
+            for row in flatten(supplement):
+                self.extra.setdefault(row.code, []).append(
+                    {"designation": row.designations, "property": row.properties, "extension": row.extensions}
+                )
+
+    def apply(self, concept: Concept | None) -> Concept | None:
+        if concept is None or concept.code not in self.extra:
+            return concept
+        merged = replace(concept, designations=list(concept.designations), properties=list(concept.properties), extensions=list(concept.extensions))
+        for extra in self.extra[concept.code]:
+            merged.designations += extra["designation"]
+            merged.properties += extra["property"]
+            merged.extensions += extra["extension"]
+        return merged
+
+    async def get(self, code: str) -> Concept | None:
+        return self.apply(await self.source.get(code))
+
+    async def get_ignoring_case(self, code: str) -> Concept | None:
+        return self.apply(await self.source.get_ignoring_case(code))
+
+    async def select(
+        self, criteria: ConceptCriteria, tests: list[Test], skip: int = 0, limit: int = 0
+    ) -> list[Concept]:
+        return [c for c in map(self.apply, await self.source.select(criteria, tests, skip, limit)) if c is not None]
+
+    async def count(self, criteria: ConceptCriteria, tests: list[Test]) -> int:
+        return await self.source.count(criteria, tests)
 
 
 @dataclass

@@ -15,7 +15,8 @@ from typing import Any
 from server.fhir import jsonio
 from server.store.terminology import Canonical, TerminologyStore
 from terminology.builtin import builtin_code_system
-from terminology.codesystems import CodeSystemVersion, StoredConcepts, inline_version
+from terminology.codesystems import CodeSystemVersion, StoredConcepts, SupplementedConcepts, inline_version
+from terminology.outcomes import tx_error
 
 _NUMBER = re.compile(r"(\d+)")
 
@@ -87,6 +88,8 @@ class Context:
     store: TerminologyStore | None
     tx_resources: list[dict[str, Any]] = field(default_factory=list)
     _code_systems: dict[tuple[str, str | None], CodeSystemVersion | None] = field(default_factory=dict)
+    # supplements the request or value set asked for (applied to the systems they supplement)
+    supplements: list[dict[str, Any]] = field(default_factory=list)
     # canonical -> notable status (draft, experimental, deprecated, withdrawn) of what was used
     notes: dict[str, tuple[str, str]] = field(default_factory=dict)
 
@@ -138,6 +141,7 @@ class Context:
             cs = await self._resolve_code_system(url, version)
             if cs is not None:
                 self.note(cs.resource)
+                cs = self._supplemented(cs)
             self._code_systems[key] = cs
         return self._code_systems[key]
 
@@ -161,6 +165,23 @@ class Context:
                 StoredConcepts(self.store, stored.generation),
             )
         return builtin_code_system(url, version)
+
+    def _supplemented(self, cs: CodeSystemVersion) -> CodeSystemVersion:
+        own = [s for s in self.supplements if split_canonical(str(s.get("supplements", "")))[0] == cs.url]
+        if not own:
+            return cs
+        header = dict(cs.resource)
+        header["property"] = [*cs.resource.get("property", []), *(p for s in own for p in s.get("property", []))]
+        return CodeSystemVersion(header, SupplementedConcepts(cs.source, own), own)
+
+    async def require_supplements(self, references: list[str]) -> None:
+        """Resolve the supplements asked for; a missing one is an error, as the spec says."""
+        for reference in references:
+            found = await self.supplement(reference)
+            if found is None:
+                raise tx_error(404, "not-found", f"Required supplement not found: {reference}", "not-found")
+            self.supplements.append(found)
+        self._code_systems.clear()
 
     async def supplement(self, url: str, version: str | None = None) -> dict[str, Any] | None:
         """A CodeSystem supplement by its own canonical URL."""

@@ -22,14 +22,16 @@ from terminology.codesystems import CodeSystemVersion, criteria_accepts
 from terminology.concepts import Concept, words
 from terminology.context import Context, split_canonical
 from terminology.filters import compile_filters
-from terminology.languages import display_for, preferred
+from terminology.languages import display_for, language_matches, preferred
 from terminology.outcomes import tx_error
 
 DEFAULT_LIMIT = 1000
 ECHOED = (
-    "activeOnly", "count", "displayLanguage", "excludeNested", "excludeNotForUI",
-    "excludePostCoordinated", "filter", "includeDefinition", "includeDesignations", "offset",
+    "activeOnly", "count", "designation", "displayLanguage", "excludeNested", "excludeNotForUI",
+    "excludePostCoordinated", "filter", "includeDesignations", "offset",
 )
+CONCEPT_PROPERTIES = "http://hl7.org/fhir/concept-properties#"
+VALUESET_DEPRECATED = "http://hl7.org/fhir/StructureDefinition/valueset-deprecated"
 
 
 # What an expansion repeats of its value set (the definition itself is not needed to use it).
@@ -44,8 +46,8 @@ class ExpandOptions:
     active_only: bool = False
     exclude_not_for_ui: bool = False
     include_designations: bool = False
-    include_definition: bool = False
     languages: list[str] = field(default_factory=list)
+    designation_languages: list[str] = field(default_factory=list)  # `designation` parameters
     properties: list[str] = field(default_factory=list)
     offset_given: bool = False
     limit: int = DEFAULT_LIMIT
@@ -58,6 +60,7 @@ class Entry:
     concept: Concept
     display: str | None = None  # a display given by the value set itself
     designations: list[dict[str, Any]] = field(default_factory=list)
+    extensions: list[dict[str, Any]] = field(default_factory=list)  # the value set's, on this concept
 
     @property
     def key(self) -> tuple[str, str]:
@@ -80,6 +83,7 @@ class Expander:
     def __init__(self, context: Context, options: ExpandOptions) -> None:
         self.context = context
         self.options = options
+        self.used_value_sets: dict[str, None] = {}
 
     async def code_system(self, system: str, version: str | None) -> CodeSystemVersion:
         cs = await self.context.code_system(system, version)
@@ -104,6 +108,7 @@ class Expander:
                 404, "not-found",
                 f"A definition for the value Set '{reference}' could not be found", "not-found",
             )
+        self.used_value_sets[_canonical(vs)] = None
         return vs
 
     def base_criteria(self) -> ConceptCriteria:
@@ -152,7 +157,7 @@ class Expander:
                     concept = await cs.find(item.get("code", ""))
                 if concept is None or not criteria_accepts(criteria, _with_designations(concept, item)):
                     continue
-                entry = Entry(cs, concept, item.get("display"), item.get("designation", []))
+                entry = Entry(cs, concept, item.get("display"), item.get("designation", []), item.get("extension", []))
                 collected.entries[entry.key] = entry
         else:
             selection = await compile_filters(cs, include.get("filter", []))
@@ -275,15 +280,27 @@ async def expand(context: Context, vs: dict[str, Any], options: ExpandOptions) -
         expansion["offset"] = options.offset
     parameters = list(options.echo)
     parameters += [{"name": "used-codesystem", "valueUri": u} for u in collected.used]
+    parameters += [{"name": "used-valueset", "valueUri": u} for u in expander.used_value_sets]
+    parameters += [
+        {"name": "used-supplement", "valueUri": f"{s['url']}|{s['version']}" if s.get("version") else s["url"]}
+        for s in context.supplements
+    ]
     parameters += [{"name": f"warning-{status}", "valueUri": canonical} for canonical, (_, status) in context.notes.items()]
     if parameters:
         expansion["parameter"] = parameters
     contains = [contains_entry(e, options) for e in page]
     if options.properties:
+        uris = {}
+        for entry in entries:
+            for prop in entry.cs.resource.get("property", []):
+                uris.setdefault(prop.get("code"), prop.get("uri"))
         expansion["extension"] = [
             {
                 "url": "http://hl7.org/fhir/5.0/StructureDefinition/extension-ValueSet.expansion.property",
-                "extension": [{"url": "code", "valueCode": p}],
+                "extension": [
+                    {"url": "code", "valueCode": p},
+                    {"url": "uri", "valueUri": uris.get(p) or CONCEPT_PROPERTIES + p},
+                ],
             }
             for p in options.properties
         ]
@@ -309,6 +326,11 @@ def contains_entry(entry: Entry, options: ExpandOptions) -> dict[str, Any]:
         designations = [*concept.designations, *entry.designations]
         if display != concept.display and concept.display:
             designations = [preferred(entry.cs, concept.display)] + [d for d in designations if d.get("value") != display]
+        if options.designation_languages:
+            designations = [
+                d for d in designations
+                if any(language_matches(lang, d.get("language")) for lang in options.designation_languages)
+            ]
         if designations:
             item["designation"] = designations
     extensions = [
@@ -319,9 +341,28 @@ def contains_entry(entry: Entry, options: ExpandOptions) -> dict[str, Any]:
         for code in options.properties
         for value in property_values(concept, code)
     ]
+    extensions += [e for e in entry.extensions if e.get("url") == VALUESET_DEPRECATED]
     if extensions:
         item["extension"] = extensions
     return item
+
+
+async def check_imports(context: Context, vs: dict[str, Any], stack: tuple[str, ...] = ()) -> None:
+    """Refuse a value set whose includes/excludes import it again (directly or not)."""
+    canonical = _canonical(vs)
+    stack = stack or (canonical,)
+    compose = vs.get("compose") or {}
+    for part in [*compose.get("include", []), *compose.get("exclude", [])]:
+        for reference in part.get("valueSet", []):
+            inner = await context.resource("ValueSet", reference)
+            if inner is None:
+                continue
+            inner_canonical = _canonical(inner)
+            if inner_canonical in stack:
+                chain = ", ".join([*stack[1:], inner_canonical])
+                message = f"Cyclic reference detected when excluding {stack[0]} via [{chain}]"
+                raise tx_error(400, "processing", message, "vs-invalid", diagnostics=message)
+            await check_imports(context, inner, (*stack, inner_canonical))
 
 
 async def contains(

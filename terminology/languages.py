@@ -86,3 +86,11 @@ def preferred(cs: CodeSystemVersion, display: str) -> dict[str, Any]:
         "use": {"system": HL7_TERM_MAINT, "code": "preferredForLanguage", "display": "Preferred For Language"},
         "value": display,
     }
+
+
+def display_languages(cs: CodeSystemVersion, concept: Concept) -> dict[str, str]:
+    """The language of each display a concept has (for messages listing them)."""
+    found = {d["value"]: d["language"] for d in concept.designations if d.get("value") and d.get("language")}
+    if concept.display:
+        found[concept.display] = cs.language or "en"
+    return found

@@ -155,10 +155,22 @@ def echo(call: OperationCall) -> list[dict[str, Any]]:
 # --- ValueSet/$expand ---------------------------------------------------------------------
 
 
+VALUESET_SUPPLEMENT = "http://hl7.org/fhir/StructureDefinition/valueset-supplement"
+
+
+async def apply_supplements(call: OperationCall, context: Context, vs: dict[str, Any] | None) -> None:
+    """`useSupplement` parameters and the value set's valueset-supplement extensions."""
+    references = [str(v) for v in call.values("useSupplement")]
+    if vs is not None:
+        references += [str(e.get("valueCanonical")) for e in vs.get("extension", []) if e.get("url") == VALUESET_SUPPLEMENT]
+    await context.require_supplements(list(dict.fromkeys(references)))
+
+
 async def value_set_for(call: OperationCall, context: Context, url_name: str = "url") -> dict[str, Any]:
     vs = await instance(call) or resource_param(call, "valueSet", "ValueSet")
     if vs is not None:
         context.note(vs)
+        await apply_supplements(call, context, vs)
         return vs
     url = text(call, url_name)
     if url is None:
@@ -168,6 +180,7 @@ async def value_set_for(call: OperationCall, context: Context, url_name: str = "
     if found is None:
         shown = f"{url}|{version}" if version else url
         raise tx_error(404, "not-found", f"A definition for the value Set '{shown}' could not be found", "not-found")
+    await apply_supplements(call, context, found)
     return found
 
 
@@ -190,17 +203,17 @@ async def expand_operation(call: OperationCall) -> OperationResult:
         active_only=flag(call, "activeOnly") or (vs.get("compose") or {}).get("inactive") is False,
         exclude_not_for_ui=flag(call, "excludeNotForUI"),
         include_designations=flag(call, "includeDesignations"),
-        include_definition=flag(call, "includeDefinition"),
         languages=languages(call),
         properties=[str(p) for p in call.values("property")],
+        designation_languages=[
+            str(d).partition("|")[2] for d in call.values("designation") if str(d).startswith("urn:ietf:bcp:47|")
+        ],
         echo=echo(call),
         offset_given=offset is not None,
         limit=expansion_limit(call),
     )
     if call.headers.get("accept-language") and not call.values("displayLanguage"):
         options.echo.append({"name": "displayLanguage", "valueCode": call.headers["accept-language"]})
-    if options.include_definition and "definition" not in options.properties:
-        options.properties.append("definition")
     return OperationResult(await expand(context, vs, options))
 
 
@@ -241,6 +254,7 @@ async def validate_code_operation(call: OperationCall) -> OperationResult:
     context = context_for(call)
     options = validation_options(call)
     if call.type == "CodeSystem":
+        await apply_supplements(call, context, None)
         cs = await instance(call) or resource_param(call, "codeSystem", "CodeSystem")
         codings, codeable = codings_from(call, "")
         if cs is not None:
@@ -281,6 +295,7 @@ async def code_system_for(call: OperationCall, context: Context, system: str | N
 @guarded
 async def lookup_operation(call: OperationCall) -> OperationResult:
     context = context_for(call)
+    await apply_supplements(call, context, None)
     coding = coding_param(call, "coding") or {"system": text(call, "system"), "code": text(call, "code"), "version": text(call, "version")}
     code = coding.get("code")
     if not code:

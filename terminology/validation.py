@@ -15,8 +15,8 @@ from typing import Any
 from terminology.codesystems import CodeSystemVersion
 from terminology.concepts import Concept
 from terminology.context import Context
-from terminology.expansion import contains
-from terminology.languages import display_for, valid_displays
+from terminology.expansion import check_imports, contains
+from terminology.languages import display_for, display_languages, valid_displays
 from terminology.outcomes import TxError, TxIssue, outcome
 
 ABSOLUTE = ("http:", "https:", "urn:")
@@ -55,6 +55,7 @@ class Verdict:
     concept: Concept | None = None
     unknown_system: str | None = None
     coded: Coded | None = None
+    caused_by: bool = False  # the value set itself uses the unknown system
 
 
 def _unknown_system_text(system: str, version: str | None, known: list[str]) -> str:
@@ -70,9 +71,9 @@ async def check_coding(context: Context, coded: Coded, options: Options) -> Verd
     """Validate one coding against its code system (no value set yet)."""
     if not coded.system:
         return Verdict(False, [TxIssue(
-            "error", "invalid",
+            "warning", "invalid",
             "Coding has no system. A code with no system has no defined meaning, and it cannot be validated. A system should be provided",
-            "invalid-data", coded.at("system") if coded.path else ("system",),
+            "invalid-data", (coded.path or "code",),
         )], coded=coded)
     system = coded.system
     cs = await context.code_system(system, coded.version)
@@ -158,6 +159,7 @@ def _status_issue(concept: Concept, coded: Coded) -> TxIssue:
 def _display_issue(cs: CodeSystemVersion, concept: Concept, coded: Coded, options: Options) -> TxIssue | None:
     given = coded.display or ""
     candidates = valid_displays(cs, concept, options.languages)
+    languages_of = display_languages(cs, concept)
     if given in candidates or (not candidates and not concept.display):
         return None
     if any(_normal(given) == _normal(c) for c in candidates):
@@ -179,7 +181,7 @@ def _display_issue(cs: CodeSystemVersion, concept: Concept, coded: Coded, option
         )
     return TxIssue(
         severity, "invalid",
-        f"Wrong Display Name '{given}' for {cs.url}#{concept.code}. Valid display is {_choices(candidates)} (for the language(s) '{languages}')",
+        f"Wrong Display Name '{given}' for {cs.url}#{concept.code}. Valid display is {_choices(candidates, languages_of)} (for the language(s) '{languages}')",
         "invalid-display", coded.at("display"),
     )
 
@@ -188,10 +190,10 @@ def _normal(text: str) -> str:
     return " ".join(text.split())
 
 
-def _choices(candidates: list[str]) -> str:
+def _choices(candidates: list[str], languages_of: dict[str, str] | None = None) -> str:
     if len(candidates) == 1:
         return f"'{candidates[0]}'"
-    quoted = [f"'{c}'" for c in candidates]
+    quoted = [f"'{c}'" + (f" ({languages_of[c]})" if languages_of and languages_of.get(c) else "") for c in candidates]
     return f"one of {len(candidates)} choices: {', '.join(quoted[:-1])} or {quoted[-1]}"
 
 
@@ -215,11 +217,13 @@ async def infer_system(context: Context, vs: dict[str, Any], code: str) -> tuple
 async def validate_in_value_set(context: Context, vs: dict[str, Any], coded_list: list[Coded], options: Options, codeable: bool) -> dict[str, Any]:
     """Validate codings against a value set (one Coding/code, or a CodeableConcept)."""
     vs_canonical = _vs_canonical(vs)
+    await check_imports(context, vs)
     verdicts: list[Verdict] = []
     issues: list[TxIssue] = []
     found: Verdict | None = None
+    any_member = False
     for coded in coded_list:
-        if coded.system is None and coded.code and (options.infer_system or not codeable):
+        if coded.system is None and coded.code and options.infer_system:
             system, systems = await infer_system(context, vs, coded.code)
             if system is None and len(systems) > 1:
                 issues.append(TxIssue(
@@ -232,10 +236,21 @@ async def validate_in_value_set(context: Context, vs: dict[str, Any], coded_list
         verdict = await check_coding(context, coded, options)
         verdicts.append(verdict)
         member = False
+        if verdict.unknown_system and _uses_system(vs, coded.system):
+            verdict.caused_by = True
+            continue
+        if verdict.unknown_system:
+            verdict.issues = [
+                TxIssue(i.severity, i.code, i.text.replace(f"CodeSystem '{coded.system}'", f"CodeSystem {coded.system}"), i.tx_code, i.expression)
+                if str(coded.system).startswith(ABSOLUTE) else i
+                for i in verdict.issues
+            ]
         if verdict.concept is not None and verdict.cs is not None:
             try:
                 member = bool(await contains(context, vs, verdict.cs, verdict.concept))
             except TxError as exc:
+                if not any(i.code == "not-found" for i in exc.issues):
+                    raise  # a broken value set is an error of the request, not a result
                 return _answer(False, verdict, exc.issues, [verdict], codeable, coded_list if codeable else None, options)
             inactive_excluded = (vs.get("compose") or {}).get("inactive") is False or options.active_only
             if member and inactive_excluded and verdict.concept.inactive:
@@ -247,8 +262,15 @@ async def validate_in_value_set(context: Context, vs: dict[str, Any], coded_list
                 ))
         elif verdict.cs is not None and verdict.cs.content == "fragment":
             member = verdict.valid
+        any_member = any_member or member
         if member and verdict.valid:
             found = found or verdict
+            if verdict.concept is not None and _deprecated_in(vs, coded.system, verdict.concept.code):
+                verdict.issues.append(TxIssue(
+                    "warning", "business-rule",
+                    f"The presence of the concept '{verdict.concept.code}' in the system '{coded.system}' in the value set {vs_canonical} is marked with a status of deprecated and its use should be reviewed",
+                    "code-comment", coded.at("code"),
+                ))
         else:
             shown = f"{coded.system or ''}#{coded.code}"
             if coded.display and verdict.concept is None and verdict.cs is not None:
@@ -265,11 +287,35 @@ async def validate_in_value_set(context: Context, vs: dict[str, Any], coded_list
         issues.extend(v.issues)
     chosen = found or next((v for v in verdicts if v.concept is not None), None) or (verdicts[0] if verdicts else None)
     result = found is not None
-    if codeable and not result:
+    if codeable and not result and not any_member:
         issues.insert(0, TxIssue(
             "error", "code-invalid", f"No valid coding was found for the value set '{vs_canonical}'", "not-in-vs",
         ))
     return _answer(result, chosen, issues + status_issues(context), verdicts, codeable, coded_list if codeable else None, options)
+
+
+VALUESET_DEPRECATED = "http://hl7.org/fhir/StructureDefinition/valueset-deprecated"
+STANDARDS_STATUS = "http://hl7.org/fhir/StructureDefinition/structuredefinition-standards-status"
+
+
+def _deprecated_in(vs: dict[str, Any], system: str | None, code: str) -> bool:
+    """Whether the value set lists this concept with a deprecated mark."""
+    for include in (vs.get("compose") or {}).get("include", []):
+        if include.get("system") != system:
+            continue
+        for item in include.get("concept", []):
+            if item.get("code") != code:
+                continue
+            for ext in item.get("extension", []):
+                if ext.get("url") == VALUESET_DEPRECATED and ext.get("valueBoolean") is True:
+                    return True
+                if ext.get("url") == STANDARDS_STATUS and ext.get("valueCode") == "deprecated":
+                    return True
+    return False
+
+
+def _uses_system(vs: dict[str, Any], system: str | None) -> bool:
+    return any(i.get("system") == system for i in (vs.get("compose") or {}).get("include", []))
 
 
 def status_issues(context: Context) -> list[TxIssue]:
@@ -302,22 +348,29 @@ def _answer(
         coded = chosen.coded
         if chosen.concept is not None and codeable:
             parameters.append({"name": "code", "valueCode": chosen.concept.code})
-        elif coded.code:
+        elif coded.code and not codeable:
             parameters.append({"name": "code", "valueCode": coded.code})
+        if chosen.concept is not None and coded.code and chosen.concept.code != coded.code:
+            parameters.append({"name": "normalized-code", "valueCode": chosen.concept.code})
         if chosen.cs is not None:
             parameters.append({"name": "system", "valueUri": chosen.cs.url})
             if chosen.cs.version:
                 parameters.append({"name": "version", "valueString": chosen.cs.version})
+        elif coded.system and not codeable:
+            parameters.append({"name": "system", "valueUri": coded.system})
         if chosen.concept is not None:
             display = display_for(chosen.cs, chosen.concept, options.languages) if chosen.cs else chosen.concept.display
             if display:
                 parameters.append({"name": "display", "valueString": display})
             if chosen.concept.inactive:
                 parameters.append({"name": "inactive", "valueBoolean": True})
-    unknown = [v.unknown_system for v in verdicts if v.unknown_system]
-    for system in dict.fromkeys(unknown):
-        parameters.append({"name": "x-unknown-system", "valueCanonical": system})
-    shown = [i for i in issues if i.severity in ("error", "warning")] or [i for i in issues if i.severity == "information" and not result]
+    for verdict in verdicts:
+        if verdict.unknown_system:
+            name = "x-caused-by-unknown-system" if verdict.caused_by else "x-unknown-system"
+            parameters.append({"name": name, "valueCanonical": verdict.unknown_system})
+    # a fragment's unknown code is reported as an issue but is no reason to doubt the result
+    shown = [i for i in issues if i.severity == "error" or (i.severity == "warning" and i.tx_code != "invalid-code")]
+    shown = shown or [i for i in issues if i.severity == "information" and not result]
     if shown:
         parameters.append({"name": "message", "valueString": "; ".join(sorted({i.text for i in shown}))})
     if issues:

@@ -188,9 +188,10 @@ def normalize(resource: dict[str, Any]) -> dict[str, Any]:
 
 
 class Comparer:
-    def __init__(self, modes: set[str], externals: dict[str, str] | None = None) -> None:
+    def __init__(self, modes: set[str], externals: dict[str, str] | None = None, fhir_version: str = "4.0.1") -> None:
         self.modes = modes
         self.externals = externals
+        self.fhir_version = fhir_version
 
     def compare(self, expected: Any, actual: Any, path: str = "") -> str | None:
         if isinstance(expected, dict) and isinstance(actual, dict):
@@ -281,7 +282,7 @@ class Comparer:
 
     def matches(self, actual: str, expected: str) -> bool:
         if not (expected.startswith("$") and expected.endswith("$") and len(expected) > 1):
-            return actual == expected
+            return actual == expected.replace("$version$", self.fhir_version)
         body = expected[1:-1]
         if body.startswith("choice:"):
             return actual in body[len("choice:"):].split("|")
@@ -300,6 +301,7 @@ class Comparer:
             "uuid": lambda a: _UUID.fullmatch(a) is not None,
             "id": lambda a: _ID.fullmatch(a) is not None,
             "string": lambda a: a == a.strip(),
+            "version": lambda a: a == self.fhir_version,
         }
         test = simple.get(body)
         return test(actual) if test else actual == expected
