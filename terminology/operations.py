@@ -239,7 +239,9 @@ def codings_from(call: OperationCall, code_path: str) -> tuple[list[Coded], bool
 
 
 def validation_options(call: OperationCall) -> Options:
+    concept = value(call, "codeableConcept")
     return Options(
+        codeable_concept=concept if isinstance(concept, dict) else None,
         languages=languages(call),
         abstract_allowed=flag(call, "abstract", True),
         active_only=flag(call, "activeOnly"),

@@ -45,6 +45,7 @@ class Options:
     active_only: bool = False
     lenient_display: bool = False
     infer_system: bool = False
+    codeable_concept: dict[str, Any] | None = None  # as sent, echoed in the answer
 
 
 @dataclass
@@ -174,6 +175,12 @@ def _display_issue(cs: CodeSystemVersion, concept: Concept, coded: Coded, option
     languages = ",".join(options.languages) if options.languages else "--"
     severity = "warning" if options.lenient_display else "error"
     if not candidates:
+        if given in valid_displays(cs, concept, [cs.language or "en"]):
+            return TxIssue(
+                "information", "invalid",
+                f"There are no valid display names found for the code {cs.url}#{concept.code} for language(s) '{languages}'. The display is '{given}' which is a valid display for the default language",
+                "invalid-display", coded.at("display"),
+            )
         return TxIssue(
             severity, "invalid",
             f"Wrong Display Name '{given}' for {cs.url}#{concept.code}. There are no valid display names found for language(s) '{languages}'. Default display is '{concept.display}'",
@@ -275,7 +282,8 @@ async def validate_in_value_set(context: Context, vs: dict[str, Any], coded_list
             shown = f"{coded.system or ''}#{coded.code}"
             if coded.display and verdict.concept is None and verdict.cs is not None:
                 shown += f" ('{coded.display}')"
-            if not member:
+            known_but_unknown_code = verdict.cs is not None and verdict.concept is None
+            if not member and not (codeable and known_but_unknown_code):
                 severity = "information" if codeable else "error"
                 verdict.issues.append(TxIssue(
                     severity, "code-invalid",
@@ -287,6 +295,8 @@ async def validate_in_value_set(context: Context, vs: dict[str, Any], coded_list
         issues.extend(v.issues)
     chosen = found or next((v for v in verdicts if v.concept is not None), None) or (verdicts[0] if verdicts else None)
     result = found is not None
+    if codeable and not any_member:
+        chosen = None  # no coding of the CodeableConcept is in the value set: nothing to report on
     if codeable and not result and not any_member:
         issues.insert(0, TxIssue(
             "error", "code-invalid", f"No valid coding was found for the value set '{vs_canonical}'", "not-in-vs",
@@ -340,7 +350,7 @@ def _answer(
 ) -> dict[str, Any]:
     parameters: list[dict[str, Any]] = [{"name": "result", "valueBoolean": result}]
     if codeable_concept is not None:
-        parameters.append({"name": "codeableConcept", "valueCodeableConcept": {"coding": [
+        parameters.append({"name": "codeableConcept", "valueCodeableConcept": options.codeable_concept or {"coding": [
             {k: v for k, v in (("system", c.system), ("version", c.version), ("code", c.code), ("display", c.display)) if v is not None}
             for c in codeable_concept
         ]}})
@@ -369,7 +379,10 @@ def _answer(
             name = "x-caused-by-unknown-system" if verdict.caused_by else "x-unknown-system"
             parameters.append({"name": name, "valueCanonical": verdict.unknown_system})
     # a fragment's unknown code is reported as an issue but is no reason to doubt the result
-    shown = [i for i in issues if i.severity == "error" or (i.severity == "warning" and i.tx_code != "invalid-code")]
+    shown = [
+        i for i in issues
+        if i.severity == "error" or (i.severity == "warning" and i.tx_code != "invalid-code") or i.tx_code == "invalid-display"
+    ]
     shown = shown or [i for i in issues if i.severity == "information" and not result]
     if shown:
         parameters.append({"name": "message", "valueString": "; ".join(sorted({i.text for i in shown}))})
