@@ -88,6 +88,8 @@ class Context:
     store: TerminologyStore | None
     tx_resources: list[dict[str, Any]] = field(default_factory=list)
     _code_systems: dict[tuple[str, str | None], CodeSystemVersion | None] = field(default_factory=dict)
+    # resources contained in the value set being worked on (`#id` references)
+    contained: list[dict[str, Any]] = field(default_factory=list)
     # supplements the request or value set asked for (applied to the systems they supplement)
     supplements: list[dict[str, Any]] = field(default_factory=list)
     # canonical -> notable status (draft, experimental, deprecated, withdrawn) of what was used
@@ -120,6 +122,8 @@ class Context:
             url, version = split_canonical(url)
         if type_ == "ValueSet" and "?fhir_vs" in url:
             return implicit_value_set(url)
+        if url.startswith("#"):
+            return next((r for r in self.contained if r.get("resourceType") == type_ and r.get("id") == url[1:]), None)
         found = pick(self.local(type_, url), version, lambda r: r.get("version"))
         if found is None:
             stored = pick(await self.stored(type_, url), version, lambda c: c.version)

@@ -170,6 +170,7 @@ async def value_set_for(call: OperationCall, context: Context, url_name: str = "
     vs = await instance(call) or resource_param(call, "valueSet", "ValueSet")
     if vs is not None:
         context.note(vs)
+        context.contained = vs.get("contained", [])
         await apply_supplements(call, context, vs)
         return vs
     url = text(call, url_name)
@@ -180,6 +181,7 @@ async def value_set_for(call: OperationCall, context: Context, url_name: str = "
     if found is None:
         shown = f"{url}|{version}" if version else url
         raise tx_error(404, "not-found", f"A definition for the value Set '{shown}' could not be found", "not-found")
+    context.contained = found.get("contained", [])
     await apply_supplements(call, context, found)
     return found
 
@@ -269,6 +271,9 @@ async def validate_code_operation(call: OperationCall) -> OperationResult:
                 coded.version = coded.version or version or (cs or {}).get("version")
         return OperationResult(await validate_in_code_system(context, codings, options, codeable))
     vs = await value_set_for(call, context)
+    if not options.languages:
+        from_vs = [str(p.get("valueCode") or p.get("valueString")) for p in expansion_parameters(vs) if p["name"] == "displayLanguage"]
+        options.languages = parse_accept_language(from_vs[0] if from_vs else vs.get("language"))
     codings, codeable = codings_from(call, "")
     return OperationResult(await validate_in_value_set(context, vs, codings, options, codeable))
 
