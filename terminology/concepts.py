@@ -22,6 +22,7 @@ from server.fhir import jsonio
 STATUS_URI = "http://hl7.org/fhir/concept-properties#status"
 INACTIVE_URI = "http://hl7.org/fhir/concept-properties#inactive"
 NOT_SELECTABLE_URI = "http://hl7.org/fhir/concept-properties#notSelectable"
+STANDARDS_STATUS = "http://hl7.org/fhir/StructureDefinition/structuredefinition-standards-status"
 PARENT_CODES = ("parent", "subsumedBy")
 INACTIVE_STATUSES = {"retired", "inactive"}
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -155,6 +156,10 @@ def flatten(resource: dict[str, Any]) -> list[Concept]:
         parents = [parent] if parent else []
         parents += [value_text(property_value(p)) for p in props if p.get("code") in PARENT_CODES]
         status_values = [value_text(property_value(p)) for p in props if p.get("code") == codes["status"]]
+        status_values += [
+            str(e.get("valueCode")) for e in concept.get("extension", [])
+            if isinstance(e, dict) and e.get("url") == STANDARDS_STATUS and e.get("valueCode")
+        ]
         status = status_values[0] if status_values else None
         inactive = any(
             property_value(p) is True for p in props if p.get("code") == codes["inactive"]

@@ -31,8 +31,7 @@ class TxIssue:
         issue["details"] = details
         if self.diagnostics:
             issue["diagnostics"] = self.diagnostics
-        if self.expression:
-            issue["location"] = list(self.expression)
+        if self.expression:  # `location` is deprecated in favour of `expression`
             issue["expression"] = list(self.expression)
         return issue
 

@@ -260,6 +260,8 @@ async def validate_in_value_set(context: Context, vs: dict[str, Any], coded_list
                     raise  # a broken value set is an error of the request, not a result
                 return _answer(False, verdict, exc.issues, [verdict], codeable, coded_list if codeable else None, options)
             inactive_excluded = (vs.get("compose") or {}).get("inactive") is False or options.active_only
+            if member and not options.abstract_allowed and verdict.concept.abstract:
+                member = False
             if member and inactive_excluded and verdict.concept.inactive:
                 member = False
                 verdict.issues.insert(0, TxIssue(
@@ -317,7 +319,7 @@ def _deprecated_in(vs: dict[str, Any], system: str | None, code: str) -> bool:
             if item.get("code") != code:
                 continue
             for ext in item.get("extension", []):
-                if ext.get("url") == VALUESET_DEPRECATED and ext.get("valueBoolean") is True:
+                if ext.get("url") == VALUESET_DEPRECATED and ext.get("valueBoolean", ext.get("valueCode")) in (True, "true"):
                     return True
                 if ext.get("url") == STANDARDS_STATUS and ext.get("valueCode") == "deprecated":
                     return True
@@ -374,6 +376,8 @@ def _answer(
                 parameters.append({"name": "display", "valueString": display})
             if chosen.concept.inactive:
                 parameters.append({"name": "inactive", "valueBoolean": True})
+            if chosen.concept.status and chosen.concept.status != "active":
+                parameters.append({"name": "status", "valueCode": chosen.concept.status})
     for verdict in verdicts:
         if verdict.unknown_system:
             name = "x-caused-by-unknown-system" if verdict.caused_by else "x-unknown-system"
