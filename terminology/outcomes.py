@@ -21,6 +21,7 @@ class TxIssue:
     tx_code: str | None = None  # tx-issue-type (not-found, invalid-code, not-in-vs, ...)
     expression: tuple[str, ...] = ()
     diagnostics: str | None = None
+    in_message: bool = True  # whether $validate-code's `message` repeats it
 
     def json(self) -> dict[str, Any]:
         issue: dict[str, Any] = {"severity": self.severity, "code": self.code}

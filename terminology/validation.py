@@ -115,7 +115,7 @@ async def check_coding(context: Context, coded: Coded, options: Options) -> Verd
             return Verdict(True, [TxIssue(
                 "warning", "code-invalid",
                 f"Unknown Code '{code}' in the CodeSystem '{cs.url}'{version} - note that the code system is labeled as a fragment, so the code may be valid in some other fragment",
-                "invalid-code", coded.at("code"),
+                "invalid-code", coded.at("code"), in_message=False,
             )], cs=cs, coded=coded)
         version = f" version '{cs.version}'" if cs.version else ""
         return Verdict(False, [TxIssue(
@@ -278,14 +278,13 @@ async def validate_in_value_set(context: Context, vs: dict[str, Any], coded_list
                 verdict.issues.append(TxIssue(
                     "warning", "business-rule",
                     f"The presence of the concept '{verdict.concept.code}' in the system '{coded.system}' in the value set {vs_canonical} is marked with a status of deprecated and its use should be reviewed",
-                    "code-comment", coded.at("code"),
+                    "code-comment", coded.at("code"), in_message=False,
                 ))
         else:
             shown = f"{coded.system or ''}#{coded.code}"
             if coded.display and verdict.concept is None and verdict.cs is not None:
                 shown += f" ('{coded.display}')"
-            known_but_unknown_code = verdict.cs is not None and verdict.concept is None
-            if not member and not (codeable and known_but_unknown_code):
+            if not member:
                 severity = "information" if codeable else "error"
                 verdict.issues.append(TxIssue(
                     severity, "code-invalid",
@@ -382,10 +381,9 @@ def _answer(
         if verdict.unknown_system:
             name = "x-caused-by-unknown-system" if verdict.caused_by else "x-unknown-system"
             parameters.append({"name": name, "valueCanonical": verdict.unknown_system})
-    # a fragment's unknown code is reported as an issue but is no reason to doubt the result
     shown = [
         i for i in issues
-        if i.severity == "error" or (i.severity == "warning" and i.tx_code != "invalid-code") or i.tx_code == "invalid-display"
+        if i.in_message and (i.severity in ("error", "warning") or i.tx_code == "invalid-display")
     ]
     shown = shown or [i for i in issues if i.severity == "information" and not result]
     if shown:
