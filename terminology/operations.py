@@ -94,7 +94,15 @@ def coding_param(call: OperationCall, name: str) -> dict[str, Any] | None:
         return {"system": system or None, "code": code}
     if not isinstance(v, dict):
         raise tx_error(400, "invalid", f"The parameter '{name}' must be a Coding")
-    return v
+    return checked_coding(v, name)
+
+
+def checked_coding(coding: dict[str, Any], where: str) -> dict[str, Any]:
+    """A Coding whose system, version, code and display are strings (never query operators)."""
+    for key in ("system", "version", "code", "display"):
+        if key in coding and not isinstance(coding[key], str):
+            raise tx_error(400, "invalid", f"{where}.{key} must be a string")
+    return coding
 
 
 def context_for(call: OperationCall) -> Context:
@@ -226,7 +234,7 @@ def codings_from(call: OperationCall, code_path: str) -> tuple[list[Coded], bool
     """The codings to validate (code+system, coding, or codeableConcept) and whether it is a CodeableConcept."""
     concept = value(call, "codeableConcept")
     if isinstance(concept, dict):
-        codings = concept.get("coding", [])
+        codings = [checked_coding(c, "codeableConcept.coding") for c in concept.get("coding", []) if isinstance(c, dict)]
         return [
             Coded(c.get("system"), c.get("code"), c.get("version"), c.get("display"), f"CodeableConcept.coding[{i}]")
             for i, c in enumerate(codings)
@@ -353,9 +361,9 @@ async def translate_operation(call: OperationCall) -> OperationResult:
         }
         target_system = text(call, "targetsystem") or text(call, "targetSystem")
     concept = value(call, "codeableConcept") or value(call, "sourceCodeableConcept")
-    if isinstance(concept, dict) and concept.get("coding"):
-        coding = concept["coding"][0]
-    if not coding.get("system") or not coding.get("code"):
+    if isinstance(concept, dict) and concept.get("coding") and isinstance(concept["coding"][0], dict):
+        coding = checked_coding(concept["coding"][0], "codeableConcept.coding")
+    if not isinstance(coding.get("system"), str) or not isinstance(coding.get("code"), str) or not coding["code"]:
         raise tx_error(400, "required", "Give a system and code (or a coding) to translate", "invalid-data")
     dependencies = [
         {p.get("name"): next((v for k, v in p.items() if k.startswith("value")), None) for p in d.get("part", [])}

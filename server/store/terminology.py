@@ -38,7 +38,6 @@ CANONICALS = collection(
     "tx_canonicals",
     IndexModel([("t", ASCENDING), ("url", ASCENDING), ("version", ASCENDING)], name="type_url_version"),
     IndexModel([("ids", ASCENDING)], name="identifiers"),
-    IndexModel([("supplements", ASCENDING)], name="supplements", sparse=True),
 )
 CONCEPTS = collection(
     "tx_concepts",
@@ -170,17 +169,6 @@ class TerminologyStore:
         cursor = self.canonicals.find({"t": type_, "ids": identifier})
         return [Canonical.from_document(doc) async for doc in cursor]
 
-    async def supplements_of(self, url: str) -> list[Canonical]:
-        cursor = self.canonicals.find({"t": "CodeSystem", "supplements": url})
-        return [Canonical.from_document(doc) async for doc in cursor]
-
-    async def all_definitions(self, type_: str) -> list[Canonical]:
-        cursor = self.canonicals.find({"t": type_}, {"raw": 0})
-        return [
-            Canonical(d["_id"], d["t"], d.get("url"), d.get("version"), b"", d.get("g"), d.get("n", 0))
-            async for d in cursor
-        ]
-
     async def generation_in_use(self, generation: str) -> bool:
         return await self.canonicals.find_one({"g": generation}, {"_id": 1}) is not None
 
@@ -203,19 +191,6 @@ class TerminologyStore:
             count += len(batch)
         return count
 
-    async def update_concepts(self, generation: str, updates: Iterable[tuple[str, dict[str, Any]]]) -> None:
-        """Set fields on concepts by code (bulk loaders' second pass, e.g. ancestors)."""
-        from pymongo import UpdateOne
-
-        batch = []
-        for code, fields in updates:
-            batch.append(UpdateOne({"g": generation, "c": code}, {"$set": fields}))
-            if len(batch) >= BULK_BATCH:
-                await self.concepts.bulk_write(batch, ordered=False)
-                batch = []
-        if batch:
-            await self.concepts.bulk_write(batch, ordered=False)
-
     async def delete_concepts(self, session: AsyncClientSession | None, generation: str) -> None:
         await self.concepts.delete_many({"g": generation}, session=session)
 
@@ -224,9 +199,6 @@ class TerminologyStore:
 
     async def concepts_by_lower_code(self, generation: str, lower: str) -> list[dict[str, Any]]:
         return [doc async for doc in self.concepts.find({"g": generation, "lc": lower})]
-
-    async def concepts_by_code(self, generation: str, codes: Sequence[str]) -> list[dict[str, Any]]:
-        return [doc async for doc in self.concepts.find({"g": generation, "c": {"$in": list(codes)}})]
 
     async def find_concepts(
         self,
@@ -266,6 +238,3 @@ class TerminologyStore:
 
     async def mappings_to(self, system: str, code: str) -> list[dict[str, Any]]:
         return [doc async for doc in self.mappings.find({"ts": system, "tc": code}, {"_id": 0})]
-
-    async def mappings_of(self, generation: str) -> list[dict[str, Any]]:
-        return [doc async for doc in self.mappings.find({"g": generation}, {"_id": 0})]

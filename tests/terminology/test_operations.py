@@ -147,6 +147,8 @@ def test_bad_input_gets_operation_outcomes(fhir):
     assert wrong_type.status_code == 400
     injection = fhir.get("CodeSystem/$lookup", params={"system": "http://unitsofmeasure.org|2.1", "code": '{"$gt": ""}'})
     assert injection.status_code == 404
+    operator = fhir.post("CodeSystem/$lookup", content=params(("coding", "valueCoding", {"system": "http://loinc.org", "code": {"$gt": ""}})), headers=FHIR_JSON)
+    assert operator.status_code == 400 and operator.json()["resourceType"] == "OperationOutcome"
     url = f"http://example.org/cs/{uuid.uuid4()}"
     fhir.post("CodeSystem", content=json.dumps(code_system(url)), headers=FHIR_JSON)
     bad_regex = {"resourceType": "ValueSet", "status": "active", "compose": {"include": [
