@@ -114,25 +114,18 @@ def load_loinc(
 
 @load_app.command("snomed")
 def load_snomed(
-    folder: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="RF2 release folder (with Snapshot/)")],
-    language_refset: Annotated[str, typer.Option(help="language reference set for displays")] = "900000000000509007",
+    source: Annotated[Path, typer.Argument(exists=True, help="RF2 release folder (with Snapshot/); with --gps, the hl7.terminology.r4 package or the GPS ValueSet JSON")],
+    gps: Annotated[bool, typer.Option("--gps", help="load the SNOMED CT Global Patient Set as a SNOMED CT fragment")] = False,
+    language_refset: Annotated[str, typer.Option(help="language reference set for displays (RF2)")] = "900000000000509007",
     config: ConfigOption = None,
 ) -> None:
-    """SNOMED CT from an RF2 snapshot."""
-    from terminology.loaders.snomed import Rf2Error, load_rf2
+    """SNOMED CT from an RF2 snapshot, or the Global Patient Set (--gps)."""
+    from terminology.loaders.snomed import Rf2Error, load_gps, load_rf2
 
-    load(config, lambda store, progress: load_rf2(store, folder, language_refset, progress), Rf2Error)
-
-
-@load_app.command("gps")
-def load_gps(
-    source: Annotated[Path, typer.Argument(exists=True, help="hl7.terminology.r4 package (tgz/folder) or the GPS ValueSet JSON")],
-    config: ConfigOption = None,
-) -> None:
-    """The SNOMED CT Global Patient Set, as a SNOMED CT fragment."""
-    from terminology.loaders.snomed import Rf2Error, load_gps as load_set
-
-    load(config, lambda store, progress: load_set(store, source, progress), Rf2Error)
+    if gps:
+        load(config, lambda store, progress: load_gps(store, source, progress), Rf2Error)
+    else:
+        load(config, lambda store, progress: load_rf2(store, source, language_refset, progress), Rf2Error)
 
 
 @load_app.command("local")
