@@ -93,14 +93,18 @@ class InlineConcepts:
 
 
 class StoredConcepts:
-    """Concept rows in MongoDB under one generation (indexed; never loaded whole)."""
+    """Concept rows in MongoDB under one generation (indexed; never loaded whole).
 
-    def __init__(self, store: TerminologyStore, generation: str) -> None:
+    `prefetched` holds concepts fetched together with the code system's definition
+    (code -> document, or None when the code system does not have it)."""
+
+    def __init__(self, store: TerminologyStore, generation: str, prefetched: dict[str, dict[str, Any] | None] | None = None) -> None:
         self.store = store
         self.generation = generation
+        self.prefetched = prefetched or {}
 
     async def get(self, code: str) -> Concept | None:
-        doc = await self.store.concept(self.generation, code)
+        doc = self.prefetched[code] if code in self.prefetched else await self.store.concept(self.generation, code)
         return Concept.from_document(doc) if doc else None
 
     async def get_ignoring_case(self, code: str) -> Concept | None:

@@ -137,36 +137,42 @@ class Context:
         stored = [c.version for c in await self.stored(type_, url)]
         return [v for v in local + stored if v]
 
-    async def code_system(self, url: str, version: str | None = None) -> CodeSystemVersion | None:
+    async def code_system(self, url: str, version: str | None = None, code: str | None = None) -> CodeSystemVersion | None:
+        """The code system version; `code` names a concept to fetch in the same round trip."""
         if version is None and "|" in url:
             url, version = split_canonical(url)
         key = (url, version)
         if key not in self._code_systems:
-            cs = await self._resolve_code_system(url, version)
+            cs = await self._resolve_code_system(url, version, code)
             if cs is not None:
                 self.note(cs.resource)
                 cs = self._supplemented(cs)
             self._code_systems[key] = cs
         return self._code_systems[key]
 
-    async def _resolve_code_system(self, url: str, version: str | None) -> CodeSystemVersion | None:
+    async def _resolve_code_system(self, url: str, version: str | None, code: str | None) -> CodeSystemVersion | None:
         local = pick(
             [r for r in self.local("CodeSystem", url) if r.get("content") != "supplement"],
             version, lambda r: r.get("version"),
         )
         if local is not None:
             return inline_version(local)
-        stored = pick(
-            [c for c in await self.stored("CodeSystem", url) if c.supplements is None],
-            version, lambda c: c.version,
-        )
+        hits: dict[str, dict[str, Any] | None] = {}
+        if self.store is not None and code is not None:
+            found = await self.store.definitions_with_concept("CodeSystem", url, code)
+            candidates = [c for c, _ in found] or await self.stored("CodeSystem", url)
+            hits = {c.key: hit for c, hit in found}
+        else:
+            candidates = await self.stored("CodeSystem", url)
+        stored = pick([c for c in candidates if c.supplements is None], version, lambda c: c.version)
         if stored is not None and self.store is not None:
             header = jsonio.loads(stored.body)
             if stored.generation is None:
                 return inline_version(header)
+            prefetched = {code: hits[stored.key]} if code is not None and stored.key in hits else None
             return CodeSystemVersion(
                 {k: v for k, v in header.items() if k != "concept"},
-                StoredConcepts(self.store, stored.generation),
+                StoredConcepts(self.store, stored.generation, prefetched),
             )
         return builtin_code_system(url, version)
 

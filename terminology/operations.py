@@ -289,14 +289,14 @@ async def validate_code_operation(call: OperationCall) -> OperationResult:
 # --- CodeSystem/$lookup and $subsumes -----------------------------------------------------
 
 
-async def code_system_for(call: OperationCall, context: Context, system: str | None, version: str | None) -> Any:
+async def code_system_for(call: OperationCall, context: Context, system: str | None, version: str | None, code: str | None = None) -> Any:
     stored = await instance(call)
     if stored is not None:
         context.tx_resources.append(stored)
         system, version = stored.get("url"), stored.get("version")
     if not system:
         raise tx_error(400, "required", "A system (or coding) is required", "invalid-data")
-    cs = await context.code_system(system, version)
+    cs = await context.code_system(system, version, code)
     if cs is None:
         raise tx_error(
             404, "not-found",
@@ -315,7 +315,7 @@ async def lookup_operation(call: OperationCall) -> OperationResult:
     code = coding.get("code")
     if not code:
         raise tx_error(400, "required", "A code (or coding) is required", "invalid-data")
-    cs = await code_system_for(call, context, coding.get("system"), coding.get("version"))
+    cs = await code_system_for(call, context, coding.get("system"), coding.get("version"), code)
     concept = await cs.find(code)
     if concept is None:
         version = f" version '{cs.version}'" if cs.version else ""

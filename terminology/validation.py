@@ -77,7 +77,7 @@ async def check_coding(context: Context, coded: Coded, options: Options) -> Verd
             "invalid-data", (coded.path or "code",),
         )], coded=coded)
     system = coded.system
-    cs = await context.code_system(system, coded.version)
+    cs = await context.code_system(system, coded.version, coded.code)
     if cs is None:
         issues = []
         if not system.startswith(ABSOLUTE):

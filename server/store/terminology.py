@@ -165,6 +165,21 @@ class TerminologyStore:
         cursor = self.canonicals.find({"t": type_, "url": url})
         return [Canonical.from_document(doc) async for doc in cursor]
 
+    async def definitions_with_concept(
+        self, type_: str, url: str, code: str
+    ) -> list[tuple[Canonical, dict[str, Any] | None]]:
+        """Every version of a code system with its concept `code` (if it has it), in one
+        round trip: what $lookup and $validate-code need first."""
+        pipeline: list[dict[str, Any]] = [
+            {"$match": {"t": type_, "url": url}},
+            {"$lookup": {
+                "from": CONCEPTS.name, "localField": "g", "foreignField": "g",
+                "pipeline": [{"$match": {"c": code}}], "as": "hit",
+            }},
+        ]
+        cursor = await self.canonicals.aggregate(pipeline)
+        return [(Canonical.from_document(doc), (doc.get("hit") or [None])[0]) async for doc in cursor]
+
     async def definitions_by_identifier(self, type_: str, identifier: str) -> list[Canonical]:
         cursor = self.canonicals.find({"t": type_, "ids": identifier})
         return [Canonical.from_document(doc) async for doc in cursor]
