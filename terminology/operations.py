@@ -14,7 +14,7 @@ from typing import Any
 from server.fhir import interactions, jsonio
 from server.fhir.operations import OperationCall, OperationResult, operation
 from server.store.terminology import TerminologyStore
-from terminology import conceptmaps, lookup as lookups
+from terminology import closure as closures, conceptmaps, lookup as lookups
 from terminology.context import Context, split_canonical
 from terminology.expansion import DEFAULT_LIMIT, ECHOED, ExpandOptions, expand
 from terminology.languages import parse_accept_language
@@ -115,7 +115,7 @@ def expansion_limit(call: OperationCall) -> int:
     service = call.services.get("terminology")
     limit = service.expansion_limit if service is not None else DEFAULT_LIMIT
     header = call.headers.get("x-too-costly-threshold", "")
-    return min(limit, int(header)) if header.isdigit() else limit
+    return min(limit, int(header)) if header.isascii() and header.isdigit() else limit
 
 
 def languages(call: OperationCall) -> list[str]:
@@ -374,4 +374,23 @@ async def translate_operation(call: OperationCall) -> OperationResult:
         context, str(coding["system"]), str(coding["code"]), target_system, reverse,
         url, text(call, "conceptMapVersion"), dependencies, maps,
     )
+    return OperationResult(result)
+
+
+# --- $closure -----------------------------------------------------------------------------
+
+
+@operation("closure", {"system"}, "http://hl7.org/fhir/OperationDefinition/ConceptMap-closure", affects_state=True)
+@guarded
+async def closure_operation(call: OperationCall) -> OperationResult:
+    name = text(call, "name")
+    if not name:
+        raise tx_error(400, "required", "The closure table name is required", "invalid-data")
+    concepts = [checked_coding(c, "concept") for c in call.values("concept") if isinstance(c, dict)]
+    if len(concepts) != len(call.values("concept")):
+        raise tx_error(400, "invalid", "Each concept must be a Coding", "invalid-data")
+    since = text(call, "version")
+    if since is not None and not (since.isascii() and since.isdigit()):
+        raise tx_error(400, "invalid", f"version {since!r} is not a closure table version", "invalid-data")
+    result = await closures.closure(call.db.store, context_for(call), name, concepts, int(since) if since else None)
     return OperationResult(result)

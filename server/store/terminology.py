@@ -55,6 +55,7 @@ MAPPINGS = collection(
     IndexModel([("ss", ASCENDING), ("sc", ASCENDING)], name="source"),
     IndexModel([("ts", ASCENDING), ("tc", ASCENDING)], name="target"),
 )
+CLOSURES = collection("tx_closures")
 
 BULK_BATCH = 2000
 
@@ -253,3 +254,13 @@ class TerminologyStore:
 
     async def mappings_to(self, system: str, code: str) -> list[dict[str, Any]]:
         return [doc async for doc in self.mappings.find({"ts": system, "tc": code}, {"_id": 0})]
+
+    # --- $closure tables ------------------------------------------------------------------
+
+    async def closure(self, session: AsyncClientSession, name: str) -> dict[str, Any] | None:
+        """A closure table: `v` (its version), `concepts` ([system, code]), `rows` (added
+        [version, system, child, parent])."""
+        return await self.store[CLOSURES].find_one({"_id": name}, session=session)
+
+    async def put_closure(self, session: AsyncClientSession, name: str, table: dict[str, Any]) -> None:
+        await self.store[CLOSURES].replace_one({"_id": name}, {**table, "_id": name}, upsert=True, session=session)

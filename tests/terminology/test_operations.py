@@ -167,3 +167,33 @@ def test_operations_are_in_the_capability_statement(fhir):
     assert {"lookup", "validate-code", "subsumes"} <= by_type["CodeSystem"]
     assert {"expand", "validate-code"} <= by_type["ValueSet"]
     assert "translate" in by_type["ConceptMap"]
+
+
+def test_closure_table_grows_and_resyncs(fhir, loaded):
+    name = f"closure-{uuid.uuid4()}"
+    snomed = "http://snomed.info/sct"
+    version = "http://snomed.info/sct/900000000000207008/version/20240101"
+
+    def closure(*concepts: str, since: str | None = None) -> dict:
+        parameters = [{"name": "name", "valueString": name}]
+        parameters += [{"name": "concept", "valueCoding": {"system": snomed, "version": version, "code": c}} for c in concepts]
+        if since is not None:
+            parameters.append({"name": "version", "valueString": since})
+        response = fhir.post("$closure", content=json.dumps({"resourceType": "Parameters", "parameter": parameters}), headers=FHIR_JSON)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    assert closure()["version"] == "0"
+    first = closure("73211009")
+    assert first["version"] == "1" and not first["group"]
+    second = closure("44054006", "404684003")
+    links = {(e["code"], e["target"][0]["code"]) for g in second["group"] for e in g["element"]}
+    assert links == {("44054006", "73211009"), ("44054006", "404684003"), ("73211009", "404684003")}
+    assert all(e["target"][0]["equivalence"] == "subsumes" for g in second["group"] for e in g["element"])
+    again = closure(since="1")
+    assert {(e["code"], e["target"][0]["code"]) for g in again["group"] for e in g["element"]} == links
+    assert fhir.get("$closure", params={"name": name}).status_code == 405
+    unknown = fhir.post("$closure", content=params(("name", "valueString", f"never-{uuid.uuid4()}"), ("concept", "valueCoding", {"system": snomed, "code": "73211009"})), headers=FHIR_JSON)
+    assert unknown.status_code == 404
+    bad_version = fhir.post("$closure", content=params(("name", "valueString", name), ("version", "valueString", "²")), headers=FHIR_JSON)
+    assert bad_version.status_code == 400
