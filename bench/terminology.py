@@ -9,7 +9,12 @@ Targets (issue 5): p50 <= 3 ms for lookup/validate/translate, <= 50 ms for the f
 expand. With `--peer URL` the same requests go to another FHIR terminology server that
 already holds LOINC, the GPS and the hospital map, and the ratios are printed.
 
-Usage: python bench/terminology.py [--requests 300] [--peer http://host/fhir]
+With `--snomed-scale N` it also writes a synthetic RF2 snapshot of N concepts (four
+descriptions each, a random is-a hierarchy, the exact RF2 column layout) and times its
+load and the loader's peak memory: a full International Edition is ~370,000 concepts
+and ~1.5M descriptions.
+
+Usage: python bench/terminology.py [--requests 300] [--peer http://host/fhir] [--snomed-scale 370000]
 """
 
 from __future__ import annotations
@@ -84,6 +89,64 @@ CASES: dict[str, Callable[[int], tuple[str, dict[str, str]]]] = {
 }
 
 
+def write_synthetic_rf2(folder: Path, concepts: int, seed: int = 42) -> None:
+    """A synthetic RF2 snapshot: N concepts, an FSN, a preferred and two acceptable
+    synonyms each (en-US language refset), one or two is-a parents per concept."""
+    import random
+
+    rnd = random.Random(seed)
+    terminology = folder / "Snapshot" / "Terminology"
+    language = folder / "Snapshot" / "Refset" / "Language"
+    terminology.mkdir(parents=True)
+    language.mkdir(parents=True)
+    module, date = "900000000000207008", "20250101"
+    ids = [str(100000000 + i * 10) for i in range(concepts)]
+    words = ["acute", "chronic", "disorder", "of", "left", "right", "structure", "finding", "procedure", "blood", "renal", "cardiac"]
+    with (terminology / f"sct2_Concept_Snapshot_INT_{date}.txt").open("w") as c, \
+         (terminology / f"sct2_Description_Snapshot-en_INT_{date}.txt").open("w") as d, \
+         (terminology / f"sct2_Relationship_Snapshot_INT_{date}.txt").open("w") as r, \
+         (language / f"der2_cRefset_LanguageSnapshot-en_INT_{date}.txt").open("w") as lang:
+        c.write("id\teffectiveTime\tactive\tmoduleId\tdefinitionStatusId\n")
+        d.write("id\teffectiveTime\tactive\tmoduleId\tconceptId\tlanguageCode\ttypeId\tterm\tcaseSignificanceId\n")
+        r.write("id\teffectiveTime\tactive\tmoduleId\tsourceId\tdestinationId\trelationshipGroup\ttypeId\tcharacteristicTypeId\tmodifierId\n")
+        lang.write("id\teffectiveTime\tactive\tmoduleId\trefsetId\treferencedComponentId\tacceptabilityId\n")
+        description = relationship = 0
+        for n, code in enumerate(ids):
+            c.write(f"{code}\t{date}\t1\t{module}\t900000000000074008\n")
+            name = " ".join(rnd.choice(words) for _ in range(4)) + f" {n}"
+            for kind, term, acceptability in (
+                ("900000000000003001", f"{name} (disorder)", "900000000000548007"),
+                ("900000000000013009", name, "900000000000548007"),
+                ("900000000000013009", f"{name} NOS", "900000000000549004"),
+                ("900000000000013009", f"{name} syndrome", "900000000000549004"),
+            ):
+                description += 1
+                did = f"{description}011"
+                d.write(f"{did}\t{date}\t1\t{module}\t{code}\ten\t{kind}\t{term}\t900000000000448009\n")
+                lang.write(f"{description:08x}-0000-0000-0000-000000000000\t{date}\t1\t{module}\t900000000000509007\t{did}\t{acceptability}\n")
+            if n:  # a 4-ary tree (depth ~9 for 370k), a third of concepts with a second parent
+                parents = {ids[(n - 1) // 4]}
+                if rnd.random() < 0.33 and (n - 1) // 4 + 1 < n:
+                    parents.add(ids[(n - 1) // 4 + 1])
+                for parent in parents:
+                    relationship += 1
+                    r.write(f"{relationship}021\t{date}\t1\t{module}\t{code}\t{parent}\t0\t116680003\t900000000000011006\t900000000000451002\n")
+
+
+async def load_synthetic(uri: str, folder: Path) -> float:
+    from terminology.definitions import install
+    from terminology.loaders.snomed import load_rf2
+
+    store = await Store.open(uri, DATABASE)
+    install(store, Settings(mongodb_uri=uri))
+    try:
+        started = time.perf_counter()
+        await load_rf2(store, folder)
+        return time.perf_counter() - started
+    finally:
+        await store.close()
+
+
 def measure(base: str, requests: int) -> dict[str, dict[str, float]]:
     results = {}
     with httpx.Client(base_url=base.rstrip("/") + "/", timeout=60, headers={"Accept": "application/fhir+json"}) as client:
@@ -145,9 +208,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--peer", default=None, help="another FHIR terminology server to compare with")
+    parser.add_argument("--snomed-scale", type=int, default=0, help="also load a synthetic RF2 snapshot of this many concepts")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, EmbeddedMongod(Path(tmp) / "mongod", cache_size_gb=1) as mongod:
         timings = asyncio.run(load_all(mongod.uri))
+        if args.snomed_scale:
+            import resource
+
+            write_synthetic_rf2(Path(tmp) / "rf2", args.snomed_scale)
+            label = f"load synthetic RF2 ({args.snomed_scale:,} concepts)"
+            timings[label] = asyncio.run(load_synthetic(mongod.uri, Path(tmp) / "rf2"))
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
+            print(f"  loader peak memory (this process): {peak:.2f} GiB")
         process, base = start_server(mongod.uri, Path(tmp))
         try:
             ours = measure(base, args.requests)
