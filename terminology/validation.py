@@ -240,6 +240,21 @@ async def validate_in_value_set(context: Context, vs: dict[str, Any], coded_list
                 ))
             elif system is not None:
                 coded.system = system
+            else:
+                candidates = [i["system"] for i in (vs.get("compose") or {}).get("include", []) if i.get("system")]
+                issues.append(TxIssue(
+                    "error", "not-found",
+                    f"The System URI could not be determined for the code '{coded.code}' in the ValueSet '{vs_canonical}': none of its code systems ({', '.join(dict.fromkeys(candidates))}) has it",
+                    "cannot-infer", coded.at("code"),
+                ))
+                verdict = Verdict(False, coded=coded)
+                verdicts.append(verdict)
+                verdict.issues.append(TxIssue(
+                    "error", "code-invalid",
+                    f"The provided code '#{coded.code}' was not found in the value set '{vs_canonical}'",
+                    "not-in-vs", coded.at("code"),
+                ))
+                continue
         verdict = await check_coding(context, coded, options)
         verdicts.append(verdict)
         member = False
@@ -258,7 +273,8 @@ async def validate_in_value_set(context: Context, vs: dict[str, Any], coded_list
             except TxError as exc:
                 if not any(i.code == "not-found" for i in exc.issues):
                     raise  # a broken value set is an error of the request, not a result
-                return _answer(False, verdict, exc.issues, [verdict], codeable, coded_list if codeable else None, options)
+                shown_verdict = None if codeable else verdict
+                return _answer(False, shown_verdict, exc.issues, [verdict], codeable, coded_list if codeable else None, options)
             inactive_excluded = (vs.get("compose") or {}).get("inactive") is False or options.active_only
             if member and not options.abstract_allowed and verdict.concept.abstract:
                 member = False
@@ -282,7 +298,7 @@ async def validate_in_value_set(context: Context, vs: dict[str, Any], coded_list
                 ))
         else:
             shown = f"{coded.system or ''}#{coded.code}"
-            if coded.display and verdict.concept is None and verdict.cs is not None:
+            if coded.display and verdict.cs is not None:
                 shown += f" ('{coded.display}')"
             if not member:
                 severity = "information" if codeable else "error"
