@@ -114,6 +114,13 @@ class Context:
         found = await self.store.definitions(type_, url)
         if not found:
             found = await self.store.definitions_by_identifier(type_, url)
+        if not found and type_ == "CodeSystem":
+            # another name for the system (an OID, say) recorded by a NamingSystem
+            for naming in await self.store.definitions_by_identifier("NamingSystem", url):
+                if naming.url and naming.url != url:
+                    found = await self.store.definitions(type_, naming.url)
+                    if found:
+                        break
         return found
 
     async def resource(self, type_: str, url: str, version: str | None = None) -> dict[str, Any] | None:

@@ -197,3 +197,15 @@ def test_closure_table_grows_and_resyncs(fhir, loaded):
     assert unknown.status_code == 404
     bad_version = fhir.post("$closure", content=params(("name", "valueString", name), ("version", "valueString", "²")), headers=FHIR_JSON)
     assert bad_version.status_code == 400
+
+
+def test_naming_system_gives_a_code_system_another_name(fhir):
+    url = f"http://example.org/cs/{uuid.uuid4()}"
+    oid = f"urn:oid:2.999.{uuid.uuid4().int % 10**9}"
+    fhir.post("CodeSystem", content=json.dumps(code_system(url)), headers=FHIR_JSON)
+    naming = {"resourceType": "NamingSystem", "name": "Test", "status": "active", "kind": "codesystem", "date": "2024-01-01",
+              "uniqueId": [{"type": "uri", "value": url, "preferred": True}, {"type": "oid", "value": oid.removeprefix("urn:oid:")}, {"type": "other", "value": oid}]}
+    assert fhir.post("NamingSystem", content=json.dumps(naming), headers=FHIR_JSON).status_code == 201
+    looked = fhir.get("CodeSystem/$lookup", params={"system": oid, "code": "a1"})
+    assert looked.status_code == 200, looked.text
+    assert out(looked.json(), "display") == ["Alpha one"]
