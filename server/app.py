@@ -31,6 +31,8 @@ from server.security import audit
 from server.security.authorization import Forbidden
 from server.store.database import Store
 from server.store.fhir import FhirStore
+from terminology import operations as terminology_operations  # noqa: F401  (registers $lookup, $expand, ...)
+from terminology.definitions import install as install_terminology
 
 log = logging.getLogger("kuroshio")
 
@@ -144,6 +146,7 @@ def create_app(settings: Settings) -> FastAPI:
         store = await Store.open(uri, settings.mongodb_database)
         app.state.store = store
         app.state.fhir_store = FhirStore(store)
+        app.state.services["terminology"] = install_terminology(store, settings)
         app.state.capability_statement = fhir_routes.build_capability_statement(settings, now())
         # DICOM: archive, DIMSE AE and ImagingStudy reflection (server/dicom/service.py)
         dicom = await dicom_service.start(app, settings, store, app.state.fhir_store)

@@ -15,9 +15,13 @@ import typer
 from rich.console import Console
 
 from server.config import load_settings
+from terminology.cli import app as terminology_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Kuroshio health-data interoperability server")
 console = Console(stderr=True)
+
+
+app.add_typer(terminology_app, name="terminology")
 
 
 @app.callback()

@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     # Largest page a search or history request may ask for with _count.
     max_page_size: int = Field(1000, ge=1)
     default_page_size: int = Field(50, ge=1)
+    # Terminology: add mapped standard codings to incoming resources (see
+    # terminology/normalization.py), and the systems mappings are applied to.
+    terminology_normalize: bool = True
+    terminology_targets: list[str] = ["http://loinc.org", "http://snomed.info/sct"]
+    # Largest $expand answered without paging (count); larger ones must be paged.
+    terminology_expansion_limit: int = Field(1000, ge=1)
 
     @field_validator("dicom_remote_aes")
     @classmethod

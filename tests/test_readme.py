@@ -8,7 +8,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 from pydicom.data import get_testdata_file
+
+from tests.conftest import start_server, stop_server
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 TOOLS = ("curl ", "echoscu ", "storescu ", "findscu ")
@@ -27,7 +30,16 @@ def test_readme_has_examples_for_each_interface():
     assert any(line.startswith("storescu ") for line in lines)
 
 
-def test_readme_examples_work_as_written(server, tmp_path):
+@pytest.fixture()
+def fresh_server(mongod, tmp_path):
+    """A server on its own database: the examples assume nothing else was stored."""
+    live = start_server(mongod.uri, tmp_path / "server", {"KUROSHIO_MONGODB_DATABASE": "kuroshio_readme"})
+    yield live
+    stop_server(live)
+
+
+def test_readme_examples_work_as_written(fresh_server, tmp_path):
+    server = fresh_server
     shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "image.dcm")
     dicom_port = server.dicom_port
     for line in example_lines():

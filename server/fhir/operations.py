@@ -33,6 +33,7 @@ class OperationCall:
     body: dict[str, Any] | None  # the request body when it is not a Parameters resource
     db: FhirStore
     services: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)  # request headers (lower-case names)
 
     def values(self, name: str) -> list[Any]:
         """The values of every parameter called `name` (value[x] or resource)."""

@@ -324,7 +324,10 @@ async def invoke(request: Request, name: str, type_: str | None = None, id_: str
             parameters, body = {"resourceType": "Parameters", "parameter": []}, document
     else:
         parameters = parameters_from_query(list(request.query_params.multi_items()))
-    call = OperationCall(name, level, type_, id_, version, parameters, body, store(request), request.app.state.services)
+    call = OperationCall(
+        name, level, type_, id_, version, parameters, body, store(request), request.app.state.services,
+        dict(request.headers),
+    )
     result = await op.handler(call)
     payload = result.body if isinstance(result.body, bytes) else jsonio.dumps(result.body)
     return fhir_response(payload, result.status, negotiated)

@@ -1,0 +1,1 @@
+"""The HL7 terminology ecosystem test suite, run against any FHIR base URL."""
