@@ -31,16 +31,30 @@ def _equivalence(target: dict[str, Any]) -> str:
     return RELATIONSHIP_TO_EQUIVALENCE.get(str(target.get("relationship", "")), "equivalent")
 
 
+# A ConceptMap tagged so is one of the rules applied at ingest (terminology/normalization.py).
+NORMALIZE_TAG = {"system": "https://kuroshio.dev/fhir/CodeSystem/terminology", "code": "normalize-at-ingest"}
+
+
+def normalizes_at_ingest(conceptmap: dict[str, Any]) -> bool:
+    tags = conceptmap.get("meta", {}).get("tag", [])
+    return any(
+        isinstance(t, dict) and t.get("system") == NORMALIZE_TAG["system"] and t.get("code") == NORMALIZE_TAG["code"]
+        for t in tags
+    )
+
+
 def mapping_rows(conceptmap: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (element, target) of the map; elements without targets too."""
+    """One row per (element, target) of the map; elements without targets too. `n` marks
+    the rows of maps applied at ingest."""
     url = conceptmap.get("url")
     version = conceptmap.get("version")
+    normalize = normalizes_at_ingest(conceptmap)
     rows = []
     for group in conceptmap.get("group", []):
         source, target_system = group.get("source"), group.get("target")
         for element in group.get("element", []):
             base = {
-                "m": url, "mv": version,
+                "m": url, "mv": version, "n": normalize,
                 "ss": source, "sv": group.get("sourceVersion"),
                 "sc": element.get("code"), "sd": element.get("display"),
                 "ts": target_system, "tv": group.get("targetVersion"),

@@ -1,9 +1,11 @@
 """Normalization at ingest: add the mapped LOINC / SNOMED CT coding next to a local one.
 
 When an Observation, Condition, Procedure, DiagnosticReport, MedicationRequest, ...
-arrives with a coding in a system that a ConceptMap maps to a target system (LOINC and
-SNOMED CT by default, `KUROSHIO_TERMINOLOGY_TARGETS`), the target coding is added to the
-same CodeableConcept. The local coding is kept; the added one is marked
+arrives with a coding in a system that a normalization ConceptMap maps to a target system
+(LOINC and SNOMED CT by default, `KUROSHIO_TERMINOLOGY_TARGETS`), the target coding is
+added to the same CodeableConcept. A ConceptMap is a normalization rule only when it
+carries the tag `NORMALIZE_TAG` (the local-table loader sets it; `$meta-add` sets it on
+any other): other maps, such as the ones in FHIR packages, never rewrite incoming data. The local coding is kept; the added one is marked
 `userSelected: false` and carries the `MAPPED_BY` extension naming the ConceptMap and
 its version, so it can be recognised, audited and replaced. Only mappings that say the
 codes mean the same (`equivalent`, `equal`) or that the target is wider are applied.
@@ -80,7 +82,7 @@ class Normalizer:
             return []
         added = []
         for row in await self.tstore.mappings_from(system, code):
-            if row.get("ts") not in self.targets or not row.get("tc") or row.get("eq") not in APPLIED:
+            if not row.get("n") or row.get("ts") not in self.targets or not row.get("tc") or row.get("eq") not in APPLIED:
                 continue
             canonical = f"{row['m']}|{row['mv']}" if row.get("mv") else str(row.get("m"))
             added.append({

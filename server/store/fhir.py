@@ -6,6 +6,9 @@ Two collections:
   `"Type/id"`, which makes the resource type the leading part of the shard key; search
   terms (`s`) live beside the body so a search is one indexed query.
 - `fhir_history` holds every version, the current one included, for vread and history.
+- `fhir_bodies` holds, in chunks, the bodies too large for a MongoDB document (16 MB):
+  such a version's documents carry `chunks` (their number) instead of `body`, and both
+  the current and the history document point at the same chunks.
 
 A write replaces the current document only if it still has the version the writer read
 (compare-and-set) and inserts the new version into history, both in one transaction; the
@@ -36,6 +39,14 @@ HISTORY = collection(
     IndexModel([("ts", DESCENDING), ("_id", DESCENDING)], name="system_history"),
     IndexModel([("t", ASCENDING), ("ts", DESCENDING), ("_id", DESCENDING)], name="type_history"),
 )
+
+
+BODIES = collection("fhir_bodies")
+
+# Bodies up to this size live in the resource's own documents (which must also hold the
+# search terms under MongoDB's 16 MB limit); larger ones are split into chunks this big.
+INLINE_LIMIT = 8 * 1024 * 1024
+CHUNK_SIZE = 8 * 1024 * 1024
 
 
 class VersionConflict(Exception):
@@ -69,6 +80,24 @@ class NewVersion:
     def key(self) -> str:
         return f"{self.type}/{self.id}"
 
+    @property
+    def chunked(self) -> bool:
+        return self.body is not None and len(self.body) > INLINE_LIMIT
+
+    def _body_fields(self) -> dict[str, Any]:
+        if self.body is None:
+            return {"body": None}
+        if self.chunked:
+            return {"body": None, "chunks": -(-len(self.body) // CHUNK_SIZE)}
+        return {"body": Binary(self.body)}
+
+    def chunk_documents(self) -> list[dict[str, Any]]:
+        assert self.body is not None
+        return [
+            {"_id": f"{self.key}/{self.version}/{n}", "data": Binary(self.body[start : start + CHUNK_SIZE])}
+            for n, start in enumerate(range(0, len(self.body), CHUNK_SIZE))
+        ]
+
     def current_document(self) -> dict[str, Any]:
         return {
             "_id": self.key,
@@ -76,7 +105,7 @@ class NewVersion:
             "v": self.version,
             "ts": self.last_updated,
             "deleted": self.body is None,
-            "body": Binary(self.body) if self.body is not None else None,
+            **self._body_fields(),
             "s": self.search,
         }
 
@@ -88,11 +117,11 @@ class NewVersion:
             "v": self.version,
             "ts": self.last_updated,
             "m": self.method,
-            "body": Binary(self.body) if self.body is not None else None,
+            **self._body_fields(),
         }
 
 
-_CURRENT_FIELDS = {"v": 1, "ts": 1, "deleted": 1, "body": 1}
+_CURRENT_FIELDS = {"v": 1, "ts": 1, "deleted": 1, "body": 1, "chunks": 1}
 
 
 def _from_current(type_: str, id_: str, doc: dict[str, Any]) -> StoredResource:
@@ -102,8 +131,9 @@ def _from_current(type_: str, id_: str, doc: dict[str, Any]) -> StoredResource:
 
 def _from_history(doc: dict[str, Any]) -> StoredResource:
     body = doc.get("body")
+    deleted = body is None and not doc.get("chunks")
     return StoredResource(
-        doc["t"], doc["i"], doc["v"], doc["ts"], body is None, bytes(body) if body else None, doc["m"]
+        doc["t"], doc["i"], doc["v"], doc["ts"], deleted, bytes(body) if body else None, doc["m"]
     )
 
 
@@ -112,6 +142,25 @@ class FhirStore:
         self.store = store
         self.resources = store[RESOURCES]
         self.history = store[HISTORY]
+        self.bodies = store[BODIES]
+
+    async def joined_body(
+        self, key: str, version: int, chunks: int, session: AsyncClientSession | None = None
+    ) -> bytes:
+        """The body of a chunked version ("Type/id", version, number of chunks)."""
+        ids = [f"{key}/{version}/{n}" for n in range(chunks)]
+        found = {d["_id"]: bytes(d["data"]) async for d in self.bodies.find({"_id": {"$in": ids}}, session=session)}
+        return b"".join(found[i] for i in ids)
+
+    async def complete(
+        self, resource: StoredResource, doc: dict[str, Any], session: AsyncClientSession | None = None
+    ) -> StoredResource:
+        """Fill in the body of a chunked version from its chunks."""
+        if doc.get("chunks"):
+            resource.body = await self.joined_body(
+                f"{resource.type}/{resource.id}", resource.version, doc["chunks"], session
+            )
+        return resource
 
     async def current(
         self, type_: str, id_: str, session: AsyncClientSession | None = None
@@ -120,11 +169,11 @@ class FhirStore:
         doc = await self.resources.find_one(
             {"_id": f"{type_}/{id_}"}, _CURRENT_FIELDS, session=session
         )
-        return _from_current(type_, id_, doc) if doc else None
+        return await self.complete(_from_current(type_, id_, doc), doc, session) if doc else None
 
     async def version(self, type_: str, id_: str, version: int) -> StoredResource | None:
         doc = await self.history.find_one({"_id": f"{type_}/{id_}/{version}"})
-        return _from_history(doc) if doc else None
+        return await self.complete(_from_history(doc), doc) if doc else None
 
     async def write(
         self, session: AsyncClientSession, new: NewVersion, expected_version: int | None
@@ -133,6 +182,8 @@ class FhirStore:
 
         Must run inside `Store.transaction`; raises VersionConflict otherwise.
         """
+        if new.chunked:
+            await self.bodies.insert_many(new.chunk_documents(), session=session)
         if expected_version is None:
             try:
                 await self.resources.insert_one(new.current_document(), session=session)
@@ -153,7 +204,10 @@ class FhirStore:
         """Insert many first versions at once (server-assigned ids cannot collide)."""
         if not new:
             return
+        chunks = [chunk for n in new if n.chunked for chunk in n.chunk_documents()]
         try:
+            if chunks:
+                await self.bodies.insert_many(chunks, ordered=False, session=session)
             await self.resources.insert_many(
                 [n.current_document() for n in new], ordered=False, session=session
             )
@@ -177,7 +231,7 @@ class FhirStore:
         cursor = self.history.find(
             query, sort=[("ts", DESCENDING), ("_id", DESCENDING)], limit=limit
         )
-        return [_from_history(doc) async for doc in cursor]
+        return [await self.complete(_from_history(doc), doc) async for doc in cursor]
 
     async def history_count(self, scope: HistoryScope) -> int:
         return await self.history.count_documents(scope.filter())

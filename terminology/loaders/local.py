@@ -18,6 +18,7 @@ from typing import Any
 
 from server.store.database import Store
 from server.store.fhir import FhirStore
+from terminology.conceptmaps import NORMALIZE_TAG
 from terminology.loaders.common import LoadResult, put_resource
 
 REQUIRED = ("local_code", "local_display", "target_system", "target_code", "equivalence")
@@ -94,6 +95,7 @@ def build_resources(
     concept_map = {
         "resourceType": "ConceptMap",
         "id": f"{name}-map",
+        "meta": {"tag": [NORMALIZE_TAG]},
         "url": f"{system.rstrip('/')}-map",
         "name": code_system["name"] + "_map",
         "status": "active",

@@ -46,6 +46,21 @@ def test_unmapped_and_standard_codes_are_left_alone(fhir, loaded):
     assert kept["code"]["coding"] == [{"system": "http://loinc.org", "code": "718-7"}]
 
 
+def test_only_tagged_concept_maps_normalize(fhir, loaded):
+    system = "http://other-hospital.example.org/codes"
+    untagged = {"resourceType": "ConceptMap", "url": f"{system}-map", "status": "active", "group": [
+        {"source": system, "target": "http://loinc.org", "element": [{"code": "K", "target": [{"code": "2823-3", "equivalence": "equivalent"}]}]}]}
+    created = fhir.post("ConceptMap", content=json.dumps(untagged), headers=FHIR_JSON)
+    assert created.status_code == 201, created.text
+    local = {"resourceType": "Observation", "status": "final", "code": {"coding": [{"system": system, "code": "K"}]}}
+    assert len(fhir.post("Observation", content=json.dumps(local), headers=FHIR_JSON).json()["code"]["coding"]) == 1
+    tag = {"resourceType": "Parameters", "parameter": [{"name": "meta", "valueMeta": {"tag": [
+        {"system": "https://kuroshio.dev/fhir/CodeSystem/terminology", "code": "normalize-at-ingest"}]}}]}
+    assert fhir.post(f"ConceptMap/{created.json()['id']}/$meta-add", content=json.dumps(tag), headers=FHIR_JSON).status_code == 200
+    normalized = fhir.post("Observation", content=json.dumps(local), headers=FHIR_JSON).json()
+    assert [c["code"] for c in normalized["code"]["coding"]] == ["K", "2823-3"]
+
+
 def test_changed_mapping_is_reapplied_to_stored_data(fhir, mongod, loaded):
     from terminology.normalization import reapply
 
