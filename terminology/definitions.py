@@ -21,10 +21,11 @@ from typing import Any
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from server.config import Settings
-from server.fhir import interactions, jsonio
+from server.fhir import capability, interactions, jsonio
 from server.store.database import Store
 from server.store.fhir import NewVersion
 from server.store.terminology import Canonical, TerminologyStore
+from terminology.capabilities import terminology_capabilities
 from terminology.conceptmaps import mapping_rows
 from terminology.concepts import flatten
 from terminology.normalization import Normalizer, incoming_hook
@@ -124,4 +125,9 @@ def install(store: Store, settings: Settings) -> Service:
         normalize = incoming_hook(Normalizer(tstore, tuple(settings.terminology_targets)))
         _installed.append(normalize)
         interactions.HOOKS.incoming.append(normalize)
+
+    async def statement(services: dict[str, Any], base: str) -> dict[str, Any]:
+        return await terminology_capabilities(tstore, base, interactions.instant(interactions.now()))
+
+    capability.OTHER_MODES["terminology"] = statement
     return Service(tstore, settings.terminology_expansion_limit)

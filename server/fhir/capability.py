@@ -9,7 +9,7 @@ Features that are flags rather than routes (conditional create, ...) are listed 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -26,6 +26,8 @@ FEATURES: dict[str, Any] = {
 }
 # Contributions computed per resource type (search parameters, ...), registered by name.
 RESOURCE_EXTRAS: dict[str, Callable[[str], dict[str, Any]]] = {}
+# Other statements by `metadata?mode=`: mode -> (app services, base URL) -> resource.
+OTHER_MODES: dict[str, Callable[[dict[str, Any], str], Awaitable[dict[str, Any]]]] = {}
 
 # The order in which R4 lists the TypeRestfulInteraction codes.
 _TYPE_ORDER = ["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create", "search-type"]

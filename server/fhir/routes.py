@@ -111,9 +111,15 @@ def written_response(request: Request, written: Written, negotiated: Negotiated)
 
 
 async def metadata(request: Request) -> Response:
+    """The CapabilityStatement (`mode` full or normative), or another statement by mode."""
     negotiated = negotiate(request)
-    statement = request.app.state.capability_statement
-    return fhir_response(statement, 200, negotiated)
+    mode = request.query_params.get("mode", "full")
+    if mode in ("full", "normative"):
+        return fhir_response(request.app.state.capability_statement, 200, negotiated)
+    if mode in capability.OTHER_MODES:
+        statement = await capability.OTHER_MODES[mode](request.app.state.services, base(request))
+        return fhir_response(jsonio.dumps(statement), 200, negotiated)
+    raise error(400, "not-supported", f"metadata mode {mode!r} is not supported (full, normative, {', '.join(capability.OTHER_MODES)})")
 
 
 router.add_api_route(

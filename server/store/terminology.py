@@ -161,6 +161,15 @@ class TerminologyStore:
     async def remove_definition(self, session: AsyncClientSession | None, key: str) -> None:
         await self.canonicals.delete_one({"_id": key}, session=session)
 
+    async def code_system_versions(self) -> dict[str, list[str]]:
+        """Every stored code system's URL with its versions (for TerminologyCapabilities)."""
+        found: dict[str, list[str]] = {}
+        async for doc in self.canonicals.find({"t": "CodeSystem", "url": {"$ne": None}}, {"url": 1, "version": 1}):
+            versions = found.setdefault(doc["url"], [])
+            if doc.get("version") and doc["version"] not in versions:
+                versions.append(doc["version"])
+        return found
+
     async def definitions(self, type_: str, url: str) -> list[Canonical]:
         """Every stored version of the definition with this canonical URL."""
         cursor = self.canonicals.find({"t": type_, "url": url})

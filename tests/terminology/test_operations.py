@@ -209,3 +209,16 @@ def test_naming_system_gives_a_code_system_another_name(fhir):
     looked = fhir.get("CodeSystem/$lookup", params={"system": oid, "code": "a1"})
     assert looked.status_code == 200, looked.text
     assert out(looked.json(), "display") == ["Alpha one"]
+
+
+def test_terminology_capabilities(fhir, server):
+    url = "http://example.org/fhir/CodeSystem/caps-test"
+    system = {"resourceType": "CodeSystem", "url": url, "version": "3", "status": "active", "content": "complete",
+              "concept": [{"code": "a"}]}
+    assert fhir.post("CodeSystem", content=json.dumps(system), headers=FHIR_JSON).status_code == 201
+    caps = fhir.get("metadata", params={"mode": "terminology"}).json()
+    assert caps["resourceType"] == "TerminologyCapabilities"
+    assert {"uri": url, "version": [{"code": "3"}]} in caps["codeSystem"]
+    assert caps["implementation"]["url"] == server.fhir
+    assert fhir.get("metadata", params={"mode": "normative"}).json()["resourceType"] == "CapabilityStatement"
+    assert fhir.get("metadata", params={"mode": "nonsense"}).status_code == 400
