@@ -51,6 +51,10 @@ def test_readme_examples_work_as_written(fresh_server, tmp_path):
         assert result.returncode == 0, (line, result.stdout[-2000:], result.stderr[-2000:])
         if "$validate" in line:
             assert "Patient.birthDate" in result.stdout
+        if "$translate" in line:
+            assert "4548-4" in result.stdout
+        if line.startswith("curl -s -X POST http://127.0.0.1:8080/fhir/Observation") and "HBA1C" in line:
+            assert '"code":"4548-4"' in result.stdout
         if line.startswith("findscu"):
             assert "1.3.6.1.4.1.5962.1.2.1.20040119072730.12322" in result.stdout + result.stderr
     assert (tmp_path / "image.jpg").read_bytes()[:2] == b"\xff\xd8"
