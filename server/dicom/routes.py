@@ -19,8 +19,9 @@ from fastapi.responses import Response, StreamingResponse
 from python_multipart.exceptions import MultipartParseError
 from starlette.requests import ClientDisconnect
 
-from server.dicom import multipart, qido, wado
+from server.dicom import multipart, qido, wado, wsi_rendered
 from server.dicom.archive import Archive, Outcome, Prepared
+from server.dicom.frames import FrameTable
 from server.security.authorization import authorize
 from server.store.blobs import StagedFile
 
@@ -347,16 +348,16 @@ async def retrieve_frames(request: Request, study: str, series: str, sop: str, f
         numbers = wado.parse_frame_list(frames)
     except wado.BadRequest as exc:
         raise DicomWebError(400, str(exc)) from None
-    doc = await guarded(wado.frame_source(archive, study, series, sop, numbers))
-    return await _frames_response(request, archive, doc, numbers)
+    table = await guarded(wado.frame_source(archive, study, series, sop))
+    return await _frames_response(request, archive, table, numbers)
 
 
-async def _frames_response(request: Request, archive: Archive, doc: dict[str, Any], numbers: list[int]) -> Response:
+async def _frames_response(request: Request, archive: Archive, table: FrameTable, numbers: list[int]) -> Response:
     """Frames as multipart/related; a few are answered from memory, many are streamed."""
-    stored_media = wado.FRAME_MEDIA_TYPES.get(doc["ts"], "application/octet-stream")
+    stored_media = wado.FRAME_MEDIA_TYPES.get(table.transfer_syntax, "application/octet-stream")
     as_stored, part_type = _frame_wants(request, stored_media)
     try:
-        wado.check_frames(doc, numbers)
+        wado.check_frames(table, numbers)
     except wado.NotFound as exc:
         raise DicomWebError(404, str(exc)) from None
     reads_only = as_stored or stored_media == "application/octet-stream"
@@ -365,15 +366,15 @@ async def _frames_response(request: Request, archive: Archive, doc: dict[str, An
     async def parts() -> AsyncIterator[bytes]:
         for index, number in enumerate(numbers):
             if reads_only and index < 16:
-                item = wado.frame(archive, doc, number, as_stored)  # a pread from the page cache
+                item = wado.frame(archive, table, number, as_stored)  # a pread from the page cache
             else:
-                item = await asyncio.to_thread(wado.frame, archive, doc, number, as_stored)
+                item = await asyncio.to_thread(wado.frame, archive, table, number, as_stored)
             media = item.media_type + (f"; transfer-syntax={item.transfer_syntax}" if item.transfer_syntax else "")
             header = multipart.part_header(boundary, media, [("Content-Length", str(len(item.data)))])
             yield (b"\r\n" if index else b"") + header + item.data
         yield multipart.closing(boundary)
 
-    syntax = doc["ts"] if as_stored and part_type != "application/octet-stream" else None
+    syntax = table.transfer_syntax if as_stored and part_type != "application/octet-stream" else None
     media_type = multipart.content_type(part_type, boundary, syntax)
     if len(numbers) <= 16:
         return Response(b"".join([chunk async for chunk in parts()]), 200, media_type=media_type)
@@ -384,9 +385,8 @@ async def _frames_response(request: Request, archive: Archive, doc: dict[str, An
 async def retrieve_bulkdata(request: Request, study: str, series: str, sop: str, tag: str) -> Response:
     tag = tag.upper()
     if tag == "7FE00010":
-        doc = await guarded(wado.frame_source(archive_of(request), study, series, sop))
-        count = (doc.get("frames") or {}).get("n", 1)
-        return await _frames_response(request, archive_of(request), doc, list(range(1, count + 1)))
+        table = await guarded(wado.frame_source(archive_of(request), study, series, sop))
+        return await _frames_response(request, archive_of(request), table, list(range(1, table.count + 1)))
     if not (len(tag) == 8 and all(c in "0123456789ABCDEF" for c in tag)):
         raise DicomWebError(400, f"{tag!r} is not a tag (8 hexadecimal digits)")
     data = await guarded(wado.bulkdata(archive_of(request), study, series, sop, tag))
@@ -407,7 +407,11 @@ def _image_type(request: Request) -> str:
     raise DicomWebError(406, "Rendered images are available as image/jpeg or image/png")
 
 
-async def _rendered(request: Request, study: str, series: str, sop: str | None, frame: int, thumbnail: bool) -> Response:
+async def _rendered(
+    request: Request, study: str, series: str, sop: str | None, frame: int | None, thumbnail: bool
+) -> Response:
+    """A rendered frame (`frame`) or instance (None: its first frame, or for a whole slide
+    image its Total Pixel Matrix, wsi_rendered.py)."""
     archive = archive_of(request)
     media_type = _image_type(request)
     if sop is None:
@@ -415,18 +419,21 @@ async def _rendered(request: Request, study: str, series: str, sop: str | None, 
         middle = stored[len(stored) // 2]
         series, sop = middle.series, middle.sop
     assert series is not None
-    doc = await guarded(wado.frame_source(archive, study, series, sop))
+    table = await guarded(wado.frame_source(archive, study, series, sop))
     try:
         options = wado.rendering(dict(request.query_params), media_type, thumbnail)
     except wado.BadRequest as exc:
         raise DicomWebError(400, str(exc)) from None
-    image = await guarded(asyncio.to_thread(wado.render, archive, doc, frame, options))
+    if table.slide is not None:
+        image = await guarded(wsi_rendered.render(archive, table, frame, options))
+    else:
+        image = await guarded(asyncio.to_thread(wado.render, archive, table, frame or 1, options))
     return Response(image, 200, media_type=media_type)
 
 
 @dicomweb("retrieve-rendered", "GET", "/studies/{study}/series/{series}/instances/{sop}/rendered")
 async def rendered_instance(request: Request, study: str, series: str, sop: str) -> Response:
-    return await _rendered(request, study, series, sop, 1, False)
+    return await _rendered(request, study, series, sop, None, False)
 
 
 @dicomweb("retrieve-rendered", "GET", "/studies/{study}/series/{series}/instances/{sop}/frames/{frame}/rendered")
@@ -439,12 +446,12 @@ async def rendered_frame(request: Request, study: str, series: str, sop: str, fr
 
 @dicomweb("retrieve-thumbnail", "GET", "/studies/{study}/series/{series}/instances/{sop}/thumbnail")
 async def thumbnail_instance(request: Request, study: str, series: str, sop: str) -> Response:
-    return await _rendered(request, study, series, sop, 1, True)
+    return await _rendered(request, study, series, sop, None, True)
 
 
 @dicomweb("retrieve-thumbnail", "GET", "/studies/{study}/series/{series}/thumbnail")
 async def thumbnail_series(request: Request, study: str, series: str) -> Response:
-    return await _rendered(request, study, series, None, 1, True)
+    return await _rendered(request, study, series, None, None, True)
 
 
 # --- delete (an extension: PS3.18 defines no delete) ------------------------------------------

@@ -72,6 +72,7 @@ class InstanceRecord:
     frames: Document | None
     bulk: list[list[Any]]
     deflated: bool = False
+    wsi: Document | None = None  # whole slide images: the slide description (dicom/wsi.py)
 
     def document(self, moment: datetime) -> Document:
         return {
@@ -88,7 +89,7 @@ class InstanceRecord:
             "bulk": self.bulk,
             "deflated": self.deflated,
             "at": moment,
-        }
+        } | ({"wsi": self.wsi} if self.wsi is not None else {})
 
 
 @dataclass(slots=True)
