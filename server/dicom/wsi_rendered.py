@@ -155,7 +155,8 @@ def read_region(archive: Archive, table: FrameTable, slide: Slide, region: Regio
             if canvas is None:
                 canvas = np.full(shape + tile.shape[2:], _blank(slide), dtype=tile.dtype)
             y, x = (row - first_row) * th, (column - first_column) * tw
-            canvas[y:y + th, x:x + tw] = tile[:th, :tw]
+            part = tile[:th, :tw]  # some writers encode edge tiles smaller than the frame
+            canvas[y:y + part.shape[0], x:x + part.shape[1]] = part
     if canvas is None:  # every tile of the region is missing
         canvas = np.full(shape + ((slide.samples,) if slide.samples > 1 else ()), _blank(slide), dtype=np.uint8)
     top, left = region.top - first_row * th, region.left - first_column * tw
