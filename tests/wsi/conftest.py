@@ -18,7 +18,7 @@ from pynetdicom import AE
 from wsidicom import WsiDicom, WsiDicomWebClient
 
 from tests.conftest import LiveServer
-from tests.dicom.conftest import dicom_port
+from tests.dicom.conftest import dicom_port, http  # noqa: F401 (the DICOMweb client fixture)
 from tests.wsi import slides
 
 MISSING = {0: {1, 5, 7}, 1: {2}}  # level (0 = base) -> TILED_FULL indexes of absent tiles
@@ -107,3 +107,4 @@ def stored_slides(server: LiveServer, slide_files: dict[str, list[Path]]) -> dic
     for name, files in slide_files.items():
         (c_store if name in by_c_store else stow)(server, files)
     return {name: _stored(name, files) for name, files in slide_files.items()}
+
