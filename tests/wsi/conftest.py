@@ -34,9 +34,9 @@ class StoredSlide:
     def open_local(self) -> WsiDicom:
         return WsiDicom.open(self.files)
 
-    def open_web(self, server: LiveServer) -> WsiDicom:
+    def open_web(self, server: LiveServer, *more_series: str) -> WsiDicom:
         client = DICOMwebClient(url=f"{server.base_url}/dicomweb")
-        return WsiDicom.open_web(FramesAsBytes(client), self.study, self.series)
+        return WsiDicom.open_web(FramesAsBytes(client), self.study, [self.series, *more_series])
 
     def instance_url(self, path: Path) -> str:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
