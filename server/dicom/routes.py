@@ -327,16 +327,18 @@ async def instance_metadata(request: Request, study: str, series: str, sop: str)
 # --- WADO-RS: frames and bulk data ----------------------------------------------------------
 
 
-def _frame_wants(request: Request, stored_media: str) -> tuple[bool, str]:
+def _frame_wants(request: Request, stored_media: str, stored_syntax: str) -> tuple[bool, str]:
     """(as stored?, part media type) for a frames request (PS3.18 8.7.3.5.3): octet-stream
-    without a transfer syntax means uncompressed; `*` or the stored media type, as stored."""
+    without a transfer syntax means uncompressed; `*` or the stored media type, as stored,
+    unless it names another transfer syntax of that media type (a JPEG baseline frame is
+    not the JPEG lossless one asked for)."""
     for media in multipart.accept(request.headers.get("accept")):
         part = media.part_type if media.media_type == "multipart/related" else media.media_type
         if part in (None, "*/*", "application/octet-stream"):
             if media.transfer_syntax == "*" or stored_media == "application/octet-stream":
                 return True, "application/octet-stream"
             return False, "application/octet-stream"
-        if part == stored_media:
+        if part == stored_media and media.transfer_syntax in (None, "*", stored_syntax):
             return True, stored_media
     raise DicomWebError(406, f"The frames are available as application/octet-stream or {stored_media}")
 
@@ -355,7 +357,7 @@ async def retrieve_frames(request: Request, study: str, series: str, sop: str, f
 async def _frames_response(request: Request, archive: Archive, table: FrameTable, numbers: list[int]) -> Response:
     """Frames as multipart/related; a few are answered from memory, many are streamed."""
     stored_media = wado.FRAME_MEDIA_TYPES.get(table.transfer_syntax, "application/octet-stream")
-    as_stored, part_type = _frame_wants(request, stored_media)
+    as_stored, part_type = _frame_wants(request, stored_media, table.transfer_syntax)
     try:
         wado.check_frames(table, numbers)
     except wado.NotFound as exc:

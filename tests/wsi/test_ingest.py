@@ -168,3 +168,14 @@ def test_parse_refuses_truncated_files_directly(tmp_path, slide_files):
     with pytest.raises(Refused) as refused:
         parse(slides.truncate(base, tmp_path))
     assert refused.value.reason == 0xC000
+
+
+def test_frames_in_another_syntax_of_the_same_media_type_are_406(http, stored_slides):
+    stored = stored_slides["jpeg"]
+    url = f"{stored.instance_url(stored.files[0])}/frames/1"
+    jpeg = 'multipart/related; type="image/jpeg"; transfer-syntax='
+    assert http.get(url, headers={"Accept": jpeg + "1.2.840.10008.1.2.4.50"}).status_code == 200
+    assert http.get(url, headers={"Accept": jpeg + "1.2.840.10008.1.2.4.70"}).status_code == 406
+    assert http.get(url, headers={"Accept": 'multipart/related; type="image/jp2"'}).status_code == 406
+    raw = http.get(url, headers={"Accept": 'multipart/related; type="application/octet-stream"'})
+    assert raw.status_code == 200 and len(parts(raw)[0]) == 256 * 256 * 3

@@ -1,0 +1,260 @@
+"""Whole slide image benchmark: Kuroshio against Orthanc (with its DICOMweb and WSI
+plugins), the same slide and the same client, one run.
+
+The slide: 40,960 x 40,960 pixels in 256 x 256 JPEG tiles (25,600 tiles on the base level,
+nine levels down to one tile, a label and an overview; about 1.2 GB of DICOM). It is built
+once by tests/wsi/slides.py (an OME-TIFF written from 64 pre-encoded tile variants,
+converted by wsidicomizer with the missing levels added) and cached in bench/out/.
+
+Measured on each server:
+- ingest: STOW-RS of the whole pyramid in one streamed request (seconds, MB/s);
+- frames: random base-level tiles (`/frames/N`, as stored: image/jpeg) with 8 concurrent
+  clients (requests/s, p50, p95);
+- Kuroshio only: rendered 512x512 regions of the base level (`/rendered?viewport=...`,
+  p50 of sequential requests), and wsidicom's `open_web` plus 100 `read_region` calls of
+  512x512 (seconds, p50 per call);
+- Orthanc only: the same tiles through its WSI plugin's own route (`/wsi/tiles/...`).
+Orthanc runs in network namespace kuroshio-peer (shared/peers/orthanc.sh); its workload
+runs there too (this script re-runs itself with --worker).
+
+    python bench/wsi.py [--size 40960] [--requests 4000] [--no-peer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import httpx
+import pydicom
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.dicom import NAMESPACE, peer_script, start_kuroshio  # noqa: E402
+
+OUT = ROOT / "bench" / "out"
+TARGETS = {"frames_per_s": 1000, "frames_p50_ms": 5, "rendered_p50_ms": 50}
+# As wsidicom asks (without transfer-syntax, image/jpeg means JPEG lossless, PS3.18 8.7.3.5.2).
+JPEG_FRAME = {"Accept": 'multipart/related; type="image/jpeg"; transfer-syntax=1.2.840.10008.1.2.4.50'}
+CLIENTS = 8
+BUDGET_S = 60  # each load stops issuing requests after this long (Orthanc parses whole files)
+
+
+def slide(size: int) -> list[Path]:
+    """The benchmark slide's DICOM files (built once, then taken from bench/out)."""
+    from tests.wsi import slides
+
+    target = OUT / f"wsi-{size}"
+    manifest = target / "files.json"
+    if manifest.is_file():
+        return [target / name for name in json.loads(manifest.read_text())]
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    print(f"building a {size}x{size} slide in {target} (once)", file=sys.stderr)
+    tiff = slides.write_tiff(target / "slide.ome.tif", size, size, repeat_tiles=64)
+    files = slides.dicomize(tiff, target / "dicom", workers=2)
+    tiff.unlink()
+    manifest.write_text(json.dumps([str(f.relative_to(target)) for f in files]))
+    return files
+
+
+def _body(files: list[Path], boundary: str) -> Iterator[bytes]:
+    for path in files:
+        yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                yield chunk
+        yield b"\r\n"
+    yield f"--{boundary}--\r\n".encode()
+
+
+def ingest(base: str, files: list[Path]) -> dict[str, float]:
+    headers = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=benchslide'}
+    start = time.perf_counter()
+    response = httpx.post(f"{base}/studies", content=_body(files, "benchslide"), headers=headers, timeout=3600)
+    elapsed = time.perf_counter() - start
+    response.raise_for_status()
+    size = sum(f.stat().st_size for f in files)
+    return {"ingest_s": elapsed, "ingest_mb_per_s": size / elapsed / 1e6}
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
+
+
+async def _load(urls: list[str], headers: dict[str, str], budget: float = BUDGET_S) -> dict[str, float]:
+    """GET the URLs with CLIENTS concurrent clients, for at most `budget` seconds;
+    requests/s and latency of those answered."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    queue = iter(urls)
+    deadline = time.perf_counter() + budget
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CLIENTS)) as session:
+        async def client() -> None:
+            for url in queue:
+                if time.perf_counter() > deadline:
+                    return
+                began = time.perf_counter()
+                try:
+                    async with session.get(url, headers=headers) as response:
+                        await response.read()
+                        if response.status != 200:
+                            raise RuntimeError(f"{url}: {response.status}")
+                except aiohttp.ClientError:  # a peer closing a kept-alive connection
+                    errors.append(url)
+                    continue
+                latencies.append(time.perf_counter() - began)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(CLIENTS)))
+        elapsed = time.perf_counter() - start
+    if len(errors) > len(latencies) // 10:
+        raise RuntimeError(f"{len(errors)} requests failed, {len(latencies)} answered")
+    return {"per_s": len(latencies) / elapsed, "requests": len(latencies), "p50_ms": 1000 * _percentile(latencies, 0.5),
+            "p95_ms": 1000 * _percentile(latencies, 0.95)}
+
+
+def base_level(files: list[Path]) -> pydicom.Dataset:
+    return pydicom.dcmread(max(files, key=lambda p: p.stat().st_size), stop_before_pixels=True)
+
+
+def tiles(ds: pydicom.Dataset, count: int) -> list[int]:
+    """The same random frame numbers for every server."""
+    return random.Random(7).choices(range(1, int(ds.NumberOfFrames) + 1), k=count)
+
+
+def frames(base: str, ds: pydicom.Dataset, count: int) -> dict[str, float]:
+    url = f"{base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}/frames/"
+    asyncio.run(_load([url + str(n) for n in tiles(ds, 100)], JPEG_FRAME, budget=10))  # warm-up
+    result = asyncio.run(_load([url + str(n) for n in tiles(ds, count)], JPEG_FRAME))
+    return {"frames_per_s": result["per_s"], "frames_p50_ms": result["p50_ms"], "frames_p95_ms": result["p95_ms"],
+            "frames_answered": result["requests"]}
+
+
+def rendered(base: str, ds: pydicom.Dataset, count: int = 100) -> dict[str, float]:
+    url = f"{base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}/rendered"
+    rng = random.Random(11)
+    latencies = []
+    with httpx.Client(timeout=60) as client:
+        for _ in range(count):
+            x, y = rng.randrange(0, int(ds.TotalPixelMatrixColumns) - 512), rng.randrange(0, int(ds.TotalPixelMatrixRows) - 512)
+            began = time.perf_counter()
+            response = client.get(url, params={"viewport": f"512,512,{x},{y},512,512"}, headers={"Accept": "image/jpeg"})
+            latencies.append(time.perf_counter() - began)
+            response.raise_for_status()
+    return {"rendered_p50_ms": 1000 * _percentile(latencies, 0.5)}
+
+
+def open_web(base: str, ds: pydicom.Dataset, calls: int = 100) -> dict[str, float]:
+    from dicomweb_client.api import DICOMwebClient
+    from wsidicom import WsiDicom, WsiDicomWebClient
+
+    start = time.perf_counter()
+    slide_ = WsiDicom.open_web(WsiDicomWebClient(DICOMwebClient(url=base)), ds.StudyInstanceUID, ds.SeriesInstanceUID)
+    opened = time.perf_counter() - start
+    rng = random.Random(13)
+    latencies = []
+    with slide_:
+        for _ in range(calls):
+            x, y = rng.randrange(0, slide_.size.width - 512), rng.randrange(0, slide_.size.height - 512)
+            began = time.perf_counter()
+            slide_.read_region((x, y), 0, (512, 512))
+            latencies.append(time.perf_counter() - began)
+    return {"open_web_s": opened, "read_region_total_s": sum(latencies),
+            "read_region_p50_ms": 1000 * _percentile(latencies, 0.5)}
+
+
+def orthanc_tiles(root: str, ds: pydicom.Dataset, count: int) -> dict[str, float]:
+    """The same tiles through Orthanc's WSI plugin (`/wsi/tiles/{series}/0/{x}/{y}`)."""
+    found = httpx.post(f"{root}/tools/lookup", content=str(ds.SeriesInstanceUID), timeout=60).json()
+    series = next(item["ID"] for item in found if item["Type"] == "Series")
+    across = -(-int(ds.TotalPixelMatrixColumns) // int(ds.Columns))
+    urls = [f"{root}/wsi/tiles/{series}/0/{(n - 1) % across}/{(n - 1) // across}" for n in tiles(ds, count)]
+    asyncio.run(_load(urls[:100], {}, budget=10))
+    result = asyncio.run(_load(urls, {}))
+    return {"wsi_tiles_per_s": result["per_s"], "wsi_tiles_p50_ms": result["p50_ms"]}
+
+
+def workload(base: str, files: list[Path], count: int, peer: bool) -> dict[str, float]:
+    ds = base_level(files)
+    results = ingest(base, files)
+    results.update(frames(base, ds, count))
+    if peer:
+        results.update(orthanc_tiles(base.rsplit("/dicom-web", 1)[0], ds, count))
+    else:
+        results.update(rendered(base, ds))
+        results.update(open_web(base, ds))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", type=int, default=40960)
+    parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--worker", nargs=2, metavar=("BASE", "FILES"))
+    args = parser.parse_args()
+    if args.worker:
+        base, listed = args.worker
+        print(json.dumps(workload(base, [Path(p) for p in json.loads(listed)], args.requests, peer=True)))
+        return
+    files = slide(args.size)
+    print(f"slide: {len(files)} instances, {sum(f.stat().st_size for f in files) / 1e6:.0f} MB, "
+          f"{base_level(files).NumberOfFrames} base tiles", file=sys.stderr)
+    workdir = Path(tempfile.mkdtemp(prefix="kuroshio-bench-wsi-"))
+    results: dict[str, dict[str, float]] = {}
+    process, mongod, base, _ = start_kuroshio(workdir)
+    try:
+        results["kuroshio"] = workload(base, files, args.requests, peer=False)
+    finally:
+        process.terminate()
+        process.wait(60)
+        mongod.__exit__(None, None, None)  # type: ignore[attr-defined]
+        shutil.rmtree(workdir / "data", ignore_errors=True)
+    script = peer_script()
+    if not args.no_peer and script is not None:
+        peer_dir = workdir / "orthanc"
+        subprocess.run(["bash", str(script), "start", str(peer_dir)], check=True)
+        try:
+            out = subprocess.run(
+                ["ip", "netns", "exec", NAMESPACE, sys.executable, __file__, "--requests", str(args.requests),
+                 "--worker", "http://127.0.0.1:8042/dicom-web", json.dumps([str(f) for f in files])],
+                capture_output=True, text=True,
+            )
+            if out.returncode == 0:
+                results["orthanc"] = json.loads(out.stdout.strip().splitlines()[-1])
+            else:
+                print(f"the Orthanc workload failed:\n{out.stderr[-3000:]}", file=sys.stderr)
+        finally:
+            subprocess.run(["bash", str(script), "stop", str(peer_dir)], check=False)
+    print(f"{'metric':<22}{'kuroshio':>12}{'orthanc':>12}{'ratio':>9}{'target':>9}")
+    metrics = list(results["kuroshio"]) + [m for m in results.get("orthanc", {}) if m not in results["kuroshio"]]
+    for metric in metrics:
+        value = results["kuroshio"].get(metric)
+        peer = results.get("orthanc", {}).get(metric)
+        lower_is_better = metric.endswith(("_ms", "_s")) and not metric.endswith("per_s")
+        ratio = (peer / value if lower_is_better else value / peer) if peer and value else None
+        print(f"{metric:<22}{(f'{value:.1f}' if value is not None else '-'):>12}{(f'{peer:.1f}' if peer else '-'):>12}"
+              f"{(f'{ratio:.2f}x' if ratio else '-'):>9}{str(TARGETS.get(metric, '')):>9}")
+    tiles = results.get("orthanc", {}).get("wsi_tiles_per_s")
+    if tiles:
+        ours = results["kuroshio"]["frames_per_s"]
+        print(f"{'frames vs Orthanc WSI plugin tiles':<40}{ours:>9.1f} vs {tiles:.1f} /s = {ours / tiles:.2f}x")
+    print("(ratio > 1 means Kuroshio is better; wsi_tiles_* are Orthanc's WSI plugin route /wsi/tiles)")
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
