@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 from python_multipart.exceptions import MultipartParseError
 from starlette.requests import ClientDisconnect
+from starlette.routing import Route
 
 from server.dicom import multipart, qido, wado, wsi_rendered
 from server.dicom.archive import Archive, Outcome, Prepared
@@ -29,6 +30,7 @@ DICOM_JSON = "application/dicom+json"
 router = APIRouter(prefix="/dicomweb")
 # (interaction, method, path) of every route, for the conformance statement.
 RESOURCES: list[tuple[str, str, str]] = []
+FIRST_ROUTES: list[Route] = []  # matched before every other route of the app (see `dicomweb`)
 IN_LOOP_READ = 8 * 1024 * 1024  # blobs up to this size are read without a thread hop
 STOW_BATCH = 50
 
@@ -49,14 +51,29 @@ def error_response(request: Request, status: int, message: str) -> Response:
     )
 
 
-def dicomweb(interaction: str, method: str, *paths: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def dicomweb(
+    interaction: str, method: str, *paths: str, first: bool = False
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a handler for `paths` under /dicomweb, behind the authorization dependency.
+
+    `first` routes (slide tiles, asked for hundreds of times a second) are plain Starlette
+    routes that the app tries before all others: FastAPI's matching against every route and
+    its dependency solving cost more than serving a tile. They run the same authorization."""
+
     def register(handler: Callable[..., Any]) -> Callable[..., Any]:
+        admit = authorize("dicomweb", interaction)
         for path in paths:
             RESOURCES.append((interaction, method, "/dicomweb" + path))
-            router.add_api_route(
-                path, handler, methods=[method], response_class=Response,
-                dependencies=[Depends(authorize("dicomweb", interaction))],
-            )
+            if first:
+                async def endpoint(request: Request) -> Response:
+                    await admit(request)
+                    return await handler(request, **request.path_params)
+
+                FIRST_ROUTES.append(Route("/dicomweb" + path, endpoint, methods=[method]))
+            else:
+                router.add_api_route(
+                    path, handler, methods=[method], response_class=Response, dependencies=[Depends(admit)]
+                )
         return handler
 
     return register
@@ -343,7 +360,7 @@ def _frame_wants(request: Request, stored_media: str, stored_syntax: str) -> tup
     raise DicomWebError(406, f"The frames are available as application/octet-stream or {stored_media}")
 
 
-@dicomweb("retrieve-frames", "GET", "/studies/{study}/series/{series}/instances/{sop}/frames/{frames}")
+@dicomweb("retrieve-frames", "GET", "/studies/{study}/series/{series}/instances/{sop}/frames/{frames}", first=True)
 async def retrieve_frames(request: Request, study: str, series: str, sop: str, frames: str) -> Response:
     archive = archive_of(request)
     try:

@@ -84,15 +84,13 @@ def _stored(name: str, files: list[Path]) -> StoredSlide:
 @pytest.fixture(scope="session")
 def slide_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
     """The DICOM files of each test slide, by name."""
-    from wsidicom.codec import Jpeg2kSettings
-
     root = tmp_path_factory.mktemp("slides")
     tiff = slides.write_tiff(root / "slide.ome.tif", 1300, 1000)
-    built = {
-        "jpeg": slides.dicomize(tiff, root / "jpeg", patient_id="WSI-PAT-1", specimen_id="SPEC-1"),
-        "jpeg2000": slides.dicomize(tiff, root / "j2k", offset_table="eot", encoding=Jpeg2kSettings(levels=[0])),
-        "no-offset-table": slides.dicomize(tiff, root / "empty", offset_table="empty"),
-    }
+    built = slides.dicomize(tiff, {
+        "jpeg": slides.Conversion(root / "jpeg", patient_id="WSI-PAT-1", specimen_id="SPEC-1"),
+        "jpeg2000": slides.Conversion(root / "j2k", offset_table="eot", encoding="jpeg2000-lossless"),
+        "no-offset-table": slides.Conversion(root / "empty", offset_table="empty"),
+    })
     # wsidicom writes TILED_FULL only, and its uncompressed small levels come out short;
     # these two are made from the JPEG pyramid with pydicom.
     built["sparse"] = slides.derive_series(built["jpeg"], root / "sparse", lambda ds, level: slides.to_sparse(ds, MISSING.get(level, set())))

@@ -10,7 +10,11 @@ with missing tiles (`to_sparse`) and truncated files.
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -82,30 +86,47 @@ def _jpeg(block: np.ndarray) -> bytes:
     return bytes(imagecodecs.jpeg8_encode(block, level=90))
 
 
-def dicomize(
-    tiff: Path,
-    out: Path,
-    *,
-    offset_table: str = "bot",
-    encoding: object | None = None,
-    patient_id: str | None = None,
-    specimen_id: str | None = None,
-    workers: int | None = None,
-) -> list[Path]:
-    """wsidicomizer's conversion of `tiff` into a DICOM pyramid (one file per instance).
+@dataclass(frozen=True)
+class Conversion:
+    """One wsidicomizer conversion of the TIFF: where, and with what."""
 
-    `encoding` (a wsidicom.codec settings object) forces transcoding of every tile, e.g.
-    to JPEG 2000 or uncompressed; without it JPEG tiles are copied as they are."""
-    from server.dicom.wsi_import import metadata_for  # the same metadata `wsi import` writes
+    out: Path
+    offset_table: str = "bot"
+    encoding: str | None = None  # None: JPEG tiles copied; "jpeg2000-lossless": re-encoded
+    patient_id: str | None = None
+    specimen_id: str | None = None
+
+
+def dicomize(tiff: Path, conversions: dict[str, Conversion], workers: int | None = None) -> dict[str, list[Path]]:
+    """wsidicomizer's conversions of `tiff` into DICOM pyramids (one file per instance).
+
+    They run in a child process: importing wsidicomizer switches pydicom into its "future"
+    mode and enforce_valid_values for the whole process (dicomizer_source.py), which would
+    change how the other tests' pydicom behaves."""
+    request = {"tiff": str(tiff), "workers": workers,
+               "conversions": {name: {**asdict(c), "out": str(c.out)} for name, c in conversions.items()}}
+    done = subprocess.run([sys.executable, "-m", "tests.wsi.slides"], input=json.dumps(request), text=True,
+                          capture_output=True, cwd=Path(__file__).resolve().parents[2], check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"wsidicomizer failed: {done.stderr[-3000:]}")
+    return {name: [Path(p) for p in paths] for name, paths in json.loads(done.stdout).items()}
+
+
+def _convert(tiff: Path, conversion: Conversion, workers: int | None) -> list[str]:
+    from wsidicom.codec import Jpeg2kSettings
     from wsidicomizer import WsiDicomizer
 
-    metadata = metadata_for(patient_id, None, specimen_id) if patient_id or specimen_id else None
-    files = WsiDicomizer.convert(
-        tiff, out, metadata=metadata, tile_size=TILE, add_missing_levels=True,
-        offset_table=offset_table, encoding=encoding, force_transcoding=encoding is not None,
+    from server.dicom.wsi_import import metadata_for  # the same metadata `wsi import` writes
+
+    encoding = Jpeg2kSettings(levels=[0]) if conversion.encoding == "jpeg2000-lossless" else None
+    metadata = None
+    if conversion.patient_id or conversion.specimen_id:
+        metadata = metadata_for(conversion.patient_id, None, conversion.specimen_id)
+    return WsiDicomizer.convert(
+        tiff, conversion.out, metadata=metadata, tile_size=TILE, add_missing_levels=True,
+        offset_table=conversion.offset_table, encoding=encoding, force_transcoding=encoding is not None,
         workers=workers,
     )
-    return [Path(f) for f in files]
 
 
 def kind(path: Path) -> str:
@@ -188,3 +209,11 @@ def truncate(path: Path, out: Path, keep: float = 0.6) -> Path:
     target = out / f"truncated-{path.name}"
     target.write_bytes(data[: int(len(data) * keep)])
     return target
+
+
+if __name__ == "__main__":  # the child process of `dicomize`
+    job = json.load(sys.stdin)
+    print(json.dumps({
+        name: _convert(Path(job["tiff"]), Conversion(**{**c, "out": Path(c["out"])}), job["workers"])
+        for name, c in job["conversions"].items()
+    }))

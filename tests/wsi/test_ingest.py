@@ -69,7 +69,9 @@ def _reason(answer: dict) -> int:
 
 
 def _renamed(path: Path) -> pydicom.Dataset:
+    """A copy of a stored slide level as a new instance of a new series."""
     ds = pydicom.dcmread(path)
+    ds.SeriesInstanceUID = generate_uid()
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     return ds
