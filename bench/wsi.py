@@ -44,7 +44,7 @@ import pydicom
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.dicom import NAMESPACE, peer_script, start_kuroshio  # noqa: E402
+from bench.dicom import NAMESPACE, kuroshio, orthanc, peer_script, print_ratios  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 TARGETS = {"tiles_per_s": 1000, "tiles_p50_ms": 5, "rendered_p50_ms": 50}
@@ -252,19 +252,11 @@ def main() -> None:
           f"{base_level(files).NumberOfFrames} base tiles", file=sys.stderr)
     workdir = Path(tempfile.mkdtemp(prefix="kuroshio-bench-wsi-"))
     results: dict[str, dict[str, float]] = {}
-    process, mongod, base, _ = start_kuroshio(workdir)
-    try:
+    with kuroshio(workdir) as (base, _):
         results["kuroshio"] = workload(base, files, args.requests, peer=False)
-    finally:
-        process.terminate()
-        process.wait(60)
-        mongod.__exit__(None, None, None)  # type: ignore[attr-defined]
-        shutil.rmtree(workdir / "data", ignore_errors=True)
-    script = peer_script()
-    if not args.no_peer and script is not None:
-        peer_dir = workdir / "orthanc"
-        subprocess.run(["bash", str(script), "start", str(peer_dir)], check=True)
-        try:
+    shutil.rmtree(workdir / "data", ignore_errors=True)
+    if not args.no_peer and peer_script() is not None:
+        with orthanc(workdir) as peer_dir:
             worker = subprocess.Popen(
                 ["ip", "netns", "exec", NAMESPACE, sys.executable, __file__, "--requests", str(args.requests),
                  "--worker", "http://127.0.0.1:8042/dicom-web", json.dumps([str(f) for f in files])],
@@ -275,17 +267,7 @@ def main() -> None:
                 results["orthanc"] = json.loads(stdout.strip().splitlines()[-1])
             else:
                 print(f"the Orthanc workload failed:\n{stderr[-3000:]}", file=sys.stderr)
-        finally:
-            subprocess.run(["bash", str(script), "stop", str(peer_dir)], check=False)
-    print(f"{'metric':<22}{'kuroshio':>12}{'orthanc':>12}{'ratio':>9}{'target':>9}")
-    metrics = list(results["kuroshio"]) + [m for m in results.get("orthanc", {}) if m not in results["kuroshio"]]
-    for metric in metrics:
-        value = results["kuroshio"].get(metric)
-        peer = results.get("orthanc", {}).get(metric)
-        lower_is_better = metric.endswith(("_ms", "_s")) and not metric.endswith("per_s")
-        ratio = (peer / value if lower_is_better else value / peer) if peer and value else None
-        print(f"{metric:<22}{(f'{value:.1f}' if value is not None else '-'):>12}{(f'{peer:.1f}' if peer else '-'):>12}"
-              f"{(f'{ratio:.2f}x' if ratio else '-'):>9}{str(TARGETS.get(metric, '')):>9}")
+    print_ratios(results, TARGETS, lambda metric: metric.endswith(("_ms", "_s")) and not metric.endswith("per_s"))
     print("(ratio > 1 means Kuroshio is better; Orthanc's tiles_* are its WSI plugin's /wsi/tiles route)")
     shutil.rmtree(workdir, ignore_errors=True)
 
