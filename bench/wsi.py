@@ -8,7 +8,7 @@ converted by wsidicomizer with the missing levels added) and cached in bench/out
 
 Measured on each server:
 - ingest: STOW-RS of the whole pyramid in one streamed request (seconds, MB/s);
-- tiles: random base-level tiles with 8 concurrent clients (requests/s, p50, p95), from
+- tiles: random base-level tiles, 30 s with 8 connections of wrk (requests/s, p50, p95), from
   Kuroshio's DICOMweb `/frames/N` (as stored, image/jpeg) and from Orthanc's WSI plugin
   route `/wsi/tiles/...` (its way of serving slide tiles fast);
 - DICOMweb frames one at a time (`/frames/N`, p50 of 20 sequential requests) on both:
@@ -20,14 +20,16 @@ Measured on each server:
 Orthanc runs in network namespace kuroshio-peer (shared/peers/orthanc.sh); its workload
 runs there too (this script re-runs itself with --worker).
 
-    python bench/wsi.py [--size 40960] [--requests 4000] [--no-peer]
+Needs wrk (apt-get install wrk).
+
+    python bench/wsi.py [--size 40960] [--requests 6000] [--no-peer]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -37,7 +39,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import aiohttp
 import httpx
 import pydicom
 
@@ -50,9 +51,9 @@ OUT = ROOT / "bench" / "out"
 TARGETS = {"tiles_per_s": 1000, "tiles_p50_ms": 5, "rendered_p50_ms": 50}
 # As wsidicom asks (without transfer-syntax, image/jpeg means JPEG lossless, PS3.18 8.7.3.5.2).
 JPEG_FRAME = {"Accept": 'multipart/related; type="image/jpeg"; transfer-syntax=1.2.840.10008.1.2.4.50'}
-CLIENTS = 8
+CLIENTS = 8  # concurrent connections of the tile load
+LOAD_S = 30  # seconds of tile load per server
 PEER_MEMORY = 8 << 30  # the peer's workload is stopped if it grows past this
-BUDGET_S = 60  # each load stops issuing requests after this long (Orthanc parses whole files)
 
 
 def slide(size: int) -> list[Path]:
@@ -98,36 +99,39 @@ def _percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
 
 
-async def _load(urls: list[str], headers: dict[str, str], budget: float = BUDGET_S) -> dict[str, float]:
-    """GET the URLs with CLIENTS concurrent clients, for at most `budget` seconds;
-    requests/s and latency of those answered."""
-    latencies: list[float] = []
-    errors: list[str] = []
-    queue = iter(urls)
-    deadline = time.perf_counter() + budget
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CLIENTS)) as session:
-        async def client() -> None:
-            for url in queue:
-                if time.perf_counter() > deadline:
-                    return
-                began = time.perf_counter()
-                try:
-                    async with session.get(url, headers=headers) as response:
-                        await response.read()
-                        if response.status != 200:
-                            raise RuntimeError(f"{url}: {response.status}")
-                except aiohttp.ClientError:  # a peer closing a kept-alive connection
-                    errors.append(url)
-                    continue
-                latencies.append(time.perf_counter() - began)
+WRK_SCRIPT = """
+local paths = {}
+for line in io.lines(os.getenv("WRK_PATHS")) do paths[#paths + 1] = line end
+local accept = os.getenv("WRK_ACCEPT")
+if accept ~= "" then wrk.headers["Accept"] = accept end
+local next_path = 0
+request = function()
+  next_path = next_path % #paths + 1
+  return wrk.format("GET", paths[next_path])
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %d %d %d %d %d\\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(95), e.connect + e.read + e.write + e.status + e.timeout))
+end
+"""
 
-        start = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(CLIENTS)))
-        elapsed = time.perf_counter() - start
-    if len(errors) > len(latencies) // 10:
-        raise RuntimeError(f"{len(errors)} requests failed, {len(latencies)} answered")
-    return {"per_s": len(latencies) / elapsed, "requests": len(latencies), "p50_ms": 1000 * _percentile(latencies, 0.5),
-            "p95_ms": 1000 * _percentile(latencies, 0.95)}
+
+def _wrk(urls: list[str], headers: dict[str, str], seconds: int) -> dict[str, float]:
+    """wrk (C, one thread) cycling through the URLs with CLIENTS connections for `seconds`:
+    a Python client would cost the server's two cores more than the server does."""
+    origin = "/".join(urls[0].split("/")[:3])
+    with tempfile.TemporaryDirectory() as scratch:
+        paths, script = Path(scratch) / "paths", Path(scratch) / "tiles.lua"
+        paths.write_text("\n".join(url[len(origin):] for url in urls) + "\n")
+        script.write_text(WRK_SCRIPT)
+        env = {**os.environ, "WRK_PATHS": str(paths), "WRK_ACCEPT": headers.get("Accept", "")}
+        out = subprocess.run(["wrk", "-t1", f"-c{CLIENTS}", f"-d{seconds}s", "--timeout", "60s", "-s", str(script), origin],
+                             capture_output=True, text=True, env=env, check=True).stdout
+    requests, duration_us, p50_us, p95_us, errors = map(int, out.split("RESULT", 1)[1].split())
+    if errors > requests // 10:
+        raise RuntimeError(f"{errors} of {requests} tile requests failed")
+    return {"per_s": requests / (duration_us / 1e6), "requests": requests, "p50_ms": p50_us / 1000, "p95_ms": p95_us / 1000}
 
 
 def base_level(files: list[Path]) -> pydicom.Dataset:
@@ -144,8 +148,8 @@ def _frame_url(base: str, ds: pydicom.Dataset) -> str:
 
 
 def tile_load(urls: list[str], headers: dict[str, str]) -> dict[str, float]:
-    asyncio.run(_load(urls[:100], headers, budget=10))  # warm-up
-    result = asyncio.run(_load(urls, headers))
+    _wrk(urls, headers, 5)  # warm-up
+    result = _wrk(urls, headers, LOAD_S)
     return {"tiles_per_s": result["per_s"], "tiles_p50_ms": result["p50_ms"], "tiles_p95_ms": result["p95_ms"],
             "tiles_answered": result["requests"]}
 
@@ -239,7 +243,7 @@ def _guarded(worker: subprocess.Popen[str], peer_pid: int) -> tuple[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=int, default=40960)
-    parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--requests", type=int, default=6000, help="distinct random tiles to cycle through")
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--worker", nargs=2, metavar=("BASE", "FILES"))
     args = parser.parse_args()
@@ -247,6 +251,8 @@ def main() -> None:
         base, listed = args.worker
         print(json.dumps(workload(base, [Path(p) for p in json.loads(listed)], args.requests, peer=True)))
         return
+    if shutil.which("wrk") is None:
+        sys.exit("the tile load is generated by wrk: apt-get install wrk")
     files = slide(args.size)
     print(f"slide: {len(files)} instances, {sum(f.stat().st_size for f in files) / 1e6:.0f} MB, "
           f"{base_level(files).NumberOfFrames} base tiles", file=sys.stderr)
