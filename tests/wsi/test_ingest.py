@@ -14,7 +14,8 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import generate_uid
 
 from server.dicom.instance import Refused, parse
-from tests.dicom.conftest import multipart_body
+from tests.conftest import start_server, stop_server
+from tests.dicom.conftest import dicom_port, multipart_body
 from tests.dicom.test_wado import parts
 from tests.wsi import slides
 from tests.wsi.conftest import MISSING
@@ -140,19 +141,25 @@ def test_tiles_off_the_grid_are_stored_and_served_by_frame(http, slide_files):
     assert http.get(f"{url}/rendered", params={"viewport": "100,100"}).status_code == 406
 
 
+def _large_slide(path: Path, base: Path, across: int, down: int) -> Path:
+    """A TILED_FULL level of across x down 64 KB JPEG frames without offset table."""
+    ds = pydicom.dcmread(base)
+    frame = max(generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames)), key=len)
+    tile = frame + b"\0" * (64 * 1024 - len(frame))  # padding after the EOI marker
+    ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows = across * 256, down * 256
+    ds.NumberOfFrames = across * down
+    ds.PixelData = encapsulate([tile] * (across * down), has_bot=False)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 def test_a_large_slide_without_offset_table_is_parsed_in_small_memory(tmp_path, slide_files):
     """128 MB of tiles, no Basic or Extended Offset Table: the fragments are scanned from
     the file, never read whole (Python allocations stay far below the instance size)."""
     base = max(slide_files["jpeg"], key=lambda p: p.stat().st_size)
-    ds = pydicom.dcmread(base)
-    frame = max(generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames)), key=len)
-    tile = frame + b"\0" * (64 * 1024 - len(frame))  # 64 KB frames (padding after EOI)
-    ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows = 64 * 256, 32 * 256
-    ds.NumberOfFrames = 64 * 32
-    ds.PixelData = encapsulate([tile] * int(ds.NumberOfFrames), has_bot=False)
-    path = tmp_path / "large.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    del ds
+    path = _large_slide(tmp_path / "large.dcm", base, 64, 32)
     assert path.stat().st_size > 128 * 1024 * 1024
     tracemalloc.start()
     try:
@@ -163,6 +170,37 @@ def test_a_large_slide_without_offset_table_is_parsed_in_small_memory(tmp_path, 
     assert parsed.frames is not None and parsed.frames.count == 2048
     assert parsed.frames.fragments is not None and parsed.frames.fragments[-1][1] == 64 * 1024
     assert peak < 32 * 1024 * 1024, f"parsing held {peak} bytes"
+
+
+def _peak_memory(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:"))
+
+
+def test_a_large_slide_by_c_store_is_never_held_in_memory(mongod, tmp_path, slide_files, monkeypatch):
+    """A 256 MB level sent by C-STORE to a fresh server: the server's peak memory grows by
+    far less than the instance (pynetdicom writes the received PDUs to a file)."""
+    from pynetdicom import AE, _config
+
+    base = max(slide_files["jpeg"], key=lambda p: p.stat().st_size)
+    path = _large_slide(tmp_path / "large.dcm", base, 64, 64)
+    live = start_server(mongod.uri, tmp_path / "server")
+    try:
+        before = _peak_memory(live.process.pid)
+        monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # the sender streams too
+        ae = AE(ae_title="WSITEST")
+        ae.add_requested_context(str(pydicom.dcmread(path, stop_before_pixels=True).SOPClassUID), "1.2.840.10008.1.2.4.50")
+        assoc = ae.associate("127.0.0.1", dicom_port(live), ae_title="KUROSHIO")
+        assert assoc.is_established
+        try:
+            assert assoc.send_c_store(path).Status == 0
+        finally:
+            assoc.release()
+        grown = _peak_memory(live.process.pid) - before
+    finally:
+        stop_server(live)
+    assert path.stat().st_size > 256 * 1024 * 1024
+    assert grown < 96 * 1024 * 1024, f"the server's peak memory grew by {grown >> 20} MB"
 
 
 def test_parse_refuses_truncated_files_directly(tmp_path, slide_files):
