@@ -121,7 +121,8 @@ def statement() -> str:
         "parameter, instances are sent in Explicit VR Little Endian and frames uncompressed",
         "(`application/octet-stream`). Instances can be transcoded to: "
         + ", ".join(f"{UID(t).name} ({t})" for t in wado.TRANSCODE_TARGETS)
-        + "; other requested syntaxes are answered 406 unless every instance is stored in it.",
+        + "; other requested syntaxes are answered 406 unless every instance is stored in it."
+        + f" Instances over {wado.TRANSCODE_MAX_BYTES} bytes (slide levels) are sent as stored only.",
         "Compressed frames are served in their stored media type:",
         "",
         "| Transfer syntax | Frame media type |",

@@ -29,6 +29,9 @@ IMPLICIT_LE = "1.2.840.10008.1.2"
 RLE = "1.2.840.10008.1.2.5"
 # Syntaxes any stored instance can be transcoded to (pydicom decodes, then writes these).
 TRANSCODE_TARGETS = (EXPLICIT_LE, IMPLICIT_LE, RLE)
+# Transcoding decodes a whole instance in memory: a slide level of a few hundred MB of JPEG
+# tiles is gigabytes of pixels. Larger instances are sent as stored only (else 406).
+TRANSCODE_MAX_BYTES = 256 * 1024 * 1024
 # Media types of compressed frames (PS3.18 Table 8.7.3-2), by transfer syntax.
 FRAME_MEDIA_TYPES = {
     "1.2.840.10008.1.2.4.50": "image/jpeg",
@@ -118,15 +121,16 @@ def missing(study: str, series: str | None, sop: str | None) -> str:
 def choose_syntax(stored: list[Stored], wanted: list[str]) -> str:
     """The transfer syntax to send: the first acceptable one every instance can have
     ("*" = as stored); 406 when none."""
+    too_large = any(s.size > TRANSCODE_MAX_BYTES for s in stored)
     for syntax in wanted:
         if syntax == "*":
             return syntax
-        if all(s.transfer_syntax == syntax for s in stored) or syntax in TRANSCODE_TARGETS:
+        if all(s.transfer_syntax == syntax for s in stored) or syntax in TRANSCODE_TARGETS and not too_large:
             return syntax
     raise NotAcceptable(
         f"Cannot provide transfer syntax {', '.join(wanted)}; stored as "
         f"{', '.join(sorted({s.transfer_syntax for s in stored}))}, and can transcode to "
-        f"{', '.join(TRANSCODE_TARGETS)}"
+        f"{', '.join(TRANSCODE_TARGETS)} instances of at most {TRANSCODE_MAX_BYTES} bytes"
     )
 
 

@@ -8,6 +8,7 @@ import io
 import tracemalloc
 from pathlib import Path
 
+import httpx
 import pydicom
 import pytest
 from pydicom.encaps import encapsulate, generate_frames
@@ -178,8 +179,9 @@ def _peak_memory(pid: int) -> int:
 
 
 def test_a_large_slide_by_c_store_is_never_held_in_memory(mongod, tmp_path, slide_files, monkeypatch):
-    """A 256 MB level sent by C-STORE to a fresh server: the server's peak memory grows by
-    far less than the instance (pynetdicom writes the received PDUs to a file)."""
+    """A 256 MB level sent by C-STORE to a fresh server, then retrieved: the server's peak
+    memory grows by far less than the instance (pynetdicom writes the received PDUs to a
+    file; retrieval streams it; transcoding it is refused)."""
     from pynetdicom import AE, _config
 
     base = max(slide_files["jpeg"], key=lambda p: p.stat().st_size)
@@ -197,6 +199,16 @@ def test_a_large_slide_by_c_store_is_never_held_in_memory(mongod, tmp_path, slid
         finally:
             assoc.release()
         grown = _peak_memory(live.process.pid) - before
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        url = (f"{live.base_url}/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+               f"/instances/{ds.SOPInstanceUID}")
+        as_stored = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+        with httpx.stream("GET", url, headers={"Accept": as_stored}, timeout=120) as response:
+            assert response.status_code == 200
+            assert sum(len(chunk) for chunk in response.iter_bytes()) > path.stat().st_size
+        # decoding a slide level to send it uncompressed would take gigabytes: 406
+        assert httpx.get(url, headers={"Accept": 'multipart/related; type="application/dicom"'}).status_code == 406
+        assert _peak_memory(live.process.pid) - before < 96 * 1024 * 1024
     finally:
         stop_server(live)
     assert path.stat().st_size > 256 * 1024 * 1024
