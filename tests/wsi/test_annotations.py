@@ -47,6 +47,9 @@ def test_annotations_are_stored_and_found_by_wsidicom(server, http, stored_slide
     assert retrieved == [out.getvalue()]
     found = http.get(f"studies/{stored.study}/instances", params={"Modality": "ANN"}).json()
     assert [i["00080018"]["Value"][0] for i in found] == [made.SOPInstanceUID]
+    both = http.get(f"studies/{stored.study}/instances",  # a UID key repeated is a list of UIDs
+                    params=[("SeriesInstanceUID", stored.series), ("SeriesInstanceUID", made.SeriesInstanceUID)]).json()
+    assert {i["0020000E"]["Value"][0] for i in both} == {stored.series, made.SeriesInstanceUID}
     with stored.open_web(server, made.SeriesInstanceUID) as web:
         groups = [group for instance in web.annotations for group in instance]
         assert [g.label for g in groups] == ["nuclei"]
