@@ -92,7 +92,7 @@ def wsi_import(
     patient_issuer: Annotated[str | None, typer.Option(help="Issuer of Patient ID")] = None,
     url: Annotated[str | None, typer.Option(help="DICOMweb base URL [default: this server's, from the settings]")] = None,
     tile_size: Annotated[int, typer.Option(min=64, max=4096, help="Tile size of re-encoded levels")] = 256,
-    encoding: Annotated[str, typer.Option(help="Encoding of tiles that cannot be copied: jpeg or jpeg2000")] = "jpeg",
+    encoding: Annotated[str, typer.Option(help="Encoding of the tiles wsidicomizer encodes: jpeg or jpeg2000")] = "jpeg",
     offset_table: Annotated[str, typer.Option(help="Offset table: bot, eot or empty")] = "bot",
     output: Annotated[Path | None, typer.Option(file_okay=False, help="Keep the DICOM files in this new directory")] = None,
     workers: Annotated[int | None, typer.Option(min=1, help="Conversion threads [default: one per core]")] = None,

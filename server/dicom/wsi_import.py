@@ -2,9 +2,9 @@
 MRXS, ... whatever wsidicomizer reads through opentile, tiffslide or OpenSlide) converted
 into a DICOM VL Whole Slide Microscopy pyramid and stored.
 
-wsidicomizer does the conversion (JPEG tiles are copied as they are, other tiles encoded
-as JPEG or JPEG 2000; missing pyramid levels are added down to one tile); the Patient and
-the specimen named on the command line are written into every instance (Patient module;
+wsidicomizer does the conversion (tiles it can pass on are copied, the others encoded as
+JPEG or JPEG 2000 as asked; missing pyramid levels are added down to one tile); the Patient
+and the specimen named on the command line are written into every instance (Patient module;
 Container Identifier and Specimen Description Sequence of the Specimen module), so the
 FHIR bridge links the slide to the Patient's ImagingStudy and a Specimen. The files are then
 sent by STOW-RS to the server's DICOMweb endpoint, streamed from disk, like any client's
