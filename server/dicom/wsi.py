@@ -57,7 +57,7 @@ T = {
         "PixelSpacing", "SpacingBetweenSlices", "TotalPixelMatrixOriginSequence",
         "ZOffsetInSlideCoordinateSystem", "PlanePositionSlideSequence",
         "ColumnPositionInTotalImagePixelMatrix", "RowPositionInTotalImagePixelMatrix", "Rows",
-        "Columns", "NumberOfFrames", "PhotometricInterpretation", "SamplesPerPixel", "BitsStored",
+        "Columns", "NumberOfFrames", "PhotometricInterpretation", "SamplesPerPixel", "BitsStored", "BitsAllocated",
         "ContainerIdentifier", "IssuerOfTheContainerIdentifierSequence", "ContainerTypeCodeSequence",
         "SpecimenDescriptionSequence", "SpecimenIdentifier", "IssuerOfTheSpecimenIdentifierSequence",
         "SpecimenUID", "SpecimenTypeCodeSequence", "SpecimenShortDescription",
@@ -128,7 +128,8 @@ class Slide:
     spacing: list[float] | None  # mm per pixel (row spacing, column spacing)
     photometric: str
     samples: int
-    bits: int
+    bits: int  # Bits Stored
+    allocated: int  # Bits Allocated
     frames: int
     tiles: np.ndarray | None = None  # TILED_SPARSE: frame number by (path, plane, row, column)
     specimen: Json = field(default_factory=dict)
@@ -157,7 +158,7 @@ class Slide:
             "width": self.width, "height": self.height, "tile": [self.tile_width, self.tile_height],
             "planes": self.planes, "paths": self.paths, "spacing": self.spacing,
             "photometric": self.photometric, "samples": self.samples, "bits": self.bits,
-            "frames": self.frames, "missing": self.missing, "specimen": self.specimen,
+            "allocated": self.allocated, "frames": self.frames, "missing": self.missing, "specimen": self.specimen,
         }
         if self.tiles is not None:
             doc["tiles"] = Binary(zlib.compress(self.tiles.astype("<i4").tobytes(), 1))
@@ -168,7 +169,8 @@ class Slide:
         slide = cls(
             doc["type"], doc.get("pyramid"), doc["organization"], doc["width"], doc["height"],
             doc["tile"][0], doc["tile"][1], doc["planes"], doc["paths"], doc.get("spacing"),
-            doc["photometric"], doc["samples"], doc["bits"], doc["frames"], specimen=doc.get("specimen", {}),
+            doc["photometric"], doc["samples"], doc["bits"], doc["allocated"], doc["frames"],
+            specimen=doc.get("specimen", {}),
         )
         if doc.get("tiles") is not None:
             flat = np.frombuffer(zlib.decompress(doc["tiles"]), dtype="<i4")
@@ -211,6 +213,7 @@ def describe(parsed: ParsedInstance) -> Slide | None:
         photometric=text(attributes, "PhotometricInterpretation"),
         samples=_positive(attributes, "SamplesPerPixel", 1),
         bits=_positive(attributes, "BitsStored", 8),
+        allocated=_positive(attributes, "BitsAllocated", 8),
         frames=_positive(attributes, "NumberOfFrames", 1),
         specimen=specimen_of(attributes),
     )

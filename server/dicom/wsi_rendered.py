@@ -117,7 +117,12 @@ async def _level_for(
     return level, level.slide, clipped
 
 
-def _decoder(table: FrameTable, slide: Slide) -> Decoder:
+def _decoder(table: FrameTable, slide: Slide) -> Decoder | None:
+    """wsidicom's decoder for compressed tiles (None: native tiles, read by `_tile`)."""
+    if not UID(table.transfer_syntax).is_encapsulated:
+        if slide.allocated not in (8, 16):
+            raise wado.NotAcceptable(f"Native tiles of {slide.allocated} bits allocated are not rendered")
+        return None
     try:
         return Decoder.create(UID(table.transfer_syntax), slide.samples, slide.bits,
                               Size(slide.tile_width, slide.tile_height), slide.photometric)
@@ -125,8 +130,13 @@ def _decoder(table: FrameTable, slide: Slide) -> Decoder:
         raise wado.NotAcceptable(f"The tiles cannot be decoded for rendering: {exc}") from None
 
 
-def _tile(archive: Archive, table: FrameTable, decoder: Decoder, number: int) -> np.ndarray:
+def _tile(archive: Archive, table: FrameTable, slide: Slide, decoder: Decoder | None, number: int) -> np.ndarray:
+    """One tile's pixels: native frames by their Bits Allocated (wsidicom's decoder takes
+    12 bits stored in 16 for 8), compressed ones by wsidicom's decoders."""
     data = b"".join(archive.blobs.read_range(table.blob, offset, length) for offset, length in table.ranges(number))
+    if decoder is None:
+        shape = (slide.tile_height, slide.tile_width) + ((slide.samples,) if slide.samples > 1 else ())
+        return np.frombuffer(data, dtype="<u2" if slide.allocated == 16 else np.uint8).reshape(shape)
     try:
         return np.asarray(decoder.decode(data))
     except Exception as exc:  # codecs raise their own kinds on corrupt data
@@ -151,7 +161,7 @@ def read_region(archive: Archive, table: FrameTable, slide: Slide, region: Regio
             number = slide.frame_at(column, row, plane, 0)
             if number == 0:
                 continue
-            tile = _tile(archive, table, decoder, number)
+            tile = _tile(archive, table, slide, decoder, number)
             if canvas is None:
                 canvas = np.full(shape + tile.shape[2:], _blank(slide), dtype=tile.dtype)
             y, x = (row - first_row) * th, (column - first_column) * tw
@@ -170,14 +180,21 @@ def _middle_plane(slide: Slide) -> int:
 
 def _render_region(archive: Archive, table: FrameTable, slide: Slide, region: Region,
                    size: tuple[int, int], options: wado.Rendering) -> bytes:
-    return _encode(read_region(archive, table, slide, region), region, size, options)
+    return _encode(_eight_bits(read_region(archive, table, slide, region), slide), region, size, options)
 
 
 def _render_frame(archive: Archive, table: FrameTable, slide: Slide, frame: int, options: wado.Rendering) -> bytes:
-    pixels = _tile(archive, table, _decoder(table, slide), frame)
+    pixels = _tile(archive, table, slide, _decoder(table, slide), frame)
     region = region_of(options, pixels.shape[1], pixels.shape[0])
     crop = pixels[region.top:region.top + region.height, region.left:region.left + region.width]
-    return _encode(crop, region, output_size(region, options.viewport), options)
+    return _encode(_eight_bits(crop, slide), region, output_size(region, options.viewport), options)
+
+
+def _eight_bits(pixels: np.ndarray, slide: Slide) -> np.ndarray:
+    """Samples of more than 8 bits (fluorescence) scaled to 8 by their Bits Stored."""
+    if pixels.dtype == np.uint8:
+        return pixels
+    return (pixels.astype(np.uint32) >> max(0, slide.bits - 8)).clip(0, 255).astype(np.uint8)
 
 
 def _encode(pixels: np.ndarray, region: Region, size: tuple[int, int], options: wado.Rendering) -> bytes:
@@ -186,8 +203,6 @@ def _encode(pixels: np.ndarray, region: Region, size: tuple[int, int], options: 
     if region.flip_y:
         pixels = pixels[::-1]
     image = Image.fromarray(np.ascontiguousarray(pixels))
-    if image.mode not in ("RGB", "L"):
-        image = image.convert("RGB" if pixels.ndim == 3 else "L")
     if image.size != size:
         image = image.resize(size, Image.Resampling.LANCZOS)
     out = io.BytesIO()

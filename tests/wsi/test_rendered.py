@@ -90,3 +90,37 @@ def test_bad_viewports_are_refused(http, stored_slides, viewport):
     response = http.get(f"{stored.instance_url(_base(stored))}/rendered", params={"viewport": viewport})
     assert response.status_code == 400, response.text
     assert http.get(f"{stored.instance_url(_base(stored))}/frames/99/rendered").status_code == 404
+
+
+def test_sixteen_bit_grayscale_is_scaled_to_eight(http, server, slide_files, tmp_path):
+    """A fluorescence-like level (MONOCHROME2, 12 of 16 bits) renders by its Bits Stored."""
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from tests.wsi.conftest import stow
+
+    source = pydicom.dcmread(_base_path(slide_files["native"]))
+    rgb = np.frombuffer(source.PixelData, np.uint8).reshape(int(source.NumberOfFrames), 256, 256, 3)
+    gray = (rgb.mean(axis=3) * 16).astype(np.uint16)  # 0..4080 in 12 bits
+    source.PixelData = gray.tobytes()
+    source["PixelData"].VR = "OW"
+    source.SamplesPerPixel, source.PhotometricInterpretation = 1, "MONOCHROME2"
+    source.BitsAllocated, source.BitsStored, source.HighBit = 16, 12, 11
+    del source.PlanarConfiguration
+    source.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    source.SeriesInstanceUID, source.SOPInstanceUID = generate_uid(), generate_uid()
+    source.file_meta.MediaStorageSOPInstanceUID = source.SOPInstanceUID
+    path = tmp_path / "gray.dcm"
+    source.save_as(path, enforce_file_format=True)
+    stow(server, [path])
+    url = f"studies/{source.StudyInstanceUID}/series/{source.SeriesInstanceUID}/instances/{source.SOPInstanceUID}"
+    region = http.get(f"{url}/rendered", params={"viewport": "300,200,200,100,300,200"}, headers={"Accept": "image/png"})
+    assert region.status_code == 200, region.text
+    actual = np.asarray(Image.open(io.BytesIO(region.content)))
+    across = 1300 // 256 + 1
+    plane = gray.reshape(-1, across, 256, 256).transpose(0, 2, 1, 3).reshape(-1, across * 256)
+    assert np.array_equal(actual, (plane[100:300, 200:500] >> 4).astype(np.uint8))
+
+
+def _base_path(files):
+    return max(files, key=lambda p: p.stat().st_size)
