@@ -436,7 +436,8 @@ async def _rendered(
     if sop is None:
         stored = await guarded(wado.instances(archive, study, series))
         middle = stored[len(stored) // 2]
-        series, sop = middle.series, middle.sop
+        # a slide's series shows its tissue (a level), not the label with the patient's name
+        series, sop = middle.series, await wsi_rendered.smallest_level(archive, study, middle.series) or middle.sop
     assert series is not None
     table = await guarded(wado.frame_source(archive, study, series, sop))
     try:

@@ -117,6 +117,13 @@ async def _level_for(
     return level, level.slide, clipped
 
 
+async def smallest_level(archive: Archive, study: str, series: str) -> str | None:
+    """The SOP Instance UID of a slide series' lowest-resolution VOLUME level, if any."""
+    levels = await archive.index.find("instance", {"st": study, "se": series, "wsi.type": "VOLUME"},
+                                      {"wsi.width": 1}, limit=1, sort=[("wsi.width", 1)])
+    return levels[0]["_id"] if levels else None
+
+
 def _decoder(table: FrameTable, slide: Slide) -> Decoder | None:
     """wsidicom's decoder for compressed tiles (None: native tiles, read by `_tile`)."""
     if not UID(table.transfer_syntax).is_encapsulated:

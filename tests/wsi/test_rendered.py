@@ -59,8 +59,12 @@ def test_a_downscaled_viewport_reads_the_lower_level(http, stored_slides):
     with stored.open_local() as local:
         expected = np.asarray(local.read_region((0, 0), 2, (325, 250)))
     assert np.array_equal(_image(whole), expected)
-    thumbnail = _image(http.get(f"studies/{stored.study}/series/{stored.series}/thumbnail"))
-    assert max(thumbnail.shape[:2]) == 128
+    thumbnail = _image(http.get(f"studies/{stored.study}/series/{stored.series}/thumbnail",
+                                headers={"Accept": "image/png"}))
+    assert thumbnail.shape == (98, 128, 3)  # the slide's tissue (1300 x 1000), not its label
+    with stored.open_local() as local:
+        smallest = np.asarray(local.read_region((0, 0), 3, (163, 125)).resize((128, 98), Image.Resampling.LANCZOS))
+    assert np.abs(thumbnail.astype(int) - smallest.astype(int)).mean() < 2
 
 
 def test_missing_tiles_of_a_sparse_level_render_white(http, stored_slides):
