@@ -33,7 +33,6 @@ from pydicom.datadict import tag_for_keyword
 from server.dicom.instance import DOES_NOT_MATCH_SOP_CLASS, ParsedInstance, Refused
 
 VL_WHOLE_SLIDE_MICROSCOPY = "1.2.840.10008.5.1.4.1.1.77.1.6"
-MICROSCOPY_BULK_SIMPLE_ANNOTATIONS = "1.2.840.10008.5.1.4.1.1.91.1"
 IMAGE_TYPES = ("VOLUME", "LABEL", "OVERVIEW", "THUMBNAIL")
 # wsidicom and wsidicomizer write this for a required identifier they were not given.
 PLACEHOLDER_IDENTIFIERS = {"", "unknown"}

@@ -26,7 +26,7 @@ OFFSET_TABLES = ("bot", "eot", "empty")
 CHUNK = 1024 * 1024
 
 
-class ImportError_(Exception):
+class SlideUnreadable(Exception):
     """The slide cannot be read or converted (a clear message for the command line)."""
 
 
@@ -69,9 +69,9 @@ def convert(
         wsi = WsiDicomizer.open(slide, metadata=metadata, tile_size=tile_size,
                                 metadata_post_processor=extra, encoding=_encoding(encoding))
     except NotImplementedError as exc:
-        raise ImportError_(f"{slide} is not a slide format wsidicomizer can read ({exc})") from None
+        raise SlideUnreadable(f"{slide} is not a slide format wsidicomizer can read ({exc})") from None
     except Exception as exc:  # the readers raise their own kinds on damaged files
-        raise ImportError_(f"{slide} cannot be read: {exc}") from None
+        raise SlideUnreadable(f"{slide} cannot be read: {exc}") from None
     with wsi:
         out.mkdir(parents=True, exist_ok=False)
         files = wsi.save(out, workers=workers, offset_table=offset_table, add_missing_levels=True)
