@@ -9,9 +9,12 @@ aspect ratio kept. Without a region the whole matrix (or frame) is rendered. The
 read from the lowest-resolution VOLUME level of the same series and pyramid that still has
 the output's resolution, as a viewer would, so an overview of a 40,000-pixel level reads
 a few tiles, not thousands. Tiles are byte-range reads at the offsets recorded at ingest,
-decoded with wsidicom's decoders (JPEG, JPEG 2000, JPEG-LS, RLE, native), pasted into one
-array and cropped; tiles a TILED_SPARSE level lacks are white (black for MONOCHROME2), as
-wsidicom shows them. The focal plane is the middle one, the optical path the first.
+decoded with wsidicom's decoders (JPEG, JPEG 2000, JPEG-LS, RLE; native tiles directly),
+pasted into one array and cropped; tiles a TILED_SPARSE level lacks are white (black for
+MONOCHROME2), as wsidicom shows them; samples of more than 8 bits are scaled by Bits
+Stored. The focal plane is the middle one, the optical path the first. Stitching is ours:
+wsidicom stitches only through its own sources (files or its DICOMweb client), which would
+re-read the header of a level this server has already described at ingest.
 """
 
 from __future__ import annotations
