@@ -13,6 +13,7 @@ there with `--worker`). Usage: python bench/dicom.py [--instances 500] [--no-pee
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -145,6 +147,45 @@ def start_kuroshio(workdir: Path) -> tuple[subprocess.Popen[bytes], object, str,
     return process, mongod, f"http://127.0.0.1:{port}/dicomweb", dicom_port
 
 
+@contextlib.contextmanager
+def kuroshio(workdir: Path) -> Iterator[tuple[str, int]]:
+    """A Kuroshio server on a fresh embedded MongoDB: (DICOMweb base URL, DIMSE port)."""
+    process, mongod, base, dicom_port = start_kuroshio(workdir)
+    try:
+        yield base, dicom_port
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+        mongod.__exit__(None, None, None)  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def orthanc(workdir: Path) -> Iterator[Path]:
+    """Orthanc started by the shared peer script in namespace kuroshio-peer: its directory."""
+    script = peer_script()
+    assert script is not None
+    peer_dir = workdir / "orthanc"
+    subprocess.run(["bash", str(script), "start", str(peer_dir)], check=True)
+    try:
+        yield peer_dir
+    finally:
+        subprocess.run(["bash", str(script), "stop", str(peer_dir)], check=False)
+
+
+def print_ratios(results: dict[str, dict[str, float]], targets: dict[str, float],
+                 lower_is_better: Callable[[str], bool]) -> None:
+    """Both servers' figures, the ratio (> 1: Kuroshio is better) and the target."""
+    width = max(20, *(len(m) + 2 for m in results["kuroshio"]))
+    print(f"{'metric':<{width}}{'kuroshio':>12}{'orthanc':>12}{'ratio':>9}{'target':>9}")
+    peer_results = results.get("orthanc", {})
+    for metric in list(results["kuroshio"]) + [m for m in peer_results if m not in results["kuroshio"]]:
+        value, peer = results["kuroshio"].get(metric), peer_results.get(metric)
+        ratio = (peer / value if lower_is_better(metric) else value / peer) if peer and value else None
+        print(f"{metric:<{width}}{(f'{value:.1f}' if value is not None else '-'):>12}"
+              f"{(f'{peer:.1f}' if peer else '-'):>12}{(f'{ratio:.2f}x' if ratio else '-'):>9}"
+              f"{str(targets.get(metric, '')):>9}")
+
+
 def peer_script() -> Path | None:
     for candidate in (ROOT.parent / "shared" / "peers" / "orthanc.sh", Path("/work/shared/peers/orthanc.sh")):
         if candidate.is_file():
@@ -177,33 +218,17 @@ def main() -> None:
     for path in studies[-1]:
         path.rename(data / "cstore" / path.name)
     results: dict[str, dict[str, float]] = {}
-    process, mongod, base, dicom_port = start_kuroshio(workdir)
-    try:
+    with kuroshio(workdir) as (base, dicom_port):
         results["kuroshio"] = workload(base, data, "127.0.0.1", dicom_port, "KUROSHIO")
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(60)
-        mongod.__exit__(None, None, None)  # type: ignore[attr-defined]
-    script = peer_script()
-    if not args.no_peer and script is not None:
-        peer_dir = workdir / "orthanc"
-        subprocess.run(["bash", str(script), "start", str(peer_dir)], check=True)
-        try:
+    if not args.no_peer and peer_script() is not None:
+        with orthanc(workdir):
             out = subprocess.run(
                 ["ip", "netns", "exec", NAMESPACE, sys.executable, __file__, "--worker",
                  "http://127.0.0.1:8042/dicom-web", str(data), "127.0.0.1", "4242", "ORTHANC"],
                 check=True, capture_output=True, text=True,
             )
             results["orthanc"] = json.loads(out.stdout.strip().splitlines()[-1])
-        finally:
-            subprocess.run(["bash", str(script), "stop", str(peer_dir)], check=False)
-    print(f"{'metric':<20}{'kuroshio':>12}{'orthanc':>12}{'ratio':>9}{'target':>9}")
-    for metric, value in results["kuroshio"].items():
-        peer = results.get("orthanc", {}).get(metric)
-        lower_is_better = metric.endswith("_ms")
-        ratio = (peer / value if lower_is_better else value / peer) if peer else None
-        print(f"{metric:<20}{value:>12.1f}{(f'{peer:.1f}' if peer else '-'):>12}"
-              f"{(f'{ratio:.2f}x' if ratio else '-'):>9}{str(TARGETS.get(metric, '')):>9}")
+    print_ratios(results, TARGETS, lambda metric: metric.endswith("_ms"))
     print("(ratio > 1 means Kuroshio is better)")
     shutil.rmtree(workdir, ignore_errors=True)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pydicom.uid import UID
 
-from server.dicom import archive, dimse, instance, levels, routes, wado
+from server.dicom import archive, dimse, instance, levels, routes, wado, wsi, wsi_rendered
 
 
 def _uid_rows(uids: list[str]) -> list[str]:
@@ -48,7 +48,8 @@ def statement() -> str:
         "(`KUROSHIO_DICOM_PORT`, `--dicom-port`). Associations are accepted from any calling AE;",
         "each request passes the server's authorization policy and is audited. Several",
         "associations are served at once (one thread each, at most 32). Maximum PDU size",
-        "received: unlimited. TCP_NODELAY is set on every association socket. C-MOVE",
+        f"received: {dimse.MAXIMUM_PDU_SIZE} bytes; a received data set is written to a file as",
+        "it arrives, never held in memory whole. TCP_NODELAY is set on every association socket. C-MOVE",
         "destinations are the AEs listed in `KUROSHIO_DICOM_REMOTE_AES` (`AET@host:port,...`);",
         f"any other destination is answered 0x{dimse.MOVE_DESTINATION_UNKNOWN:04X} (Move Destination unknown).",
         "",
@@ -120,7 +121,8 @@ def statement() -> str:
         "parameter, instances are sent in Explicit VR Little Endian and frames uncompressed",
         "(`application/octet-stream`). Instances can be transcoded to: "
         + ", ".join(f"{UID(t).name} ({t})" for t in wado.TRANSCODE_TARGETS)
-        + "; other requested syntaxes are answered 406 unless every instance is stored in it.",
+        + "; other requested syntaxes are answered 406 unless every instance is stored in it."
+        + f" Instances over {wado.TRANSCODE_MAX_BYTES} bytes (slide levels) are sent as stored only.",
         "Compressed frames are served in their stored media type:",
         "",
         "| Transfer syntax | Frame media type |",
@@ -131,6 +133,45 @@ def statement() -> str:
         "",
         "Rendered and thumbnail resources produce image/jpeg or image/png, with the `window`,",
         "`viewport` and `quality` parameters.",
+        "",
+        "An Accept naming the stored frame media type with another transfer syntax of that",
+        "media type (e.g. image/jpeg with JPEG Lossless for a JPEG Baseline frame) is answered",
+        "406; without a transfer-syntax parameter the frame is sent as stored.",
+        "",
+        "### 3.2 Whole slide images",
+        "",
+        f"{UID(wsi.VL_WHOLE_SLIDE_MICROSCOPY).name} ({wsi.VL_WHOLE_SLIDE_MICROSCOPY}) instances are stored",
+        "like any other (STOW-RS or C-STORE). At ingest the server records, per instance, the",
+        f"image type ({', '.join(wsi.IMAGE_TYPES)}), the Pyramid UID, the Total Pixel Matrix and tile sizes,",
+        "the focal planes, the optical paths and the Dimension Organization Type, and the byte",
+        "range of every frame (from the Extended Offset Table, the Basic Offset Table, or one",
+        "scan of the fragments when both are empty). TILED_FULL frames are placed in the order",
+        "of PS3.3 C.8.12.4.1.3; TILED_SPARSE frames by their Plane Position (Slide). An instance",
+        f"is refused with 0x{instance.DOES_NOT_MATCH_SOP_CLASS:04X} when its tiles cannot be placed: a TILED_FULL",
+        "frame count other than tiles x focal planes x optical paths, a TILED_SPARSE Per-Frame",
+        "Functional Groups Sequence without one item per frame, a position outside the Total",
+        "Pixel Matrix, or two frames for one tile. Truncated files are refused with",
+        f"0x{instance.CANNOT_UNDERSTAND:04X}.",
+        "",
+        "Frames are byte-range reads at the recorded offsets, in the stored transfer syntax (or",
+        "decoded to application/octet-stream). For a whole slide image instance,",
+        "`/rendered?viewport=vw,vh,sx,sy,sw,sh` renders the region sx, sy, sw, sh of its Total",
+        "Pixel Matrix (empty sw, sh: to the edge; negative: flipped) scaled to fit vw x vh with",
+        "its aspect ratio, stitched from the tiles of the lowest-resolution VOLUME level of the",
+        "same series and pyramid that still has the output's resolution; without sx..sh the",
+        "whole matrix. `/frames/{n}/rendered` renders one tile. Regions decoding more than",
+        f"{wsi_rendered.MAX_REGION_PIXELS} source pixels are answered 400. The middle focal plane",
+        "and the first optical path are rendered; tiles absent from a TILED_SPARSE level are",
+        "white (black for MONOCHROME2); samples of more than 8 bits are scaled by Bits Stored.",
+        "The rendered series and its thumbnail show the slide's lowest-resolution level.",
+        "",
+        "QIDO-RS answers what wsidicom's DICOMweb client asks (Modality and SOP Class UID at the",
+        "instance level, AvailableTransferSyntaxUID, a UID key repeated as a list). Every slide",
+        "appears in the Patient's FHIR ImagingStudy (modality SM), whose series reference a",
+        "FHIR Specimen per Specimen Identifier of the Specimen Description Sequence (or, without",
+        "one, the Container Identifier); identifiers "
+        + ", ".join(f'"{p}"' for p in sorted(wsi.PLACEHOLDER_IDENTIFIERS) if p)
+        + " and empty ones are not identifiers.",
         "",
         "## 4 Query (QIDO-RS and C-FIND)",
         "",
@@ -144,7 +185,7 @@ def statement() -> str:
     lines += [
         "### 4.2 Matching rules",
         "",
-        "- uid: single value or a list (comma or backslash separated).",
+        "- uid: single value or a list (comma or backslash separated, or the key repeated).",
         "- date, time: single value or range (`a-b`, `a-`, `-b`); partial times are ranges.",
         "- pn: case-insensitive; `*` and `?` wildcards; `fuzzymatching=true` matches name",
         "  components by prefix, case- and accent-insensitively.",
@@ -176,6 +217,9 @@ def statement() -> str:
         "  instance by deleting it first.",
         "- C-MOVE sub-associations propose at most 128 presentation contexts (one per SOP",
         "  class) and send each instance in its stored transfer syntax or an uncompressed one.",
+        "- Regions of TILED_SPARSE instances whose tiles are not on the tile grid are not",
+        "  rendered (406); their frames are served. Rendered whole slide images show the middle",
+        "  focal plane and the first optical path only.",
         "",
     ]
     return "\n".join(lines)

@@ -81,5 +81,87 @@ def serve(
             raise typer.Exit(1)
 
 
+# --- kuroshio wsi ----------------------------------------------------------------------------
+
+wsi_app = typer.Typer(no_args_is_help=True, help="Whole slide images (DICOM VL Whole Slide Microscopy)")
+app.add_typer(wsi_app, name="wsi")
+
+
+@wsi_app.command("import")
+def wsi_import(
+    slide: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Slide file (TIFF, OME-TIFF, SVS, NDPI, ...)")],
+    patient_id: Annotated[str, typer.Option(help="Patient ID written into the slide (the FHIR Patient's identifier)")],
+    specimen_id: Annotated[str, typer.Option(help="Specimen identifier (Container Identifier and Specimen Identifier)")],
+    patient_name: Annotated[str | None, typer.Option(help="Patient name, DICOM form Family^Given")] = None,
+    patient_issuer: Annotated[str | None, typer.Option(help="Issuer of Patient ID")] = None,
+    url: Annotated[str | None, typer.Option(help="DICOMweb base URL [default: this server's, from the settings]")] = None,
+    tile_size: Annotated[int, typer.Option(min=64, max=4096, help="Tile size of re-encoded levels")] = 256,
+    encoding: Annotated[str, typer.Option(help="Encoding of the tiles wsidicomizer encodes: jpeg or jpeg2000")] = "jpeg",
+    offset_table: Annotated[str, typer.Option(help="Offset table: bot, eot or empty")] = "bot",
+    output: Annotated[Path | None, typer.Option(file_okay=False, help="Keep the DICOM files in this new directory")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Conversion threads [default: one per core]")] = None,
+) -> None:
+    """Convert a slide into a DICOM WSI pyramid with wsidicomizer and store it by STOW-RS."""
+    import shutil
+    import tempfile
+    import threading
+
+    import httpx
+    from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from server.dicom import wsi_import as importer
+
+    if encoding not in importer.ENCODINGS or offset_table not in importer.OFFSET_TABLES:
+        console.print(f"[red]--encoding is one of {importer.ENCODINGS}, --offset-table one of {importer.OFFSET_TABLES}[/red]")
+        raise typer.Exit(2)
+    if output is not None and output.exists():
+        console.print(f"[red]{output} already exists[/red]")
+        raise typer.Exit(2)
+    dicomweb = url or load_settings().base_url + "/dicomweb"
+    work = Path(tempfile.mkdtemp(prefix="kuroshio-wsi-"))
+    target = output or work / "dicom"
+    metadata = importer.metadata_for(patient_id, patient_name, specimen_id)
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["files"] = importer.convert(slide, target, metadata, issuer=patient_issuer, tile_size=tile_size,
+                                                encoding=encoding, offset_table=offset_table, workers=workers)
+        except Exception as exc:  # reported below, in the main thread
+            outcome["error"] = exc
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console) as progress:
+            converting = progress.add_task(f"converting {slide.name}", total=None)
+            thread = threading.Thread(target=run, daemon=True)
+            thread.start()
+            while thread.is_alive():
+                progress.update(converting, completed=importer.written_bytes(target))
+                thread.join(0.2)
+            error = outcome.get("error")
+            if error is not None:
+                console.print(f"[red]{error}[/red]")
+                raise typer.Exit(2)
+            files: list[Path] = outcome["files"]  # type: ignore[assignment]
+            size = sum(f.stat().st_size for f in files)
+            progress.update(converting, total=size, completed=size)
+            sending = progress.add_task(f"storing {len(files)} instances at {dicomweb}", total=size)
+            try:
+                stored = importer.store(files, dicomweb, lambda n: progress.advance(sending, n))
+            except httpx.HTTPError as exc:
+                console.print(f"[red]Cannot store at {dicomweb}: {exc}[/red]")
+                raise typer.Exit(1) from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    for sop, reason in stored.failed:
+        console.print(f"[red]refused {sop}: failure reason 0x{reason:04X}[/red]")
+    if stored.status not in (200, 202) or stored.failed:
+        console.print(f"[red]STOW-RS answered {stored.status} {stored.message}[/red]")
+        raise typer.Exit(1)
+    console.print(f"stored {len(stored.stored)} instances of study {stored.study} (patient {patient_id}, specimen {specimen_id})")
+    typer.echo(stored.study or "")
+
+
 if __name__ == "__main__":
     app(prog_name=os.path.basename(sys.argv[0]))

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import orjson
 
-from server.dicom import qido
+from server.dicom import qido, wsi
+from server.dicom.frames import FrameTables
 from server.dicom.instance import DOES_NOT_MATCH_SOP_CLASS, ParsedInstance, Refused, parse
 from server.dicom.levels import INSTANCE, SERIES, STUDY
 from server.store.blobs import BlobKey, BlobStore, StagedFile
@@ -80,6 +81,7 @@ class Archive:
     def __init__(self, store: Store, root: Path) -> None:
         self.index = DicomIndex(store)
         self.blobs = BlobStore(root)
+        self.frame_tables = FrameTables(self.index, self.blobs)  # frame requests (frames.py)
         # Called after each change to the index (the FHIR reflection wakes up).
         self.listeners: list[Callable[[], None]] = []
 
@@ -180,6 +182,7 @@ class Archive:
 
 def record_of(parsed: ParsedInstance, key: BlobKey, size: int) -> InstanceRecord:
     attributes = parsed.attributes
+    slide = wsi.describe(parsed)  # whole slide images: pyramid level, tiles, specimen
     return InstanceRecord(
         study=parsed.study,
         series=parsed.series,
@@ -202,6 +205,7 @@ def record_of(parsed: ParsedInstance, key: BlobKey, size: int) -> InstanceRecord
         frames=parsed.frames.document() if parsed.frames is not None else None,
         bulk=[[b.tag, b.offset, b.length] for b in parsed.bulk],
         deflated=parsed.frames is None and "1.2.840.10008.1.2.1.99" == parsed.transfer_syntax,
+        wsi=slide.document() if slide is not None else None,
     )
 
 

@@ -90,13 +90,13 @@ def _element(
         if vr in BULK_VRS and raw.length > INLINE_LIMIT and top_level:
             bulk.append(BulkData(key, raw.value_tell, raw.length))
             return {"vr": vr, "BulkDataURI": f"bulkdata/{key}"}
-    elif deferred:  # a large value left in the file
+    elif deferred and (raw.VR or _dictionary_vr(tag)) != "SQ":  # a large value left in the file
         vr = raw.VR or _dictionary_vr(tag)
         if vr in ("US or SS", "OB or OW", "US or OW", "US or SS or OW"):
             vr = "OW" if "OW" in vr else "US"
         bulk.append(BulkData(key, raw.value_tell, raw.length))
         return {"vr": vr, "BulkDataURI": f"bulkdata/{key}"}
-    element = ds[tag]
+    element = ds[tag]  # reads a deferred sequence (a sequence is never bulk data, PS3.18 F.2.5)
     if element.VR == "SQ":
         return {"vr": "SQ", "Value": [_item(item, codec) for item in element.value]}
     return _pydicom(element, top_level, key, bulk, raw)

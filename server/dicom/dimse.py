@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import (
@@ -54,6 +54,11 @@ NOT_AUTHORIZED = 0x0124
 UNABLE_TO_PROCESS = 0xC001  # C-FIND / C-MOVE / C-GET: "unable to process" (PS3.4 C.4)
 IDENTIFIER_DOES_NOT_MATCH = 0xA900
 MOVE_DESTINATION_UNKNOWN = 0xA801
+
+# A received data set goes to a temporary PS3.10 file as its PDUs arrive, not to memory: a
+# whole slide image level can be gigabytes (pynetdicom's documented switch for this).
+_config.STORE_RECV_CHUNKED_DATASET = True
+MAXIMUM_PDU_SIZE = 4 * 1024 * 1024
 
 STORAGE_SOP_CLASSES = sorted({str(cx.abstract_syntax) for cx in AllStoragePresentationContexts})
 # Explicit VR Little Endian first: pynetdicom accepts the first of ours that the peer
@@ -100,7 +105,9 @@ class ApplicationEntity:
         self.remotes = remotes
         self.loop = loop
         self.ae = AE(ae_title=ae_title)
-        self.ae.maximum_pdu_size = 0  # unlimited: fewer, larger PDUs from the sender
+        # Large PDUs (fewer, from the sender), but bounded: a PDU is held in memory whole,
+        # and a slide sent as one unlimited PDU would be gigabytes.
+        self.ae.maximum_pdu_size = MAXIMUM_PDU_SIZE
         self.ae.network_timeout = 60
         self.ae.acse_timeout = 30
         self.ae.dimse_timeout = 60
@@ -165,7 +172,7 @@ class ApplicationEntity:
             return NOT_AUTHORIZED
         staged = self.archive.blobs.stage()
         try:
-            staged.write(event.encoded_dataset(include_meta=True))
+            staged.write_file(event.dataset_path)  # the PS3.10 file pynetdicom wrote as PDUs came
         except Exception:
             staged.discard()
             raise

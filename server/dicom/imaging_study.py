@@ -115,12 +115,21 @@ async def reflect(archive: Archive, db: FhirStore, study: str, dicomweb_base: st
         except FhirError:
             pass
         return
+    from server.dicom import specimen  # builds on this module's identifiers
+
     series_docs = await archive.index.find("series", {"st": study}, sort=[("k.SeriesNumber", 1), ("_id", 1)])
     instance_docs = await archive.index.find(
-        "instance", {"st": study}, {"se": 1, "k": 1}, sort=[("se", 1), ("k.InstanceNumber", 1), ("_id", 1)]
+        "instance", {"st": study}, {"se": 1, "k": 1, "wsi.specimen": 1},
+        sort=[("se", 1), ("k.InstanceNumber", 1), ("_id", 1)],
     )
     patient_id = await ensure_patient(db, doc.get("j", {}), study)
-    await interactions.update(db, "ImagingStudy", study, imaging_study(doc, series_docs, instance_docs, patient_id, dicomweb_base), None)
+    resource = imaging_study(doc, series_docs, instance_docs, patient_id, dicomweb_base)
+    for series in resource["series"]:  # whole slide images: the Specimens they imaged
+        members = [d for d in instance_docs if d["se"] == series["uid"]]
+        references = await specimen.reflect_series(db, members, patient_id)
+        if references:
+            series["specimen"] = references
+    await interactions.update(db, "ImagingStudy", study, resource, None)
 
 
 def imaging_study(

@@ -319,9 +319,9 @@ def _frames_of(
             for i in range(len(bounds) - 1)
         ]
 
-    extended = ds.get("ExtendedOffsetTable")
-    if extended is not None and extended.value:
-        offsets = struct.unpack(f"{endian}{len(extended.value) // 8}Q", extended.value)
+    extended = ds.get("ExtendedOffsetTable")  # the value (bytes), read from the file
+    if extended:
+        offsets = struct.unpack(f"{endian}{len(extended) // 8}Q", extended)
         if len(offsets) == count:
             return grouped(list(offsets))
     fp.seek(value_start)

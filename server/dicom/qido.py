@@ -118,7 +118,7 @@ class QidoQuery:
 def parse(level: str, params: Iterable[tuple[str, str]], scope: dict[str, str]) -> QidoQuery:
     """Build a query at `level` from request parameters; `scope` holds the UIDs in the path."""
     query = QidoQuery(level)
-    params = list(params)
+    params = _uid_lists(list(params))
     for name, value in params:
         if name == "fuzzymatching":
             if value.lower() not in ("true", "false"):
@@ -155,6 +155,29 @@ def parse(level: str, params: Iterable[tuple[str, str]], scope: dict[str, str]) 
             query.unsupported.append(name)
             query.include.add(tag)
     return query
+
+
+def _uid_lists(params: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A UID key given several times is one list of UIDs (one UID cannot equal two values;
+    clients such as wsidicom, through requests, send a list as repeated parameters)."""
+    merged: list[tuple[str, str]] = []
+    seen: dict[str, int] = {}
+    for name, value in params:
+        tag = tag_for_keyword(name) if not re.fullmatch(r"[0-9A-Fa-f]{8}", name) else int(name, 16)
+        if tag is not None and _dictionary_vr(tag) == "UI" and name in seen:
+            index = seen[name]
+            merged[index] = (name, f"{merged[index][1]},{value}")
+            continue
+        seen[name] = len(merged)
+        merged.append((name, value))
+    return merged
+
+
+def _dictionary_vr(tag: int) -> str | None:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return None
 
 
 def tag_of(name: str) -> str:

@@ -18,9 +18,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 from python_multipart.exceptions import MultipartParseError
 from starlette.requests import ClientDisconnect
+from starlette.routing import Route
 
-from server.dicom import multipart, qido, wado
+from server.dicom import multipart, qido, wado, wsi_rendered
 from server.dicom.archive import Archive, Outcome, Prepared
+from server.dicom.frames import FrameTable
 from server.security.authorization import authorize
 from server.store.blobs import StagedFile
 
@@ -28,6 +30,7 @@ DICOM_JSON = "application/dicom+json"
 router = APIRouter(prefix="/dicomweb")
 # (interaction, method, path) of every route, for the conformance statement.
 RESOURCES: list[tuple[str, str, str]] = []
+FIRST_ROUTES: list[Route] = []  # matched before every other route of the app (see `dicomweb`)
 IN_LOOP_READ = 8 * 1024 * 1024  # blobs up to this size are read without a thread hop
 STOW_BATCH = 50
 
@@ -48,14 +51,29 @@ def error_response(request: Request, status: int, message: str) -> Response:
     )
 
 
-def dicomweb(interaction: str, method: str, *paths: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def dicomweb(
+    interaction: str, method: str, *paths: str, first: bool = False
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a handler for `paths` under /dicomweb, behind the authorization dependency.
+
+    `first` routes (slide tiles, asked for hundreds of times a second) are plain Starlette
+    routes that the app tries before all others: FastAPI's matching against every route and
+    its dependency solving cost more than serving a tile. They run the same authorization."""
+
     def register(handler: Callable[..., Any]) -> Callable[..., Any]:
+        admit = authorize("dicomweb", interaction)
         for path in paths:
             RESOURCES.append((interaction, method, "/dicomweb" + path))
-            router.add_api_route(
-                path, handler, methods=[method], response_class=Response,
-                dependencies=[Depends(authorize("dicomweb", interaction))],
-            )
+            if first:
+                async def endpoint(request: Request) -> Response:
+                    await admit(request)
+                    return await handler(request, **request.path_params)
+
+                FIRST_ROUTES.append(Route("/dicomweb" + path, endpoint, methods=[method]))
+            else:
+                router.add_api_route(
+                    path, handler, methods=[method], response_class=Response, dependencies=[Depends(admit)]
+                )
         return handler
 
     return register
@@ -326,37 +344,39 @@ async def instance_metadata(request: Request, study: str, series: str, sop: str)
 # --- WADO-RS: frames and bulk data ----------------------------------------------------------
 
 
-def _frame_wants(request: Request, stored_media: str) -> tuple[bool, str]:
+def _frame_wants(request: Request, stored_media: str, stored_syntax: str) -> tuple[bool, str]:
     """(as stored?, part media type) for a frames request (PS3.18 8.7.3.5.3): octet-stream
-    without a transfer syntax means uncompressed; `*` or the stored media type, as stored."""
+    without a transfer syntax means uncompressed; `*` or the stored media type, as stored,
+    unless it names another transfer syntax of that media type (a JPEG baseline frame is
+    not the JPEG lossless one asked for)."""
     for media in multipart.accept(request.headers.get("accept")):
         part = media.part_type if media.media_type == "multipart/related" else media.media_type
         if part in (None, "*/*", "application/octet-stream"):
             if media.transfer_syntax == "*" or stored_media == "application/octet-stream":
                 return True, "application/octet-stream"
             return False, "application/octet-stream"
-        if part == stored_media:
+        if part == stored_media and media.transfer_syntax in (None, "*", stored_syntax):
             return True, stored_media
     raise DicomWebError(406, f"The frames are available as application/octet-stream or {stored_media}")
 
 
-@dicomweb("retrieve-frames", "GET", "/studies/{study}/series/{series}/instances/{sop}/frames/{frames}")
+@dicomweb("retrieve-frames", "GET", "/studies/{study}/series/{series}/instances/{sop}/frames/{frames}", first=True)
 async def retrieve_frames(request: Request, study: str, series: str, sop: str, frames: str) -> Response:
     archive = archive_of(request)
     try:
         numbers = wado.parse_frame_list(frames)
     except wado.BadRequest as exc:
         raise DicomWebError(400, str(exc)) from None
-    doc = await guarded(wado.frame_source(archive, study, series, sop, numbers))
-    return await _frames_response(request, archive, doc, numbers)
+    table = await guarded(wado.frame_source(archive, study, series, sop))
+    return await _frames_response(request, archive, table, numbers)
 
 
-async def _frames_response(request: Request, archive: Archive, doc: dict[str, Any], numbers: list[int]) -> Response:
+async def _frames_response(request: Request, archive: Archive, table: FrameTable, numbers: list[int]) -> Response:
     """Frames as multipart/related; a few are answered from memory, many are streamed."""
-    stored_media = wado.FRAME_MEDIA_TYPES.get(doc["ts"], "application/octet-stream")
-    as_stored, part_type = _frame_wants(request, stored_media)
+    stored_media = wado.FRAME_MEDIA_TYPES.get(table.transfer_syntax, "application/octet-stream")
+    as_stored, part_type = _frame_wants(request, stored_media, table.transfer_syntax)
     try:
-        wado.check_frames(doc, numbers)
+        wado.check_frames(table, numbers)
     except wado.NotFound as exc:
         raise DicomWebError(404, str(exc)) from None
     reads_only = as_stored or stored_media == "application/octet-stream"
@@ -365,15 +385,15 @@ async def _frames_response(request: Request, archive: Archive, doc: dict[str, An
     async def parts() -> AsyncIterator[bytes]:
         for index, number in enumerate(numbers):
             if reads_only and index < 16:
-                item = wado.frame(archive, doc, number, as_stored)  # a pread from the page cache
+                item = wado.frame(archive, table, number, as_stored)  # a pread from the page cache
             else:
-                item = await asyncio.to_thread(wado.frame, archive, doc, number, as_stored)
+                item = await asyncio.to_thread(wado.frame, archive, table, number, as_stored)
             media = item.media_type + (f"; transfer-syntax={item.transfer_syntax}" if item.transfer_syntax else "")
             header = multipart.part_header(boundary, media, [("Content-Length", str(len(item.data)))])
             yield (b"\r\n" if index else b"") + header + item.data
         yield multipart.closing(boundary)
 
-    syntax = doc["ts"] if as_stored and part_type != "application/octet-stream" else None
+    syntax = table.transfer_syntax if as_stored and part_type != "application/octet-stream" else None
     media_type = multipart.content_type(part_type, boundary, syntax)
     if len(numbers) <= 16:
         return Response(b"".join([chunk async for chunk in parts()]), 200, media_type=media_type)
@@ -384,9 +404,8 @@ async def _frames_response(request: Request, archive: Archive, doc: dict[str, An
 async def retrieve_bulkdata(request: Request, study: str, series: str, sop: str, tag: str) -> Response:
     tag = tag.upper()
     if tag == "7FE00010":
-        doc = await guarded(wado.frame_source(archive_of(request), study, series, sop))
-        count = (doc.get("frames") or {}).get("n", 1)
-        return await _frames_response(request, archive_of(request), doc, list(range(1, count + 1)))
+        table = await guarded(wado.frame_source(archive_of(request), study, series, sop))
+        return await _frames_response(request, archive_of(request), table, list(range(1, table.count + 1)))
     if not (len(tag) == 8 and all(c in "0123456789ABCDEF" for c in tag)):
         raise DicomWebError(400, f"{tag!r} is not a tag (8 hexadecimal digits)")
     data = await guarded(wado.bulkdata(archive_of(request), study, series, sop, tag))
@@ -407,26 +426,34 @@ def _image_type(request: Request) -> str:
     raise DicomWebError(406, "Rendered images are available as image/jpeg or image/png")
 
 
-async def _rendered(request: Request, study: str, series: str, sop: str | None, frame: int, thumbnail: bool) -> Response:
+async def _rendered(
+    request: Request, study: str, series: str, sop: str | None, frame: int | None, thumbnail: bool
+) -> Response:
+    """A rendered frame (`frame`) or instance (None: its first frame, or for a whole slide
+    image its Total Pixel Matrix, wsi_rendered.py)."""
     archive = archive_of(request)
     media_type = _image_type(request)
     if sop is None:
         stored = await guarded(wado.instances(archive, study, series))
         middle = stored[len(stored) // 2]
-        series, sop = middle.series, middle.sop
+        # a slide's series shows its tissue (a level), not the label with the patient's name
+        series, sop = middle.series, await wsi_rendered.smallest_level(archive, study, middle.series) or middle.sop
     assert series is not None
-    doc = await guarded(wado.frame_source(archive, study, series, sop))
+    table = await guarded(wado.frame_source(archive, study, series, sop))
     try:
         options = wado.rendering(dict(request.query_params), media_type, thumbnail)
     except wado.BadRequest as exc:
         raise DicomWebError(400, str(exc)) from None
-    image = await guarded(asyncio.to_thread(wado.render, archive, doc, frame, options))
+    if table.slide is not None:
+        image = await guarded(wsi_rendered.render(archive, table, frame, options))
+    else:
+        image = await guarded(asyncio.to_thread(wado.render, archive, table, frame or 1, options))
     return Response(image, 200, media_type=media_type)
 
 
 @dicomweb("retrieve-rendered", "GET", "/studies/{study}/series/{series}/instances/{sop}/rendered")
 async def rendered_instance(request: Request, study: str, series: str, sop: str) -> Response:
-    return await _rendered(request, study, series, sop, 1, False)
+    return await _rendered(request, study, series, sop, None, False)
 
 
 @dicomweb("retrieve-rendered", "GET", "/studies/{study}/series/{series}/instances/{sop}/frames/{frame}/rendered")
@@ -439,12 +466,12 @@ async def rendered_frame(request: Request, study: str, series: str, sop: str, fr
 
 @dicomweb("retrieve-thumbnail", "GET", "/studies/{study}/series/{series}/instances/{sop}/thumbnail")
 async def thumbnail_instance(request: Request, study: str, series: str, sop: str) -> Response:
-    return await _rendered(request, study, series, sop, 1, True)
+    return await _rendered(request, study, series, sop, None, True)
 
 
 @dicomweb("retrieve-thumbnail", "GET", "/studies/{study}/series/{series}/thumbnail")
 async def thumbnail_series(request: Request, study: str, series: str) -> Response:
-    return await _rendered(request, study, series, None, 1, True)
+    return await _rendered(request, study, series, None, None, True)
 
 
 # --- delete (an extension: PS3.18 defines no delete) ------------------------------------------

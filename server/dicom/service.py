@@ -38,6 +38,7 @@ class DicomWebCors:
 
 
 def install(app: FastAPI, settings: Settings) -> None:
+    app.router.routes[:0] = routes.FIRST_ROUTES  # slide tiles: tried before every other route
     app.include_router(routes.router)
 
     @app.exception_handler(routes.DicomWebError)

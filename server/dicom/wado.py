@@ -21,6 +21,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 from pydicom.uid import UID
 
 from server.dicom.archive import Archive
+from server.dicom.frames import FrameTable
 from server.store.blobs import BlobKey, is_uid
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -28,6 +29,9 @@ IMPLICIT_LE = "1.2.840.10008.1.2"
 RLE = "1.2.840.10008.1.2.5"
 # Syntaxes any stored instance can be transcoded to (pydicom decodes, then writes these).
 TRANSCODE_TARGETS = (EXPLICIT_LE, IMPLICIT_LE, RLE)
+# Transcoding decodes a whole instance in memory: a slide level of a few hundred MB of JPEG
+# tiles is gigabytes of pixels. Larger instances are sent as stored only (else 406).
+TRANSCODE_MAX_BYTES = 256 * 1024 * 1024
 # Media types of compressed frames (PS3.18 Table 8.7.3-2), by transfer syntax.
 FRAME_MEDIA_TYPES = {
     "1.2.840.10008.1.2.4.50": "image/jpeg",
@@ -117,15 +121,16 @@ def missing(study: str, series: str | None, sop: str | None) -> str:
 def choose_syntax(stored: list[Stored], wanted: list[str]) -> str:
     """The transfer syntax to send: the first acceptable one every instance can have
     ("*" = as stored); 406 when none."""
+    too_large = any(s.size > TRANSCODE_MAX_BYTES for s in stored)
     for syntax in wanted:
         if syntax == "*":
             return syntax
-        if all(s.transfer_syntax == syntax for s in stored) or syntax in TRANSCODE_TARGETS:
+        if all(s.transfer_syntax == syntax for s in stored) or syntax in TRANSCODE_TARGETS and not too_large:
             return syntax
     raise NotAcceptable(
         f"Cannot provide transfer syntax {', '.join(wanted)}; stored as "
         f"{', '.join(sorted({s.transfer_syntax for s in stored}))}, and can transcode to "
-        f"{', '.join(TRANSCODE_TARGETS)}"
+        f"{', '.join(TRANSCODE_TARGETS)} instances of at most {TRANSCODE_MAX_BYTES} bytes"
     )
 
 
@@ -186,9 +191,6 @@ def parse_frame_list(text: str) -> list[int]:
     return numbers
 
 
-_FRAME_FIELDS = {"blob": 1, "ts": 1, "deflated": 1, "st": 1, "se": 1, "frames.n": 1, "frames.start": 1, "frames.size": 1}
-
-
 async def _instance_doc(archive: Archive, study: str, series: str, sop: str, fields: dict[str, Any]) -> dict[str, Any]:
     check_uids(study, series, sop)
     doc = await archive.index.instance(sop, fields)
@@ -197,46 +199,37 @@ async def _instance_doc(archive: Archive, study: str, series: str, sop: str, fie
     return doc
 
 
-async def frame_source(
-    archive: Archive, study: str, series: str, sop: str, numbers: list[int] | None = None
-) -> dict[str, Any]:
-    """The instance's frame table, only the part covering `numbers` (a slide's table has
-    tens of thousands of entries; a tile request reads one)."""
-    fields: dict[str, Any] = dict(_FRAME_FIELDS)
-    first = min(numbers) if numbers else 1
-    fields["frames.f"] = {"$slice": [first - 1, max(numbers) - first + 1]} if numbers else 1
-    doc = await _instance_doc(archive, study, series, sop, fields)
-    if not doc.get("frames") and not doc.get("deflated"):
+async def frame_source(archive: Archive, study: str, series: str, sop: str) -> FrameTable:
+    """Where the instance's frames lie (frames.py holds the tables of recent instances, so
+    a tile request reads no index document)."""
+    check_uids(study, series, sop)
+    table = await archive.frame_tables.get(sop)
+    if table is None or table.study != study or table.series != series:
+        raise NotFound(missing(study, series, sop))
+    if table.count == 0:
         raise NotFound(f"Instance {sop} has no frames")
-    doc["first"] = first
-    return doc
+    return table
 
 
-def check_frames(doc: dict[str, Any], numbers: list[int]) -> None:
+def check_frames(table: FrameTable, numbers: list[int]) -> None:
     """404 for frame numbers the instance does not have, or frames it cannot locate."""
-    table = doc.get("frames") or {}
-    count = table.get("n", 1)
     for number in numbers:
-        if number > count:
-            raise NotFound(f"Frame {number} does not exist; the instance has {count}")
-    if doc.get("deflated") or "f" in table and table["f"] is None:
+        if number > table.count:
+            raise NotFound(f"Frame {number} does not exist; the instance has {table.count}")
+    if not table.locatable:
         raise NotFound("The frames of this instance cannot be located (deflated or unseparable fragments)")
 
 
-def frame(archive: Archive, doc: dict[str, Any], number: int, as_stored: bool) -> Frame:
+def frame(archive: Archive, table: FrameTable, number: int, as_stored: bool) -> Frame:
     """One frame (checked by `check_frames`), as stored (`as_stored`) or decoded to native
     little endian; as stored it is a byte-range read at the offsets recorded at ingest."""
-    table = doc["frames"]
-    key = BlobKey.parse(doc["blob"])
-    syntax = UID(doc["ts"])
-    if not syntax.is_encapsulated:
-        data = archive.blobs.read_range(key, table["start"] + (number - 1) * table["size"], table["size"])
-        return Frame(data, "application/octet-stream", None)
-    if as_stored:
-        ranges = table["f"][number - doc["first"]]
-        data = b"".join(archive.blobs.read_range(key, ranges[i], ranges[i + 1]) for i in range(0, len(ranges), 2))
+    syntax = UID(table.transfer_syntax)
+    if not syntax.is_encapsulated or as_stored:
+        data = b"".join(archive.blobs.read_range(table.blob, offset, length) for offset, length in table.ranges(number))
+        if not syntax.is_encapsulated:
+            return Frame(data, "application/octet-stream", None)
         return Frame(data, FRAME_MEDIA_TYPES.get(str(syntax), "application/octet-stream"), str(syntax))
-    pixels = pixel_array(archive.blobs.path(key), index=number - 1, raw=True)
+    pixels = pixel_array(archive.blobs.path(table.blob), index=number - 1, raw=True)
     return Frame(np.ascontiguousarray(pixels).tobytes(), "application/octet-stream", EXPLICIT_LE)
 
 
@@ -263,6 +256,9 @@ class Rendering:
     quality: int = 90
     window: tuple[float, float, str] | None = None  # center, width, function
     viewport: tuple[int, int] | None = None
+    # The viewport's source region sx, sy, sw, sh (None: to the image's edge); used for
+    # whole slide images (wsi_rendered.py).
+    region: tuple[int, int, int | None, int | None] | None = None
 
 
 def rendering(params: dict[str, str], media_type: str, thumbnail: bool = False) -> Rendering:
@@ -274,8 +270,11 @@ def rendering(params: dict[str, str], media_type: str, thumbnail: bool = False) 
             center, width, *function = params["window"].split(",")
             result.window = (float(center), float(width), (function[0] if function else "linear").lower())
         if "viewport" in params:
-            vw, vh, *_ = params["viewport"].split(",")
+            vw, vh, *source = params["viewport"].split(",")
             result.viewport = (int(vw), int(vh))
+            if source:
+                sx, sy, sw, sh = (int(v) if v.strip() else None for v in source)
+                result.region = (sx or 0, sy or 0, sw, sh)
     except (ValueError, IndexError):
         raise BadRequest("window must be center,width[,function] and viewport vw,vh[,sx,sy,sw,sh]") from None
     if result.viewport and (not 0 < result.viewport[0] <= 8192 or not 0 < result.viewport[1] <= 8192):
@@ -285,11 +284,11 @@ def rendering(params: dict[str, str], media_type: str, thumbnail: bool = False) 
     return result
 
 
-def render(archive: Archive, doc: dict[str, Any], frame: int, options: Rendering) -> bytes:
+def render(archive: Archive, table: FrameTable, frame: int, options: Rendering) -> bytes:
     """A frame as a consumer image: modality LUT, VOI window (given or stored), 8 bits."""
     from PIL import Image
 
-    path = archive.blobs.path(BlobKey.parse(doc["blob"]))
+    path = archive.blobs.path(table.blob)
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     count = int(ds.get("NumberOfFrames") or 1)
     if not 1 <= frame <= count:

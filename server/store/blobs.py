@@ -80,6 +80,12 @@ class StagedFile:
             view = view[written:]
         self.size += len(data)
 
+    def write_file(self, path: Path) -> None:
+        """Append the bytes of a whole file, a chunk at a time."""
+        with open(path, "rb", buffering=0) as source:
+            while chunk := source.read(CHUNK):
+                self.write(chunk)
+
     def seal(self) -> None:
         """fsync and close: after this the staged bytes survive a crash."""
         if self._fd is not None:

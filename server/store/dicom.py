@@ -7,6 +7,10 @@ carrying the Study Instance UID (`st`), the shard key DESIGN.md names:
   instance-level return attributes as DICOM JSON), `meta` (the whole DICOM JSON without
   bulk data, as the bytes WADO-RS metadata returns), `blob` (the blob key), `frames`
   (where each frame's bytes lie) and `bulk` (where each bulk data value lies).
+- `dicom_metadata`: the `meta` of an instance too large to sit in its document (a
+  TILED_SPARSE slide level has a Per-Frame Functional Groups item per tile: ~230 bytes
+  each, so 16 MB, MongoDB's document limit, at about 70,000 tiles), in chunks; the
+  instance then records their number in `mc`, and `find` puts them back together.
 - `dicom_series` / `dicom_studies`: `k` and `j` of the level, the counts of related
   instances and series, and the study's modalities; `rev` counts changes to a study and
   `fhir` marks it as not yet reflected as a FHIR ImagingStudy.
@@ -51,6 +55,9 @@ INSTANCES = collection(
     IndexModel([("k.SOPClassUID", ASCENDING)], name="sop_class"),
 )
 
+METADATA = collection("dicom_metadata", IndexModel([("sop", ASCENDING), ("n", ASCENDING)], name="sop_chunk"))
+META_INLINE = 8 * 1024 * 1024  # larger DICOM JSON goes to dicom_metadata, in chunks of this size
+
 Document = dict[str, Any]
 LEVEL_COLLECTIONS = {"study": STUDIES, "series": SERIES, "instance": INSTANCES}
 
@@ -72,15 +79,17 @@ class InstanceRecord:
     frames: Document | None
     bulk: list[list[Any]]
     deflated: bool = False
+    wsi: Document | None = None  # whole slide images: the slide description (dicom/wsi.py)
 
     def document(self, moment: datetime) -> Document:
+        chunked = len(self.metadata) > META_INLINE
         return {
             "_id": self.sop,
             "st": self.study,
             "se": self.series,
             "k": self.keys["instance"],
             "j": self.attributes["instance"],
-            "meta": Binary(self.metadata),
+            **({"mc": -(-len(self.metadata) // META_INLINE)} if chunked else {"meta": Binary(self.metadata)}),
             "blob": self.blob,
             "size": self.size,
             "ts": self.transfer_syntax,
@@ -88,7 +97,17 @@ class InstanceRecord:
             "bulk": self.bulk,
             "deflated": self.deflated,
             "at": moment,
-        }
+        } | ({"wsi": self.wsi} if self.wsi is not None else {})
+
+    def metadata_chunks(self) -> list[Document]:
+        """The documents of `dicom_metadata` for metadata over META_INLINE (else none)."""
+        if len(self.metadata) <= META_INLINE:
+            return []
+        return [
+            {"_id": f"{self.sop}:{n}", "sop": self.sop, "st": self.study, "n": n,
+             "data": Binary(self.metadata[start:start + META_INLINE])}
+            for n, start in enumerate(range(0, len(self.metadata), META_INLINE))
+        ]
 
 
 @dataclass(slots=True)
@@ -106,12 +125,22 @@ class Removed:
     studies: set[str]
 
 
+def _includes(projection: Document | None, name: str) -> bool:
+    """Whether a find projection returns the field `name`."""
+    if projection is None:
+        return True
+    if name in projection:
+        return bool(projection[name])
+    return not any(value == 1 for key, value in projection.items() if key != "_id")
+
+
 class DicomIndex:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.studies = store[STUDIES]
         self.series = store[SERIES]
         self.instances = store[INSTANCES]
+        self.metadata = store[METADATA]
 
     # --- writes -----------------------------------------------------------------------
 
@@ -160,6 +189,9 @@ class DicomIndex:
         if not new:
             return outcome
         await self.instances.insert_many([r.document(moment) for r in new], session=session)
+        chunks = [chunk for r in new for chunk in r.metadata_chunks()]
+        if chunks:
+            await self.metadata.insert_many(chunks, session=session)
         outcome.inserted = {r.sop for r in new}
         by_series: dict[str, list[InstanceRecord]] = defaultdict(list)
         for record in new:
@@ -210,6 +242,7 @@ class DicomIndex:
             if not docs:
                 return Removed([], set())
             await self.instances.delete_many({"_id": {"$in": [d["_id"] for d in docs]}}, session=session)
+            await self.metadata.delete_many({"sop": {"$in": [d["_id"] for d in docs]}}, session=session)
             per_series = Counter(d["se"] for d in docs)
             per_study = Counter(d["st"] for d in docs)
             gone_series: Counter[str] = Counter()
@@ -268,10 +301,26 @@ class DicomIndex:
     ) -> list[Document]:
         if level == "study":
             query = {**query, "deleted": {"$ne": True}}
+        wants_meta = level == "instance" and _includes(projection, "meta")
+        if wants_meta and projection is not None and projection.get("meta") == 1:
+            projection = {**projection, "mc": 1}
         cursor = self.store[LEVEL_COLLECTIONS[level]].find(
             query, projection, skip=skip, limit=limit, sort=sort or [("_id", ASCENDING)]
         )
-        return await cursor.to_list()
+        docs = await cursor.to_list()
+        chunked = [d for d in docs if "mc" in d] if wants_meta else []
+        if chunked:
+            await self._join_metadata(chunked)
+        return docs
+
+    async def _join_metadata(self, docs: list[Document]) -> None:
+        """Put chunked metadata back into `meta` (only where the projection asked for it)."""
+        parts: dict[str, list[bytes]] = defaultdict(list)
+        cursor = self.metadata.find({"sop": {"$in": [d["_id"] for d in docs]}}, sort=[("sop", ASCENDING), ("n", ASCENDING)])
+        async for chunk in cursor:
+            parts[chunk["sop"]].append(bytes(chunk["data"]))
+        for doc in docs:
+            doc["meta"] = b"".join(parts[doc["_id"]])
 
     async def distinct(self, level: str, key: str, query: Document) -> list[Any]:
         if level == "study":
