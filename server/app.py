@@ -10,6 +10,7 @@ included), and the interface's own form elsewhere. A client never sees a traceba
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -25,10 +26,12 @@ from server.fhir import routes as fhir_routes
 from server.fhir.http import error_response
 from server.fhir.interactions import now
 from server.fhir.outcome import FhirError, Issue
+from server.fhir.search import custom as search_custom
 from server.security import audit
 from server.security.authorization import Forbidden
 from server.store.database import Store
 from server.store.fhir import FhirStore
+from server.store.search import SearchStore
 
 log = logging.getLogger("kuroshio")
 
@@ -134,9 +137,11 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.store = store
         app.state.fhir_store = FhirStore(store)
         app.state.capability_statement = fhir_routes.build_capability_statement(settings, now())
+        custom_parameters = asyncio.create_task(search_custom.refresh_loop(SearchStore(store)))
         try:
             yield
         finally:
+            custom_parameters.cancel()
             await store.close()
 
     app = FastAPI(
