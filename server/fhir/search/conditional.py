@@ -9,14 +9,16 @@ then conflict in MongoDB, the losers re-run, find the winner's resource and answ
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
+from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from server.fhir import interactions
 from server.fhir.interactions import Resource, Written
-from server.fhir.outcome import error
+from server.fhir.outcome import FhirError, Issue, error
 from server.fhir.search import query as parsing
 from server.fhir.search.compile import Compiler
 from server.store.fhir import FhirStore
@@ -126,3 +128,88 @@ async def delete(db: FhirStore, base: str, type_: str, criteria: str) -> int:
         return len(found)
 
     return await interactions.retry_on_conflict(lambda: db.store.transaction(body))
+
+
+# --- transaction bundles --------------------------------------------------------------------
+
+_CONDITIONAL_REFERENCE = re.compile(r"([A-Z][A-Za-z]+)\?(.+)")
+
+
+def _at_entry(exc: FhirError, index: int) -> FhirError:
+    issues = [Issue(i.code, f"Bundle.entry[{index}]: {i.diagnostics}", i.severity, i.expression) for i in exc.issues]
+    return FhirError(exc.status, issues, exc.headers)
+
+
+async def resolve_transaction(db: FhirStore, base: str, requests: list[Any], identities: dict[str, str]) -> None:
+    """Find the targets of a transaction's conditional entries and references.
+
+    Conditional PUT/DELETE/PATCH urls (`Patient?identifier=x`) get the id of their one
+    match (PUT without a match: the body's id or a new one); an `ifNoneExist` POST that
+    matches becomes a no-op pointing at the match; references written as searches
+    (`"reference": "Patient?identifier=x"`) are replaced by the one match they find.
+    fullUrls of resolved entries are mapped so other entries' references follow them.
+    """
+    for request in requests:
+        try:
+            await _resolve_entry(db, base, request, identities)
+            if request.resource is not None:
+                await resolve_references(db, base, request.resource)
+        except FhirError as exc:
+            raise _at_entry(exc, request.index) from None
+
+
+async def _resolve_entry(db: FhirStore, base: str, request: Any, identities: dict[str, str]) -> None:
+    if request.criteria is not None:
+        items = criteria_items(request.type, request.criteria)
+        found = _one(await matches(db, base, request.type, items, 2), request.type)
+        if request.method == "PUT":
+            body_id = (request.resource or {}).get("id")
+            if found is not None and body_id is not None and body_id != found:
+                raise error(400, "invalid", f"The resource id {body_id!r} is not the id of the match ({found})")
+            request.id = found or body_id or interactions.new_id()
+            interactions.check_id(request.id)
+        elif request.method == "PATCH" and found is None:
+            raise error(404, "not-found", f"No {request.type} matches {request.criteria}")
+        else:
+            request.id = found
+    elif request.method == "POST" and request.if_none_exist is not None:
+        items = criteria_items(request.type, request.if_none_exist)
+        found = _one(await matches(db, base, request.type, items, 2), request.type)
+        if found is not None:
+            request.matched, request.id = True, found
+    else:
+        return
+    if request.full_url and request.id:
+        identities[request.full_url] = f"{request.type}/{request.id}"
+
+
+async def resolve_references(db: FhirStore, base: str, node: Any) -> None:
+    """Replace conditional references by the `Type/id` of their single match (else 412)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "reference" and isinstance(value, str) and (match := _CONDITIONAL_REFERENCE.fullmatch(value)):
+                type_, criteria = match.groups()
+                interactions.check_type(type_)
+                found = await matches(db, base, type_, criteria_items(type_, criteria), 2)
+                if len(found) != 1:
+                    raise error(412, "not-found" if not found else "duplicate",
+                                f"The conditional reference {value} matches {len(found)} resources; it must match one")
+                node[key] = found[0]
+            else:
+                await resolve_references(db, base, value)
+    elif isinstance(node, list):
+        for item in node:
+            await resolve_references(db, base, item)
+
+
+async def transaction_create(
+    session: AsyncClientSession, db: FhirStore, base: str, request: Any, new: interactions.NewVersion | None
+) -> Written:
+    """An `ifNoneExist` POST inside the transaction: the match, or the new resource."""
+    if request.matched:
+        return await _existing(session, db, request.type, request.id)
+    assert new is not None
+    written = await create_in(session, db, base, new, request.if_none_exist)
+    if written.status != 201:
+        raise error(409, "conflict", f"Bundle.entry[{request.index}]: a matching {request.type} was created concurrently; retry the transaction")
+    return written

@@ -167,7 +167,10 @@ class Parser:
         for name, value in items:
             if len(value) > MAX_VALUE_LENGTH * 8:
                 raise error(400, "too-costly", f"The value of {name} is too long")
-            if name in RESULT_PARAMETERS:
+            head, _, modifier = name.partition(":")
+            if head in ("_include", "_revinclude") and modifier in ("iterate", "recurse"):
+                self.include(head, value, iterate=True)
+            elif name in RESULT_PARAMETERS:
                 self.result_parameter(name, value)
             else:
                 self.criterion(name, value)
@@ -235,13 +238,13 @@ class Parser:
                 raise error(400, "not-supported", f"_sort: {key!r} is not a sortable parameter of {type_}", "_sort")
         self.query.sort.append((key, direction))
 
-    def include(self, name: str, value: str) -> None:
+    def include(self, name: str, value: str, iterate: bool = False) -> None:
+        """`Type:parameter[:target]` or `*`; `:iterate` on the name (or, as in DSTU2, at the end)."""
         reverse = name == "_revinclude"
         if len(self.query.includes) >= MAX_INCLUDES:
             raise error(400, "too-costly", f"At most {MAX_INCLUDES} _include/_revinclude are allowed", name)
-        iterate = False
         if value == "*":
-            self.query.includes.append(Include("*", "*", None, False, reverse))
+            self.query.includes.append(Include("*", "*", None, iterate, reverse))
             return
         parts = value.split(":")
         if parts[-1] in ("iterate", "recurse"):
