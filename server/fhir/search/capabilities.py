@@ -12,7 +12,7 @@ from functools import cache
 from typing import Any
 
 from server.fhir.search import terminology
-from server.fhir.search.parameters import MODIFIERS, REGISTRY, TERMINOLOGY_MODIFIERS
+from server.fhir.search.parameters import MODIFIERS, REGISTRY, TERMINOLOGY_MODIFIERS, SearchParameter
 
 FEATURES: dict[str, Any] = {
     "conditionalCreate": True,
@@ -21,13 +21,19 @@ FEATURES: dict[str, Any] = {
 }
 
 
-def modifiers(kind: str) -> list[str]:
-    """The modifiers that work on a parameter type right now."""
-    found = list(MODIFIERS.get(kind, ()))
-    if kind == "token" and not terminology.available():
+# Parameters evaluated specially (not from search terms) and the modifiers they take.
+SPECIAL_MODIFIERS = {"_id": ("missing", "not"), "_lastUpdated": ("missing",), "_text": (), "_content": ()}
+
+
+def modifiers(parameter: SearchParameter) -> list[str]:
+    """The modifiers that work on a parameter right now (`:Type` per reference target)."""
+    if parameter.code in SPECIAL_MODIFIERS:
+        return list(SPECIAL_MODIFIERS[parameter.code])
+    found = list(MODIFIERS.get(parameter.type, ()))
+    if parameter.type == "token" and not terminology.available():
         found = [m for m in found if m not in TERMINOLOGY_MODIFIERS]
-    if kind == "reference":
-        found.append("[type]")
+    if parameter.type == "reference":
+        found.extend(parameter.targets)
     return found
 
 
@@ -35,7 +41,7 @@ def search_params(type_: str) -> list[dict[str, Any]]:
     params = []
     for code, parameter in sorted(REGISTRY.for_type(type_).items()):
         entry: dict[str, Any] = {"name": code, "definition": parameter.url, "type": parameter.type}
-        mods = modifiers(parameter.type)
+        mods = modifiers(parameter)
         if mods:
             entry["documentation"] = "Modifiers: " + ", ".join(f":{m}" for m in mods)
         params.append(entry)

@@ -215,6 +215,8 @@ class Compiler:
             return any_of([c for v in values for c in self.reference(parameter, modifier, unescape(v), name)])
         if kind == "composite":
             return any_of([self.composite(parameter, v, name) for v in values])
+        if kind == "special":
+            return {"$or": [near(unescape(v), name) for v in values]}
         conditions = []
         for value in values:
             if kind == "date":
@@ -404,6 +406,28 @@ class Compiler:
             ids = sorted({k[len(link.parameter.code) + 1 :] for row in rows for k in row if k.startswith(prefix)})
             condition = {"_id": {"$in": ids}}
         return condition
+
+
+_KILOMETRES = {"km": 1.0, "m": 0.001, "[mi_i]": 1.609344, "mi": 1.609344}
+EARTH_RADIUS_KM = 6378.1
+
+
+def near(value: str, name: str) -> Filter:
+    """`near=latitude|longitude[|distance[|units]]` (Location): within the distance (km by
+    default, 1 km when none is given) on the sphere."""
+    parts = value.split("|")
+    if not 2 <= len(parts) <= 4:
+        raise error(400, "value", f"{name}: expected latitude|longitude|distance|units", name)
+    try:
+        latitude, longitude = float(parts[0]), float(parts[1])
+        distance = float(parts[2]) if len(parts) > 2 and parts[2] else 1.0
+    except ValueError:
+        raise error(400, "value", f"{name}: {value!r} is not a number", name) from None
+    unit = parts[3] if len(parts) == 4 else "km"
+    if unit not in _KILOMETRES or not (-90 <= latitude <= 90 and -180 <= longitude <= 180) or not 0 <= distance < 1e5:
+        raise error(400, "value", f"{name}: {value!r} is out of range (units: km, m, [mi_i])", name)
+    radians = distance * _KILOMETRES[unit] / EARTH_RADIUS_KM
+    return {"s.g": {"$geoWithin": {"$centerSphere": [[longitude, latitude], radians]}}}
 
 
 def type_filter(types: tuple[str, ...]) -> Filter:

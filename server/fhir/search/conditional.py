@@ -168,6 +168,8 @@ async def _resolve_entry(db: FhirStore, base: str, request: Any, identities: dic
                 raise error(400, "invalid", f"The resource id {body_id!r} is not the id of the match ({found})")
             request.id = found or body_id or interactions.new_id()
             interactions.check_id(request.id)
+            if request.resource is not None:
+                request.resource["id"] = request.id  # what the update of Type/id expects
         elif request.method == "PATCH" and found is None:
             raise error(404, "not-found", f"No {request.type} matches {request.criteria}")
         else:

@@ -17,6 +17,7 @@ serve every parameter of every type:
   units), matched with `$elemMatch` under the spec's range semantics.
 - `c`: composite entries `{p, k0: [keys], l1, h1, s1, c1, ...}`, one per combination.
 - `o`: `{code: value}` sort keys (`_sort`).
+- `g`: `[longitude, latitude]` of a Location (`near`).
 - `tx` / `cx`: narrative text and all text content, under a MongoDB text index
   (`_text`, `_content`).
 
@@ -429,6 +430,7 @@ def index(resource: dict[str, Any]) -> dict[str, Any]:
     ranges: list[Entry] = []
     composites: list[Entry] = []
     order: dict[str, Any] = {}
+    terms_extra: dict[str, Any] = {}
     plain_cache: list[dict[str, Any]] = []
 
     def plain() -> dict[str, Any]:
@@ -443,6 +445,12 @@ def index(resource: dict[str, Any]) -> dict[str, Any]:
         if not values:
             continue
         kind = parameter.type
+        if kind == "special":  # Location near: the position as a [longitude, latitude] point
+            point = _point(values)
+            if point is not None:
+                terms_extra["g"] = point
+                keys.append(p + "?")
+            continue
         if kind == "composite":
             found = _composite_entries(resource, item)
             if found:
@@ -468,7 +476,7 @@ def index(resource: dict[str, Any]) -> dict[str, Any]:
             order[p] = sort_key
     content: list[str] = []
     content_text(resource, content)
-    terms: dict[str, Any] = {"k": keys}
+    terms: dict[str, Any] = {"k": keys, **terms_extra}
     if ranges:
         terms["v"] = ranges
     if composites:
@@ -481,6 +489,15 @@ def index(resource: dict[str, Any]) -> dict[str, Any]:
     if content:
         terms["cx"] = " ".join(content)
     return terms
+
+
+def _point(values: list[tuple[Any, str]]) -> list[float] | None:
+    for value, _ in values:
+        if type(value) is dict:
+            longitude, latitude = _number(value.get("longitude")), _number(value.get("latitude"))
+            if longitude is not None and latitude is not None and -180 <= longitude <= 180 and -90 <= latitude <= 90:
+                return [longitude, latitude]
+    return None
 
 
 def _composite_entries(resource: dict[str, Any], item: Plan) -> list[Entry]:

@@ -4,6 +4,7 @@ result controls, compartments and error handling (search.html)."""
 from __future__ import annotations
 
 import json
+import uuid
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -327,3 +328,19 @@ def test_links_carry_the_query(fhir, dataset):
     next_url = {link["relation"]: link["url"] for link in bundle["link"]}["next"]
     query = parse_qs(urlsplit(next_url).query)
     assert query["family"] == ["smith"] and query["_count"] == ["1"] and "_cursor" in query
+
+
+def test_near(fhir):
+    tag = f"urn:kuroshio-test|near-{uuid.uuid4().hex}"
+    location = {"resourceType": "Location", "meta": {"tag": [{"system": "urn:kuroshio-test", "code": tag.split("|")[1]}]},
+                "position": {"longitude": 8.5417, "latitude": 47.3769}}
+    created = fhir.post("Location", json=location, headers=FHIR_JSON)
+    assert created.status_code == 201
+
+    def near(value):
+        bundle = fhir.get("Location", params={"near": value, "_tag": tag}).json()
+        return {e["resource"]["id"] for e in bundle.get("entry", [])}
+
+    assert near("47.37|8.54|5|km") == {created.json()["id"]}
+    assert near("46.2|6.14|50|km") == set()  # Geneva is 220 km away
+    assert fhir.get("Location?near=a|b").status_code == 400
