@@ -19,6 +19,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from server.fhir import jsonio
 from server.fhir.operations import OperationCall, OperationResult, meta_operation, operation
 from server.fhir.search import terms
+from server.fhir.search.fhirpath import evaluate_library
 from server.fhir.search.parameters import REGISTRY, SearchParameter, from_resource
 from server.store.fhir import NewVersion
 from server.store.search import SearchStore
@@ -36,9 +37,11 @@ def usable(resource: dict[str, Any]) -> list[SearchParameter]:
     try:
         parameters = from_resource(resource)
         for parameter in parameters:
-            terms.plan(parameter)
+            plan = terms.plan(parameter)
+            if plan.extractor.fallback is not None:  # fhirpathpy parses lazily: try it once
+                evaluate_library(plan.extractor.fallback, {"resourceType": parameter.base, "id": "x"})
         return parameters
-    except ValueError as exc:
+    except Exception as exc:  # ValueError from our checks, anything from fhirpathpy
         log.info("SearchParameter %s is not used for search: %s", resource.get("id"), exc)
         return []
 

@@ -27,6 +27,7 @@ combining marks) and case folded, so `Müller` is found by `muller`.
 
 from __future__ import annotations
 
+import logging
 import re
 import unicodedata
 from collections.abc import Callable
@@ -42,6 +43,7 @@ from server.fhir.search import ucum
 from server.fhir.search.fhirpath import Extractor, Path, compile_expression, compile_relative, walk
 from server.fhir.search.parameters import REGISTRY, SearchParameter
 
+log = logging.getLogger("kuroshio.search")
 MAX_KEY = 512  # longest indexed string (longer values are indexed by their prefix)
 MIN_DATE = datetime(1, 1, 1, tzinfo=UTC)
 MAX_DATE = datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)
@@ -441,7 +443,13 @@ def index(resource: dict[str, Any]) -> dict[str, Any]:
     for item in plans(type_):
         parameter = item.parameter
         p = parameter.code
-        values = item.extractor.values(resource, plain)
+        try:
+            values = item.extractor.values(resource, plain)
+        except Exception:  # fhirpathpy failing on a custom expression: no terms, not a failed write
+            if not parameter.custom:
+                raise
+            log.warning("custom search parameter %s failed on %s", parameter.url, type_, exc_info=True)
+            continue
         if not values:
             continue
         kind = parameter.type
