@@ -233,6 +233,38 @@ def walk(resource: dict[str, Any], start: Any, steps: tuple[tuple[Any, ...], ...
     return nodes
 
 
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return value if type(value) is list else [value]
+
+
+def reacher(steps: tuple[tuple[Any, ...], ...]) -> Callable[[dict[str, Any]], list[Any]]:
+    """A function from the resource to the values of `steps`: plain dictionary look-ups
+    for the common one- and two-key paths, the general `walk` otherwise."""
+    if all(step[0] == "get" for step in steps):
+        if len(steps) == 1:
+            key = steps[0][1]
+            return lambda resource: _as_list(resource.get(key))
+        if len(steps) == 2:
+            first, second = steps[0][1], steps[1][1]
+
+            def two(resource: dict[str, Any]) -> list[Any]:
+                found: list[Any] = []
+                for node in _as_list(resource.get(first)):
+                    if type(node) is dict:
+                        value = node.get(second)
+                        if value is not None:
+                            if type(value) is list:
+                                found.extend(value)
+                            else:
+                                found.append(value)
+                return found
+
+            return two
+    return lambda resource: walk(resource, resource, steps)
+
+
 def reference_type(resource: dict[str, Any], reference: Any) -> str | None:
     """The resource type a Reference points to (what `resolve() is T` tests)."""
     if type(reference) is not dict:

@@ -37,10 +37,12 @@ from decimal import Decimal
 from functools import lru_cache
 from typing import Any
 
+import orjson
+
 from server.fhir import jsonio, structure
 from server.fhir.definitions import resource_types
 from server.fhir.search import ucum
-from server.fhir.search.fhirpath import Extractor, Path, compile_expression, compile_relative, walk
+from server.fhir.search.fhirpath import Extractor, Path, compile_expression, compile_relative, reacher, walk
 from server.fhir.search.parameters import REGISTRY, SearchParameter
 
 log = logging.getLogger("kuroshio.search")
@@ -344,6 +346,19 @@ class Plan:
     # composites: per path of the composite expression, (component type, extractor
     # relative to the path's element) for each component
     components: tuple[tuple[Path, tuple[tuple[str, Extractor], ...]], ...] = ()
+    # compiled paths as functions of the resource, with the FHIR type they reach
+    reaches: tuple[tuple[Callable[[dict[str, Any]], list[Any]], str], ...] = ()
+
+    def first_keys(self) -> frozenset[str] | None:
+        """The top-level JSON keys the parameter reads (None: it may read anything)."""
+        if self.extractor.fallback is not None:
+            return None
+        keys = set()
+        for path in self.extractor.paths:
+            if not path.steps or path.steps[0][0] != "get":
+                return None
+            keys.add(path.steps[0][1])
+        return frozenset(keys)
 
 
 _SKIPPED = {"_id", "_lastUpdated", "_text", "_content"}  # stored in _id, ts, tx, cx
@@ -352,8 +367,9 @@ _SKIPPED = {"_id", "_lastUpdated", "_text", "_content"}  # stored in _id, ts, tx
 def plan(parameter: SearchParameter) -> Plan:
     """Compile one parameter (ValueError if it cannot be evaluated at all)."""
     extractor = compile_expression(parameter.expression, parameter.base)
+    reaches = tuple((reacher(path.steps), path.type) for path in extractor.paths)
     if parameter.type != "composite":
-        return Plan(parameter, extractor)
+        return Plan(parameter, extractor, (), reaches)
     if extractor.fallback is not None:
         raise ValueError(f"composite {parameter.code} on {parameter.base}: unsupported expression")
     components = tuple(
@@ -363,34 +379,64 @@ def plan(parameter: SearchParameter) -> Plan:
         )
         for path in extractor.paths
     )
-    return Plan(parameter, extractor, components)
+    return Plan(parameter, extractor, components, reaches)
 
 
-_PLANS: dict[tuple[str, int], list[Plan]] = {}
+@dataclass(frozen=True)
+class TypePlans:
+    """A type's plans, and which of them can apply given the resource's top-level keys."""
+
+    plans: tuple[Plan, ...]
+    by_key: dict[str, tuple[int, ...]]
+    always: tuple[int, ...]
+
+    def applicable(self, resource: dict[str, Any]) -> list[Plan]:
+        chosen = set(self.always)
+        for key in resource:
+            found = self.by_key.get(key)
+            if found:
+                chosen.update(found)
+        return [self.plans[i] for i in sorted(chosen)]
 
 
-def plans(type_: str) -> list[Plan]:
+_PLANS: dict[tuple[str, int], TypePlans] = {}
+
+
+def type_plans(type_: str) -> TypePlans:
     """The compiled plans of a type for the registry's current generation."""
     key = (type_, REGISTRY.generation)
     found = _PLANS.get(key)
     if found is None:
-        found = []
+        compiled: list[Plan] = []
         for parameter in REGISTRY.for_type(type_).values():
             if parameter.code in _SKIPPED or not parameter.expression:
                 continue
             try:
-                found.append(plan(parameter))
+                compiled.append(plan(parameter))
             except ValueError:
                 if not parameter.custom:
                     raise
+        by_key: dict[str, list[int]] = {}
+        always = []
+        for position, item in enumerate(compiled):
+            first = item.first_keys()
+            if first is None:
+                always.append(position)
+            else:
+                for name in first:
+                    by_key.setdefault(name, []).append(position)
+        found = TypePlans(tuple(compiled), {k: tuple(v) for k, v in by_key.items()}, tuple(always))
         _PLANS[key] = found
     return found
+
+
+def plans(type_: str) -> tuple[Plan, ...]:
+    return type_plans(type_).plans
 
 
 # --- the indexer ----------------------------------------------------------------------------
 
 _TAG = re.compile(r"<[^>]*>")
-_NOT_CONTENT = {"reference", "system", "url", "div", "data", "id", "versionId", "lastUpdated", "profile", "fullUrl"}
 
 
 def narrative_text(resource: dict[str, Any]) -> str:
@@ -399,17 +445,17 @@ def narrative_text(resource: dict[str, Any]) -> str:
     return _TAG.sub(" ", div) if isinstance(div, str) else ""
 
 
-def content_text(node: Any, out: list[str]) -> None:
-    """Every string value of the resource, except identifiers of structure (urls, refs)."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key not in _NOT_CONTENT:
-                content_text(value, out)
-    elif isinstance(node, list):
-        for item in node:
-            content_text(item, out)
-    elif isinstance(node, str):
-        out.append(node)
+# a string value (after `:`, `[` or `,`, and not followed by `:` as a key is), not a URL,
+# URN or narrative markup, at most 2000 characters (longer ones are base64 data)
+_STRING_VALUES = re.compile(rb'(?<=[:\[,])"(?!https?:|urn:|<div)((?:[^"\\]|\\.){1,2000})"(?!:)')
+
+
+def content_text(resource: dict[str, Any]) -> str:
+    """The text of every string value of the resource (not keys, URLs, narrative markup or
+    long base64 data), for the `_content` text index. Serialized by orjson and scanned
+    with one regular expression: walking the tree in Python costs several times more."""
+    data = orjson.dumps(resource, default=str)
+    return b" ".join(_STRING_VALUES.findall(data)).decode("utf-8", "replace")
 
 
 def _sort_key(keys: list[str], ranges: list[Entry], parameter_type: str) -> Any:
@@ -440,19 +486,23 @@ def index(resource: dict[str, Any]) -> dict[str, Any]:
             plain_cache.append(jsonio.plain(resource))
         return plain_cache[0]
 
-    for item in plans(type_):
+    memo: dict[tuple[int, int, int], list[Entry]] = {}
+    for item in type_plans(type_).applicable(resource):
         parameter = item.parameter
         p = parameter.code
-        try:
-            values = item.extractor.values(resource, plain)
-        except Exception:  # fhirpathpy failing on a custom expression: no terms, not a failed write
-            if not parameter.custom:
-                raise
-            log.warning("custom search parameter %s failed on %s", parameter.url, type_, exc_info=True)
-            continue
+        kind = parameter.type
+        if item.extractor.fallback is not None:
+            try:
+                values = item.extractor.values(resource, plain)
+            except Exception:  # fhirpathpy failing on a custom expression: no terms, not a failed write
+                if not parameter.custom:
+                    raise
+                log.warning("custom search parameter %s failed on %s", parameter.url, type_, exc_info=True)
+                continue
+        else:
+            values = [(v, t) for reach, t in item.reaches for v in reach(resource)]
         if not values:
             continue
-        kind = parameter.type
         if kind == "special":  # Location near: the position as a [longitude, latitude] point
             point = _point(values)
             if point is not None:
@@ -460,7 +510,7 @@ def index(resource: dict[str, Any]) -> dict[str, Any]:
                 keys.append(p + "?")
             continue
         if kind == "composite":
-            found = _composite_entries(resource, item)
+            found = _composite_entries(resource, item, memo)
             if found:
                 composites.extend(found)
                 keys.append(p + "?")
@@ -482,8 +532,7 @@ def index(resource: dict[str, Any]) -> dict[str, Any]:
         sort_key = _sort_key(own_keys, own_ranges, kind)
         if sort_key is not None:
             order[p] = sort_key
-    content: list[str] = []
-    content_text(resource, content)
+    content = content_text(resource)
     terms: dict[str, Any] = {"k": keys, **terms_extra}
     if ranges:
         terms["v"] = ranges
@@ -495,7 +544,7 @@ def index(resource: dict[str, Any]) -> dict[str, Any]:
     if narrative.strip():
         terms["tx"] = narrative
     if content:
-        terms["cx"] = " ".join(content)
+        terms["cx"] = content
     return terms
 
 
@@ -508,20 +557,31 @@ def _point(values: list[tuple[Any, str]]) -> list[float] | None:
     return None
 
 
-def _composite_entries(resource: dict[str, Any], item: Plan) -> list[Entry]:
-    """One entry per combination of component values, per composite node."""
+def _composite_entries(resource: dict[str, Any], item: Plan, memo: dict[tuple[int, int, int], list[Entry]]) -> list[Entry]:
+    """One entry per combination of component values, per composite node.
+
+    Component values are memoized per (node, extractor) for the resource: Observation's
+    eight composites read `code` of the same nodes over and over.
+    """
     entries: list[Entry] = []
     p = item.parameter.code
     for path, components in item.components:
         for node in walk(resource, resource, path.steps):
-            combos: list[Entry] = [{"p": p}]
+            per_component = []
             for position, (component_type, extractor) in enumerate(components):
-                options = component_options(resource, node, extractor, component_type, position)
+                key = (id(node), id(extractor), position)
+                options = memo.get(key)
+                if options is None:
+                    options = component_options(resource, node, extractor, component_type, position)
+                    memo[key] = options
                 if not options:
-                    combos = []
                     break
-                combos = [{**combo, **option} for combo in combos for option in options][:64]
-            entries.extend(combos)
+                per_component.append(options)
+            else:
+                combos: list[Entry] = [{"p": p}]
+                for options in per_component:
+                    combos = [{**combo, **option} for combo in combos for option in options][:64]
+                entries.extend(combos)
     return entries
 
 
@@ -543,7 +603,7 @@ def component_options(
                         f"s{position}": entry.get("s"), f"c{position}": entry.get("c"),
                     })
     if keys:
-        options.append({f"k{position}": keys})
+        options.append({f"k{position}": [k for k in dict.fromkeys(keys) if k[0] != "~"]})
     return options
 
 
