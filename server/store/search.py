@@ -124,7 +124,8 @@ class SearchStore:
 
     async def meta_keys(self, type_: str | None) -> list[str]:
         """Distinct `_tag`, `_security` and `_profile` terms of current resources ($meta)."""
-        match: Filter = {"deleted": False, "s.k": {"$in": ["_tag?", "_security?", "_profile?"]}}
+        prefixes = [{"s.k": {"$regex": r"^_tag\|"}}, {"s.k": {"$regex": r"^_security\|"}}, {"s.k": {"$regex": "^_profile>"}}]
+        match: Filter = {"deleted": False, "$or": prefixes}
         if type_ is not None:
             match["t"] = type_
         pipeline = [

@@ -200,7 +200,8 @@ class Compiler:
         if modifier == "missing":
             if len(criterion.values) != 1 or criterion.values[0] not in ("true", "false"):
                 raise error(400, "value", f"{name} must be true or false", name)
-            return {"s.k": {"$ne": p + "?"}} if criterion.values[0] == "true" else {"s.k": p + "?"}
+            present = presence(parameter)
+            return {"$nor": [present]} if criterion.values[0] == "true" else present
         values = [v for v in criterion.values if v != ""]
         if not values:
             raise error(400, "value", f"{name} has no value", name)
@@ -428,6 +429,21 @@ def near(value: str, name: str) -> Filter:
         raise error(400, "value", f"{name}: {value!r} is out of range (units: km, m, [mi_i])", name)
     radians = distance * _KILOMETRES[unit] / EARTH_RADIUS_KM
     return {"s.g": {"$geoWithin": {"$centerSphere": [[longitude, latitude], radians]}}}
+
+
+_SEPARATORS = {"token": "[|#~!]", "string": "[:=]", "reference": "[>@]", "uri": ">"}
+
+
+def presence(parameter: SearchParameter) -> Filter:
+    """The parameter has a value (`:missing=false`): one of its terms exists."""
+    p = parameter.code
+    if parameter.type in ("date", "number", "quantity"):
+        return {"s.v.p": p}
+    if parameter.type == "composite":
+        return {"s.c.p": p}
+    if parameter.type == "special":
+        return {"s.g": {"$exists": True}}
+    return anchored(p, _SEPARATORS[parameter.type])
 
 
 def type_filter(types: tuple[str, ...]) -> Filter:

@@ -11,13 +11,15 @@ serve every parameter of every type:
     `code:normalized` / `code=exact`      string (prefix, :contains) and string :exact
     `code>Type/id`, `code>url`            reference and uri (canonical URLs too)
     `code@system|value`, `code@#value`    reference :identifier
-    `code?`                               the parameter has a value (:missing)
 - `v`: `{p, lo, hi}` ranges for date (datetimes), number and quantity (floats; quantities
   add `s` system and `c` unit code, and a second entry with `s: "~"` in UCUM canonical
   units), matched with `$elemMatch` under the spec's range semantics.
 - `c`: composite entries `{p, k0: [keys], l1, h1, s1, c1, ...}`, one per combination.
 - `o`: `{code: value}` sort keys (`_sort`).
 - `g`: `[longitude, latitude]` of a Location (`near`).
+
+`:missing` needs no terms of its own: a parameter has a value exactly when one of its
+keys (`code` followed by a separator), ranges or composite entries is there.
 - `tx` / `cx`: narrative text and all text content, under a MongoDB text index
   (`_text`, `_content`).
 
@@ -507,13 +509,10 @@ def index(resource: dict[str, Any]) -> dict[str, Any]:
             point = _point(values)
             if point is not None:
                 terms_extra["g"] = point
-                keys.append(p + "?")
             continue
         if kind == "composite":
             found = _composite_entries(resource, item, memo)
-            if found:
-                composites.extend(found)
-                keys.append(p + "?")
+            composites.extend(found)
             continue
         own_keys: list[str] = []
         own_ranges: list[Entry] = []
@@ -528,7 +527,6 @@ def index(resource: dict[str, Any]) -> dict[str, Any]:
         if own_keys:
             keys.extend(dict.fromkeys(p + k for k in own_keys))
         ranges.extend(own_ranges)
-        keys.append(p + "?")
         sort_key = _sort_key(own_keys, own_ranges, kind)
         if sort_key is not None:
             order[p] = sort_key
