@@ -18,7 +18,7 @@ from typing import Any
 
 from server.fhir import jsonio
 from server.fhir.outcome import error
-from server.fhir.search import terminology
+from server.fhir.search import terminology, terms
 from server.fhir.search.parameters import COMPARATORS, REGISTRY, SearchParameter
 from server.fhir.search.query import Criterion, SearchQuery, split_unescaped, unescape
 from server.fhir.search.terms import MAX_KEY, date_range, normalize, reference_literal
@@ -215,7 +215,7 @@ class Compiler:
         if kind == "reference":
             return any_of([c for v in values for c in self.reference(parameter, modifier, unescape(v), name)])
         if kind == "composite":
-            return any_of([self.composite(parameter, v, name) for v in values])
+            return any_of([await self.composite(parameter, v, name) for v in values])
         if kind == "special":
             return {"$or": [near(unescape(v), name) for v in values]}
         conditions = []
@@ -301,10 +301,26 @@ class Compiler:
             return [{"s.k": {"$in": [f"{p}>{f}" for f in forms]}}]
         return [{"s.k": {"$in": [f"{p}>{t}/{value}" for t in parameter.targets]}}]
 
-    def composite(self, parameter: SearchParameter, raw: str, name: str) -> Filter:
+    async def composite(self, parameter: SearchParameter, raw: str, name: str) -> Filter:
+        """Stored composite entries (nodes below the resource) or, for the resource itself,
+        each component's own parameter (see terms.Plan.root_components)."""
         parts = split_unescaped(raw, "$")
         if len(parts) != len(parameter.components):
             raise error(400, "value", f"{name}: expected {len(parameter.components)} values joined by $", name)
+        plan = terms.plan_of(parameter)
+        alternatives = []
+        if plan.components:
+            alternatives.append(self.composite_entries(parameter, parts, name))
+        if plan.root_components:
+            conditions = []
+            for code, part in zip(plan.root_components, parts, strict=True):
+                component = REGISTRY.get(parameter.base, code)
+                assert component is not None
+                conditions.append(await self.leaf(component, Criterion(name, (parameter.base,), component, None, None, [part])))
+            alternatives.append(all_of(conditions))
+        return alternatives[0] if len(alternatives) == 1 else {"$or": alternatives}
+
+    def composite_entries(self, parameter: SearchParameter, parts: list[str], name: str) -> Filter:
         match: Filter = {"p": parameter.code}
         extra: list[Filter] = []
         for position, (component, part) in enumerate(zip(parameter.components, parts, strict=True)):

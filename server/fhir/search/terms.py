@@ -350,6 +350,11 @@ class Plan:
     components: tuple[tuple[Path, tuple[tuple[str, Extractor], ...]], ...] = ()
     # compiled paths as functions of the resource, with the FHIR type they reach
     reaches: tuple[tuple[Callable[[dict[str, Any]], list[Any]], str], ...] = ()
+    # composites whose expression includes the resource itself: per component, the
+    # parameter of the type whose terms are exactly the component's values on the
+    # resource (a resource is one node, so the pairs are all combinations: the
+    # composite matches when each component's parameter does, and no entries are stored)
+    root_components: tuple[str, ...] = ()
 
     def first_keys(self) -> frozenset[str] | None:
         """The top-level JSON keys the parameter reads (None: it may read anything)."""
@@ -366,6 +371,41 @@ class Plan:
 _SKIPPED = {"_id", "_lastUpdated", "_text", "_content"}  # stored in _id, ts, tx, cx
 
 
+def _produces(parameter_type: str, fhir_type: str) -> bool:
+    """Whether values of `fhir_type` give terms for a parameter of `parameter_type`."""
+    if parameter_type == "quantity":
+        return fhir_type in _QUANTITY_TYPES or fhir_type in ("Range", "Money", "integer", "decimal")
+    if parameter_type == "date":
+        return fhir_type in ("date", "dateTime", "instant", "Period", "Timing", "string")
+    return True
+
+
+def _same_terms(component: Extractor, kind: str, candidate: SearchParameter) -> bool:
+    """The candidate's paths give exactly the component's terms on the resource."""
+    if candidate.type != kind:
+        return False
+    try:
+        other = compile_expression(candidate.expression, candidate.base)
+    except ValueError:
+        return False
+    if other.fallback is not None:
+        return False
+    own = {(p.steps, p.type) for p in component.paths}
+    theirs = {(p.steps, p.type) for p in other.paths}
+    return own <= theirs and all(not _produces(kind, t) for steps, t in theirs - own)
+
+
+def _root_components(parameter: SearchParameter, components: tuple[tuple[str, Extractor], ...]) -> tuple[str, ...]:
+    found = []
+    candidates = REGISTRY.for_type(parameter.base).values()
+    for kind, extractor in components:
+        match = next((c.code for c in candidates if c.type != "composite" and _same_terms(extractor, kind, c)), None)
+        if match is None:
+            return ()
+        found.append(match)
+    return tuple(found)
+
+
 def plan(parameter: SearchParameter) -> Plan:
     """Compile one parameter (ValueError if it cannot be evaluated at all)."""
     extractor = compile_expression(parameter.expression, parameter.base)
@@ -374,14 +414,17 @@ def plan(parameter: SearchParameter) -> Plan:
         return Plan(parameter, extractor, (), reaches)
     if extractor.fallback is not None:
         raise ValueError(f"composite {parameter.code} on {parameter.base}: unsupported expression")
-    components = tuple(
-        (
-            path,
-            tuple((c.type, compile_relative(c.expression, parameter.base, path.element)) for c in parameter.components),
+    components = []
+    root: tuple[str, ...] = ()
+    for path in extractor.paths:
+        compiled = tuple(
+            (c.type, compile_relative(c.expression, parameter.base, path.element)) for c in parameter.components
         )
-        for path in extractor.paths
-    )
-    return Plan(parameter, extractor, components, reaches)
+        if not path.steps and (found := _root_components(parameter, compiled)):
+            root = found
+        else:
+            components.append((path, compiled))
+    return Plan(parameter, extractor, tuple(components), reaches, root)
 
 
 @dataclass(frozen=True)
@@ -436,6 +479,14 @@ def plans(type_: str) -> tuple[Plan, ...]:
     return type_plans(type_).plans
 
 
+def plan_of(parameter: SearchParameter) -> Plan:
+    """The cached plan of a parameter (compiled now if it is not the registry's)."""
+    for item in type_plans(parameter.base).plans:
+        if item.parameter is parameter:
+            return item
+    return plan(parameter)
+
+
 # --- the indexer ----------------------------------------------------------------------------
 
 _TAG = re.compile(r"<[^>]*>")
@@ -448,8 +499,9 @@ def narrative_text(resource: dict[str, Any]) -> str:
 
 
 # a string value (after `:`, `[` or `,`, and not followed by `:` as a key is), not a URL,
-# URN or narrative markup, at most 2000 characters (longer ones are base64 data)
-_STRING_VALUES = re.compile(rb'(?<=[:\[,])"(?!https?:|urn:|<div)((?:[^"\\]|\\.){1,2000})"(?!:)')
+# URN or narrative markup; possessive, so long base64 data is scanned once
+_STRING_VALUES = re.compile(rb'(?<=[:\[,])"(?!https?:|urn:|<div)((?:[^"\\]++|\\.)++)"(?!:)')
+_LONGEST_TEXT = 2000  # longer strings are base64 data, not text
 
 
 def content_text(resource: dict[str, Any]) -> str:
@@ -457,7 +509,7 @@ def content_text(resource: dict[str, Any]) -> str:
     long base64 data), for the `_content` text index. Serialized by orjson and scanned
     with one regular expression: walking the tree in Python costs several times more."""
     data = orjson.dumps(resource, default=str)
-    return b" ".join(_STRING_VALUES.findall(data)).decode("utf-8", "replace")
+    return b" ".join(v for v in _STRING_VALUES.findall(data) if len(v) <= _LONGEST_TEXT).decode("utf-8", "replace")
 
 
 def _sort_key(keys: list[str], ranges: list[Entry], parameter_type: str) -> Any:
@@ -501,6 +553,8 @@ def index(resource: dict[str, Any]) -> dict[str, Any]:
                     raise
                 log.warning("custom search parameter %s failed on %s", parameter.url, type_, exc_info=True)
                 continue
+        elif kind == "composite":
+            values = [(None, "")] if item.components else []
         else:
             values = [(v, t) for reach, t in item.reaches for v in reach(resource)]
         if not values:
@@ -511,8 +565,8 @@ def index(resource: dict[str, Any]) -> dict[str, Any]:
                 terms_extra["g"] = point
             continue
         if kind == "composite":
-            found = _composite_entries(resource, item, memo)
-            composites.extend(found)
+            if item.components:
+                composites.extend(_composite_entries(resource, item, memo))
             continue
         own_keys: list[str] = []
         own_ranges: list[Entry] = []
