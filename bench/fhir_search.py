@@ -66,11 +66,17 @@ class Server:
     patients: list[str] = field(default_factory=list)  # ids, in bundle order
 
 
-def start_kuroshio(data_dir: Path) -> Server:
+def start_kuroshio(data_dir: Path, cache_gb: float) -> Server:
+    """`kuroshio serve` on its own embedded-style mongod (the launcher's, with a WiredTiger
+    cache large enough for Synthea's biggest transaction bundles: 7,000 entries)."""
+    from server.store.mongod import EmbeddedMongod
+
+    mongod = EmbeddedMongod(data_dir / "mongod", cache_size_gb=cache_gb)
+    mongod.start()
     port = free_port()
     env = {**os.environ, "KUROSHIO_PORT": str(port), "KUROSHIO_DICOM_PORT": str(free_port()),
-           "KUROSHIO_DATA_DIR": str(data_dir), "KUROSHIO_MAX_BODY_BYTES": str(512 * 1024 * 1024)}
-    env.pop("KUROSHIO_MONGODB_URI", None)
+           "KUROSHIO_DATA_DIR": str(data_dir), "KUROSHIO_MAX_BODY_BYTES": str(512 * 1024 * 1024),
+           "KUROSHIO_MONGODB_URI": mongod.uri}
     log = open(data_dir / "kuroshio.log", "wb")
     process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}/fhir"
@@ -82,6 +88,7 @@ def start_kuroshio(data_dir: Path) -> Server:
             process.wait(60)
         except subprocess.TimeoutExpired:
             process.kill()
+        mongod.stop()
 
     return Server("kuroshio", base, stop)
 
@@ -132,7 +139,7 @@ async def ingest(server: Server, bundles: list[Path], clients: int) -> tuple[int
             body = path.read_bytes()
             response = await client.post(server.base, content=body, headers=FHIR_JSON)
             if response.status_code != 200:
-                raise SystemExit(f"{server.name} refused {path.name}: {response.status_code} {response.text[:300]}")
+                raise RuntimeError(f"{server.name} refused {path.name}: {response.status_code} {response.text[:300]}")
             entries = orjson.loads(response.content).get("entry", [])
             stored += len(entries)
             location = entries[0].get("response", {}).get("location", "")
@@ -236,6 +243,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--ingest-clients", type=int, default=2)
     parser.add_argument("--no-peer", action="store_true", help="measure Kuroshio only")
+    parser.add_argument("--mongo-cache-gb", type=float, default=4.0, help="WiredTiger cache of Kuroshio's mongod")
     args = parser.parse_args()
 
     bundles = generate(args.patients, args.seed)
@@ -249,7 +257,7 @@ def main() -> None:
         kuroshio_dir.mkdir()
         names = ["kuroshio"] + ([] if args.no_peer else ["sekmet"])
         for name in names:
-            server = start_kuroshio(kuroshio_dir) if name == "kuroshio" else start_sekmet(Path(scratch) / "sekmet")
+            server = start_kuroshio(kuroshio_dir, args.mongo_cache_gb) if name == "kuroshio" else start_sekmet(Path(scratch) / "sekmet")
             try:
                 stored, rate = asyncio.run(ingest(server, bundles, args.ingest_clients))
                 ingest_rates[name] = rate

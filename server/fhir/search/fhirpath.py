@@ -29,8 +29,8 @@ from server.fhir.definitions import resource_types
 Value = tuple[Any, str]  # (JSON value, FHIR type name)
 
 
-def split_union(expression: str) -> list[str]:
-    """The top-level `|` alternatives of a FHIRPath expression."""
+def split_top(expression: str, separator: str) -> list[str]:
+    """Split at `separator` outside parentheses and quoted strings."""
     parts, depth, current, quoted = [], 0, "", False
     for char in expression:
         if char == "'":
@@ -39,13 +39,18 @@ def split_union(expression: str) -> list[str]:
             depth += 1
         elif not quoted and char == ")":
             depth -= 1
-        if char == "|" and depth == 0 and not quoted:
-            parts.append(current.strip())
+        if char == separator and depth == 0 and not quoted:
+            parts.append(current)
             current = ""
         else:
             current += char
-    parts.append(current.strip())
-    return [p for p in parts if p]
+    parts.append(current)
+    return parts
+
+
+def split_union(expression: str) -> list[str]:
+    """The top-level `|` alternatives of a FHIRPath expression."""
+    return [p.strip() for p in split_top(expression, "|") if p.strip()]
 
 
 def expression_for_base(fragments: list[str], base: str) -> str:
@@ -106,24 +111,6 @@ def _normalize(fragment: str) -> str:
         fragment = f"{match.group(1)}.as({match.group(2)}){match.group(3)}"
 
 
-def _dot_split(text: str) -> list[str]:
-    steps, depth, current, quoted = [], 0, "", False
-    for char in text:
-        if char == "'":
-            quoted = not quoted
-        elif not quoted and char == "(":
-            depth += 1
-        elif not quoted and char == ")":
-            depth -= 1
-        if char == "." and depth == 0 and not quoted:
-            steps.append(current)
-            current = ""
-        else:
-            current += char
-    steps.append(current)
-    return steps
-
-
 def _children(element: structure.Element, name: str) -> list[tuple[str, structure.Element]]:
     """JSON keys and elements for `name` (several for a choice element)."""
     direct = structure.child(element, name)
@@ -145,7 +132,7 @@ Partial = tuple[tuple[tuple[Any, ...], ...], structure.Element]
 def compile_path(fragment: str, root: structure.Element, start: structure.Element) -> list[Path]:
     """Compile one union alternative, starting at `start` (the resource, or a composite's
     element for component expressions); `root` is the resource (for `%resource`)."""
-    steps = _dot_split(_normalize(fragment))
+    steps = split_top(_normalize(fragment), ".")
     partials: list[Partial] = [((), start)]
     first = steps[0]
     if first == "%resource":
@@ -201,23 +188,27 @@ def _apply(step: str, partials: list[Partial]) -> list[Partial]:
     return out
 
 
+def _values_of(nodes: list[Any], key: str) -> list[Any]:
+    """The values of `key` in every object among `nodes`, arrays flattened."""
+    found: list[Any] = []
+    for node in nodes:
+        if type(node) is dict:
+            value = node.get(key)
+            if value is not None:
+                if type(value) is list:
+                    found.extend(value)
+                else:
+                    found.append(value)
+    return found
+
+
 def walk(resource: dict[str, Any], start: Any, steps: tuple[tuple[Any, ...], ...]) -> list[Any]:
     """Follow compiled steps from `start`; the values reached, arrays flattened."""
     nodes = [start]
     for step in steps:
         kind = step[0]
         if kind == "get":
-            key = step[1]
-            reached: list[Any] = []
-            for node in nodes:
-                if type(node) is dict:
-                    value = node.get(key)
-                    if value is not None:
-                        if type(value) is list:
-                            reached.extend(value)
-                        else:
-                            reached.append(value)
-            nodes = reached
+            nodes = _values_of(nodes, step[1])
         elif kind == "index":
             nodes = nodes[step[1] : step[1] + 1]
         elif kind == "eq":
@@ -249,19 +240,7 @@ def reacher(steps: tuple[tuple[Any, ...], ...]) -> Callable[[dict[str, Any]], li
         if len(steps) == 2:
             first, second = steps[0][1], steps[1][1]
 
-            def two(resource: dict[str, Any]) -> list[Any]:
-                found: list[Any] = []
-                for node in _as_list(resource.get(first)):
-                    if type(node) is dict:
-                        value = node.get(second)
-                        if value is not None:
-                            if type(value) is list:
-                                found.extend(value)
-                            else:
-                                found.append(value)
-                return found
-
-            return two
+            return lambda resource: _values_of(_as_list(resource.get(first)), second)
     return lambda resource: walk(resource, resource, steps)
 
 

@@ -100,22 +100,7 @@ class SearchQuery:
 
 def split_values(raw: str) -> list[str]:
     """OR-values: split on unescaped commas (search.html#escaping); escapes kept."""
-    values, current, escaped = [], "", False
-    for char in raw:
-        if escaped:
-            current += "\\" + char
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ",":
-            values.append(current)
-            current = ""
-        else:
-            current += char
-    if escaped:
-        current += "\\"
-    values.append(current)
-    return values
+    return split_unescaped(raw, ",")
 
 
 def unescape(value: str) -> str:
@@ -131,21 +116,16 @@ def unescape(value: str) -> str:
     return out
 
 
+_PARTS = {sep: re.compile(rf"((?:\\.|[^\\{re.escape(sep)}])*)(\\?)({re.escape(sep)}|$)") for sep in ",|$"}
+
+
 def split_unescaped(value: str, separator: str) -> list[str]:
-    """Split on a separator (`|`, `$`) that is not escaped; parts still escaped."""
-    parts, current, escaped = [], "", False
-    for char in value:
-        if escaped:
-            current += "\\" + char
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == separator:
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    parts.append(current)
+    """Split on a separator (`,`, `|`, `$`) that is not escaped; parts still escaped."""
+    parts = []
+    for match in _PARTS[separator].finditer(value):
+        parts.append(match.group(1) + match.group(2))
+        if not match.group(3):
+            break
     return parts
 
 
