@@ -502,14 +502,21 @@ def narrative_text(resource: dict[str, Any]) -> str:
 # URN or narrative markup; possessive, so long base64 data is scanned once
 _STRING_VALUES = re.compile(rb'(?<=[:\[,])"(?!https?:|urn:|<div)((?:[^"\\]++|\\.)++)"(?!:)')
 _LONGEST_TEXT = 2000  # longer strings are base64 data, not text
+# One "word" with a digit in it is an id, a date, a number or a code: not text to search,
+# and the bulk of the text index's entries if it were indexed.
+_DIGIT = re.compile(rb"\d")
 
 
 def content_text(resource: dict[str, Any]) -> str:
-    """The text of every string value of the resource (not keys, URLs, narrative markup or
-    long base64 data), for the `_content` text index. Serialized by orjson and scanned
+    """The text of every string value of the resource (not keys, URLs, narrative markup,
+    long base64 data, nor single words with digits: ids, dates, codes), for the `_content`
+    text index. Serialized by orjson and scanned
     with one regular expression: walking the tree in Python costs several times more."""
     data = orjson.dumps(resource, default=str)
-    return b" ".join(v for v in _STRING_VALUES.findall(data) if len(v) <= _LONGEST_TEXT).decode("utf-8", "replace")
+    return b" ".join(
+        v for v in _STRING_VALUES.findall(data)
+        if len(v) <= _LONGEST_TEXT and (b" " in v or not _DIGIT.search(v))
+    ).decode("utf-8", "replace")
 
 
 def _sort_key(keys: list[str], ranges: list[Entry], parameter_type: str) -> Any:
