@@ -235,14 +235,14 @@ async def transaction(
                 continue
             results[item.request.index] = await _write(session, db, item)
         # All creates at once: their ids are new, so they cannot collide with anything.
-        plain = [p for p in creates if p.new is not None and p.request.if_none_exist is None]
+        plain = [p for p in creates if p.request.if_none_exist is None]
         await db.create_many(session, [p.new for p in plain if p.new is not None])
         for item in plain:
             assert item.new is not None
             await interactions.after_write(session, item.new)
             results[item.request.index] = Written.of(201, item.new)
         for item in creates:
-            if item not in plain:
+            if item.request.if_none_exist is not None:
                 results[item.request.index] = await search_conditional.transaction_create(session, db, base, item.request, item.new)
         for item in others:
             if item.request.method != "DELETE":

@@ -14,6 +14,8 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
+import orjson
+
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from server.fhir import interactions
@@ -133,6 +135,8 @@ async def delete(db: FhirStore, base: str, type_: str, criteria: str) -> int:
 # --- transaction bundles --------------------------------------------------------------------
 
 _CONDITIONAL_REFERENCE = re.compile(r"([A-Z][A-Za-z]+)\?(.+)")
+# a quick look at the serialized resource before walking it
+_HAS_CONDITIONAL_REFERENCE = re.compile(rb'"reference":"[A-Z][A-Za-z]+\?')
 
 
 def _at_entry(exc: FhirError, index: int) -> FhirError:
@@ -152,7 +156,7 @@ async def resolve_transaction(db: FhirStore, base: str, requests: list[Any], ide
     for request in requests:
         try:
             await _resolve_entry(db, base, request, identities)
-            if request.resource is not None:
+            if request.resource is not None and _HAS_CONDITIONAL_REFERENCE.search(orjson.dumps(request.resource, default=str)):
                 await resolve_references(db, base, request.resource)
         except FhirError as exc:
             raise _at_entry(exc, request.index) from None

@@ -9,11 +9,12 @@ from the stored bytes; only `_summary`/`_elements` re-serialize a resource.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import orjson
@@ -29,6 +30,7 @@ from server.fhir.search.parameters import REGISTRY, compartments
 from server.fhir.search.query import Include, SearchQuery
 from server.store.search import QueryTooCostly, SearchStore
 
+T = TypeVar("T")
 MAX_INCLUDED = 1000
 SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}
 
@@ -167,13 +169,12 @@ class Search:
         fields = sort_fields(query)
         count = query.count if query.count is not None else request.page_size
         summary_count = query.summary == "count" or count == 0
-        page = Page([])
-        if not summary_count:
-            page = await self.page(condition, fields, count, query)
-            await self.include(page, query)
-        total = None
-        if summary_count or query.total in (None, "accurate", "estimate"):
-            total = await self.db.count(condition)
+        counting = summary_count or query.total in (None, "accurate", "estimate")
+        # the page (with its includes) and the count run side by side
+        page, total = await asyncio.gather(
+            self.included_page(condition, fields, count, query) if not summary_count else _nothing(Page([])),
+            self.db.count(condition) if counting else _nothing(None),
+        )
         entries = [self.entry(doc, "match", query) for doc in page.docs]
         entries += [self.entry(doc, "include", query) for doc in page.included]
         issues = list(page.issues)
@@ -186,6 +187,11 @@ class Search:
             entries.append(Entry(None, outcome_bytes(issues), {"mode": "outcome"}))
         links = self.links(request, query, count, page)
         return Bundle("searchset", entries, total, links).to_bytes()
+
+    async def included_page(self, condition: dict[str, Any], fields: list[tuple[str, int]], count: int, query: SearchQuery) -> Page:
+        page = await self.page(condition, fields, count, query)
+        await self.include(page, query)
+        return page
 
     async def page(self, condition: dict[str, Any], fields: list[tuple[str, int]], count: int, query: SearchQuery) -> Page:
         direction, values = ("n", None) if query.cursor is None else decode_cursor(query.cursor, fields)
@@ -276,6 +282,10 @@ class Search:
         if page.previous:
             links.append(("previous", f"{base_url}?{urlencode(common + [('_cursor', page.previous)])}"))
         return links
+
+
+async def _nothing(value: T) -> T:
+    return value
 
 
 def forward_targets(spec: Include, frontier: list[dict[str, Any]]) -> list[str]:

@@ -452,6 +452,8 @@ def type_plans(type_: str) -> TypePlans:
     key = (type_, REGISTRY.generation)
     found = _PLANS.get(key)
     if found is None:
+        for stale in [k for k in _PLANS if k[1] != REGISTRY.generation]:
+            del _PLANS[stale]
         compiled: list[Plan] = []
         for parameter in REGISTRY.for_type(type_).values():
             if parameter.code in _SKIPPED or not parameter.expression:
@@ -520,8 +522,9 @@ def content_text(resource: dict[str, Any]) -> str:
 
 
 def _sort_key(keys: list[str], ranges: list[Entry], parameter_type: str) -> Any:
-    if ranges:
-        return min(r["lo"] for r in ranges)
+    own = [r["lo"] for r in ranges if r.get("s") != "~"]  # as sent, not the canonical form
+    if own:
+        return min(own)
     for key in keys:
         if parameter_type == "string" and key.startswith(":"):
             return key[1:]
