@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import collections
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -101,6 +102,12 @@ def peer_script() -> Path:
 
 
 def start_sekmet(data_dir: Path) -> Server:
+    """sekmet-fhir from ../shared/peers/sekmet.sh, its virtualenv kept in .cache between
+    runs and its data started afresh."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for old in data_dir.iterdir():
+        if old.name != "venv":
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
     port = free_port()
     script = peer_script()
     subprocess.run(["bash", str(script), "start", str(data_dir), str(port)], check=True)
@@ -257,7 +264,7 @@ def main() -> None:
         kuroshio_dir.mkdir()
         names = ["kuroshio"] + ([] if args.no_peer else ["sekmet"])
         for name in names:
-            server = start_kuroshio(kuroshio_dir, args.mongo_cache_gb) if name == "kuroshio" else start_sekmet(Path(scratch) / "sekmet")
+            server = start_kuroshio(kuroshio_dir, args.mongo_cache_gb) if name == "kuroshio" else start_sekmet(ROOT / ".cache" / "peer-sekmet")
             try:
                 stored, rate = asyncio.run(ingest(server, bundles, args.ingest_clients))
                 ingest_rates[name] = rate

@@ -27,7 +27,8 @@ from server.store.database import Store, collection
 from server.store.fhir import RESOURCES, VersionConflict
 
 SEARCH_INDEXES = [
-    IndexModel([("t", ASCENDING), ("s.k", ASCENDING)], name="search_keys"),
+    # the default order (the `date` parameter, then _id) comes from the index itself
+    IndexModel([("t", ASCENDING), ("s.k", ASCENDING), ("s.o.date", ASCENDING), ("_id", ASCENDING)], name="search_keys"),
     IndexModel([("t", ASCENDING), ("s.v.p", ASCENDING), ("s.v.lo", ASCENDING), ("s.v.hi", ASCENDING)], name="search_ranges"),
     IndexModel([("t", ASCENDING), ("s.c.p", ASCENDING), ("s.c.k0", ASCENDING)], name="search_composites"),
     IndexModel([("s.tx", TEXT), ("s.cx", TEXT)], name="search_text", default_language="none", weights={"s.tx": 2, "s.cx": 1}),
@@ -66,9 +67,13 @@ class SearchStore:
         except OperationFailure as exc:
             raise _too_costly(exc) from None
 
-    async def count(self, query: Filter, session: AsyncClientSession | None = None) -> int:
+    async def count(self, query: Filter, limit: int | None = None) -> int:
+        """How many documents match (counting stops at `limit` when one is given)."""
+        options: dict[str, Any] = {"maxTimeMS": self.max_time_ms}
+        if limit is not None:
+            options["limit"] = limit
         try:
-            return await self.resources.count_documents(query, session=session, maxTimeMS=self.max_time_ms)
+            return await self.resources.count_documents(query, **options)
         except OperationFailure as exc:
             raise _too_costly(exc) from None
 

@@ -8,6 +8,9 @@
 - service.py:    running a search: paging, includes, _summary/_elements, explain, Bundle
 - conditional.py: conditional create/update/delete and transaction entries
 - custom.py:     custom SearchParameter resources, $reindex and type/system $meta
+- search_routes.py: requests to searches for the routes in server/fhir/routes.py
+- capabilities.py, terminology.py, ucum.py: CapabilityStatement claims, the seam for
+  terminology-backed modifiers, UCUM canonical units
 
 Importing this package joins search to the write path (`HOOKS.index`) and registers its
 CapabilityStatement contributions.

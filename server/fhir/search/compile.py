@@ -171,7 +171,8 @@ class Compiler:
         texts = [p for p in parts if "$text" in p]
         if len(texts) > 1:
             raise error(400, "not-supported", "Only one of _text and _content may be used in a search")
-        return all_of([type_filter(query.types), *parts])
+        live = any(requires_terms(part) for part in parts)
+        return all_of([type_filter(query.types, live), *parts])
 
     async def criterion(self, criterion: Criterion) -> Filter:
         if criterion.chain:
@@ -462,10 +463,35 @@ def presence(parameter: SearchParameter) -> Filter:
     return anchored(p, _SEPARATORS[parameter.type])
 
 
-def type_filter(types: tuple[str, ...]) -> Filter:
-    if len(types) == 1:
-        return {"t": types[0], "deleted": False}
-    return {"t": {"$in": list(types)}, "deleted": False}
+def type_filter(types: tuple[str, ...], live: bool = False) -> Filter:
+    """The resource types, and "not deleted" unless the rest of the filter implies it.
+
+    A deleted resource keeps no search terms, so a filter that requires a term can only
+    match live resources; leaving `deleted` out then lets MongoDB count from the index
+    alone instead of fetching every matching document.
+    """
+    condition: Filter = {"t": types[0]} if len(types) == 1 else {"t": {"$in": list(types)}}
+    if not live:
+        condition["deleted"] = False
+    return condition
+
+
+_TERMS = ("s.k", "s.v", "s.c", "s.g")
+
+
+def requires_terms(condition: Filter) -> bool:
+    """Whether every document matching `condition` has a search term (so is not deleted)."""
+    for key, value in condition.items():
+        if key == "$and" and any(requires_terms(c) for c in value):
+            return True
+        if key == "$or" and value and all(requires_terms(c) for c in value):
+            return True
+        if key in _TERMS:
+            if isinstance(value, str):
+                return True
+            if isinstance(value, dict) and set(value) <= {"$in", "$regex", "$elemMatch", "$geoWithin"} and value.get("$in") != []:
+                return True
+    return False
 
 
 def uri_ancestors(value: str) -> list[str]:

@@ -173,11 +173,6 @@ def _common_expression(row: dict[str, Any]) -> dict[str, str]:
 REGISTRY = _build_registry()
 
 
-def component_type(url: str) -> str:
-    found = REGISTRY.by_url.get(url)
-    return found[0].type if found else "token"
-
-
 def from_resource(resource: dict[str, Any]) -> list[SearchParameter]:
     """The parameters a custom SearchParameter resource defines (one per base type).
 

@@ -32,6 +32,7 @@ from server.store.search import QueryTooCostly, SearchStore
 
 T = TypeVar("T")
 MAX_INCLUDED = 1000
+COUNT_LIMIT = 1000
 SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}
 
 
@@ -79,12 +80,19 @@ def parse_request(request: SearchRequest) -> SearchQuery:
 # --- sorting and cursors ---------------------------------------------------------------------
 
 
+DEFAULT_ORDER = [("s.o.date", 1)]
+
+
 def sort_fields(query: SearchQuery) -> list[tuple[str, int]]:
-    fields = []
-    for key, direction in query.sort:
-        fields.append(("_id" if key == "_id" else "ts" if key == "_lastUpdated" else f"s.o.{key}", direction))
+    """The MongoDB sort: the `_sort` keys, by default the `date` parameter (the order the
+    `search_keys` index holds), and `_id` last, in the first key's direction, so every
+    order is total (keyset cursors need that) and `-date` can walk the index backwards."""
+    fields = [
+        ("_id" if key == "_id" else "ts" if key == "_lastUpdated" else f"s.o.{key}", direction)
+        for key, direction in query.sort
+    ] or list(DEFAULT_ORDER)
     if not any(f == "_id" for f, _ in fields):
-        fields.append(("_id", 1))
+        fields.append(("_id", fields[0][1]))
     return fields
 
 
@@ -169,11 +177,10 @@ class Search:
         fields = sort_fields(query)
         count = query.count if query.count is not None else request.page_size
         summary_count = query.summary == "count" or count == 0
-        counting = summary_count or query.total in (None, "accurate", "estimate")
         # the page (with its includes) and the count run side by side
         page, total = await asyncio.gather(
             self.included_page(condition, fields, count, query) if not summary_count else _nothing(Page([])),
-            self.db.count(condition) if counting else _nothing(None),
+            self.total(condition, query, summary_count),
         )
         entries = [self.entry(doc, "match", query) for doc in page.docs]
         entries += [self.entry(doc, "include", query) for doc in page.included]
@@ -187,6 +194,20 @@ class Search:
             entries.append(Entry(None, outcome_bytes(issues), {"mode": "outcome"}))
         links = self.links(request, query, count, page)
         return Bundle("searchset", entries, total, links).to_bytes()
+
+    async def total(self, condition: dict[str, Any], query: SearchQuery, summary_count: bool) -> int | None:
+        """Bundle.total: exact for `_summary=count` and `_total=accurate`. By default (and
+        for `estimate`) only where counting reads the index alone (key terms, no ranges or
+        text) and on the first page, exact when at most COUNT_LIMIT resources match, else
+        left out: a search does not pay for counting what it does not return."""
+        if query.total == "none" and not summary_count:
+            return None
+        if summary_count or query.total == "accurate":
+            return await self.db.count(condition)
+        if query.cursor is not None or not index_only(condition):
+            return None
+        total = await self.db.count(condition, COUNT_LIMIT + 1)
+        return total if total <= COUNT_LIMIT else None
 
     async def included_page(self, condition: dict[str, Any], fields: list[tuple[str, int]], count: int, query: SearchQuery) -> Page:
         page = await self.page(condition, fields, count, query)
@@ -282,6 +303,17 @@ class Search:
         if page.previous:
             links.append(("previous", f"{base_url}?{urlencode(common + [('_cursor', page.previous)])}"))
         return links
+
+
+def index_only(condition: dict[str, Any]) -> bool:
+    """Whether the filter can be evaluated from the `search_keys` index alone."""
+    for key, value in condition.items():
+        if key in ("$and", "$or"):
+            if not all(index_only(c) for c in value):
+                return False
+        elif key not in ("t", "s.k"):
+            return False
+    return True
 
 
 async def _nothing(value: T) -> T:

@@ -212,7 +212,7 @@ def test_sort(fhir, dataset):
 
 
 def test_paging_with_cursors_next_previous_and_self(fhir, dataset):
-    seen, url, pages = [], "Observation?_count=1&_sort=date", []
+    seen, url, pages = [], "Observation?_count=1&_sort=date&_total=accurate", []
     bundle = search(fhir, dataset, url)
     while True:
         pages.append(bundle)
@@ -250,6 +250,10 @@ def test_paging_is_stable_while_data_changes(fhir, dataset):
 
 def test_total_summary_and_elements(fhir, dataset):
     assert "total" not in search(fhir, dataset, "Patient?_total=none")
+    first = search(fhir, dataset, "Patient?_count=1")  # by default: counted on the first page
+    assert first["total"] == 3
+    following = fhir.get(next(link["url"] for link in first["link"] if link["relation"] == "next")).json()
+    assert "total" not in following
     assert search(fhir, dataset, "Patient?_total=accurate")["total"] == 3
     counted = search(fhir, dataset, "Patient?_summary=count")
     assert counted["total"] == 3 and "entry" not in counted
