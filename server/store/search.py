@@ -40,7 +40,8 @@ CONDITIONAL = collection("fhir_conditional")
 
 Filter = dict[str, Any]
 Sort = list[tuple[str, int]]
-_PAGE_FIELDS = {"t": 1, "v": 1, "ts": 1, "body": 1, "s.k": 1, "s.o": 1}
+_PAGE_FIELDS = {"t": 1, "ts": 1, "body": 1, "s.o": 1}  # body, and the sort keys for cursors
+_INCLUDE_FIELDS = {**_PAGE_FIELDS, "s.k": 1}  # and the references, to follow _include
 
 
 class QueryTooCostly(Exception):
@@ -54,13 +55,11 @@ class SearchStore:
         self.conditional = store[CONDITIONAL]
         self.max_time_ms = max_time_ms
 
-    async def page(
-        self, query: Filter, sort: Sort, limit: int, session: AsyncClientSession | None = None
-    ) -> list[dict[str, Any]]:
-        """Matching current documents (body, sort keys, reference keys), in `sort` order."""
+    async def page(self, query: Filter, sort: Sort, limit: int, with_keys: bool = False) -> list[dict[str, Any]]:
+        """Matching current documents (body, sort keys, and with_keys the terms), in order."""
         try:
             cursor = self.resources.find(
-                query, _PAGE_FIELDS, sort=sort, limit=limit, session=session,
+                query, _INCLUDE_FIELDS if with_keys else _PAGE_FIELDS, sort=sort, limit=limit,
                 max_time_ms=self.max_time_ms, allow_disk_use=True,
             )
             return [doc async for doc in cursor]
@@ -97,7 +96,7 @@ class SearchStore:
         """Current, not deleted documents by `Type/id` (includes)."""
         if not keys:
             return []
-        cursor = self.resources.find({"_id": {"$in": keys}, "deleted": False}, _PAGE_FIELDS)
+        cursor = self.resources.find({"_id": {"$in": keys}, "deleted": False}, _INCLUDE_FIELDS)
         return [doc async for doc in cursor]
 
     async def explain(self, query: Filter, sort: Sort, limit: int) -> dict[str, Any]:

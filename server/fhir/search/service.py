@@ -218,7 +218,7 @@ class Search:
         direction, values = ("n", None) if query.cursor is None else decode_cursor(query.cursor, fields)
         if direction == "n":
             where = condition if values is None else all_of([condition, keyset(fields, values)])
-            docs = await self.db.page(where, fields, count + 1)
+            docs = await self.db.page(where, fields, count + 1, bool(query.includes))
             more = len(docs) > count
             docs = docs[:count]
             page = Page(docs)
@@ -228,7 +228,7 @@ class Search:
                 page.previous = encode_cursor("p", docs[0], fields)
             return page
         backwards = [(f, -d) for f, d in fields]
-        docs = await self.db.page(all_of([condition, keyset(backwards, values)]), backwards, count + 1)
+        docs = await self.db.page(all_of([condition, keyset(backwards, values)]), backwards, count + 1, bool(query.includes))
         more = len(docs) > count
         docs = list(reversed(docs[:count]))
         page = Page(docs)
@@ -280,7 +280,7 @@ class Search:
         condition: dict[str, Any] = {"deleted": False, "s.k": {"$in": terms}}
         if spec.source != "*":
             condition["t"] = spec.source
-        return await self.db.page(condition, [("_id", 1)], MAX_INCLUDED + 1)
+        return await self.db.page(condition, [("_id", 1)], MAX_INCLUDED + 1, with_keys=True)
 
     # --- the Bundle --------------------------------------------------------------------------
 
