@@ -7,8 +7,9 @@
 2. Starts `kuroshio serve` (embedded MongoDB, fresh data directory) and sekmet-fhir
    (../shared/peers/sekmet.sh), and posts every bundle to each, reporting the ingest rate
    (resources/s, search indexing included).
-3. Runs each query with `--clients` concurrent clients, `--requests` requests in all,
-   and prints p50/p95 latency and requests/s for both servers and their ratios.
+3. Runs each query with `--clients` concurrent clients, `--requests` requests in all (or
+   as many as `--budget` seconds allow), and prints p50/p95 latency and requests/s for
+   both servers and their ratios.
 
 The queries: Patient by family name; Observation by patient; Observation by LOINC code
 and date range sorted by date; a chained search (Observation?subject.name=...);
@@ -216,13 +217,17 @@ class Figures:
     status: int
 
 
-async def run_query(base: str, urls: list[str], clients: int, requests: int) -> Figures:
+async def run_query(base: str, urls: list[str], clients: int, requests: int, budget: float) -> Figures:
     latencies: list[float] = []
     statuses: collections.Counter[int] = collections.Counter()
     counter = iter(range(requests))
 
+    deadline = time.monotonic() + budget
+
     async def worker(client: httpx.AsyncClient) -> None:
         for n in counter:
+            if time.monotonic() > deadline:  # a slow server gets a time budget, not all requests
+                break
             url = f"{base}/{urls[n % len(urls)]}"
             started = time.perf_counter()
             try:
@@ -256,6 +261,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--ingest-clients", type=int, default=2)
+    parser.add_argument("--budget", type=float, default=60.0, help="seconds of load per query at most")
     parser.add_argument("--no-peer", action="store_true", help="measure Kuroshio only")
     parser.add_argument("--mongo-cache-gb", type=float, default=4.0, help="WiredTiger cache of Kuroshio's mongod")
     args = parser.parse_args()
@@ -278,7 +284,7 @@ def main() -> None:
                 print(f"{name}: ingested {stored} resources at {rate:,.0f} resources/s", flush=True)
                 results[name] = {}
                 for label, urls in queries(server, work).items():
-                    figures = asyncio.run(run_query(server.base, urls, args.clients, args.requests))
+                    figures = asyncio.run(run_query(server.base, urls, args.clients, args.requests, args.budget))
                     results[name][label] = figures
                     print(f"  {label:34} p50 {figures.p50:8.1f} ms  p95 {figures.p95:8.1f} ms  {figures.rps:7.1f} req/s  [{figures.status}]", flush=True)
             finally:

@@ -14,7 +14,7 @@ import base64
 import binascii
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlencode
 
 import orjson
@@ -30,7 +30,6 @@ from server.fhir.search.parameters import REGISTRY, compartments
 from server.fhir.search.query import Include, SearchQuery
 from server.store.search import QueryTooCostly, SearchStore
 
-T = TypeVar("T")
 MAX_INCLUDED = 1000
 COUNT_LIMIT = 1000
 SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}
@@ -177,11 +176,16 @@ class Search:
         fields = sort_fields(query)
         count = query.count if query.count is not None else request.page_size
         summary_count = query.summary == "count" or count == 0
-        # the page (with its includes) and the count run side by side
-        page, total = await asyncio.gather(
-            self.included_page(condition, fields, count, query) if not summary_count else _nothing(Page([])),
-            self.total(condition, query, summary_count),
-        )
+        if summary_count:
+            page, total = Page([]), await self.total(condition, query, True)
+        elif query.cursor is None and query.total != "accurate":
+            page = await self.included_page(condition, fields, count, query)
+            # a first page that is not full is the whole result: nothing left to count
+            total = len(page.docs) if page.next is None and query.total != "none" else await self.total(condition, query, False)
+        else:  # the page (with its includes) and the count side by side
+            page, total = await asyncio.gather(
+                self.included_page(condition, fields, count, query), self.total(condition, query, False)
+            )
         entries = [self.entry(doc, "match", query) for doc in page.docs]
         entries += [self.entry(doc, "include", query) for doc in page.included]
         issues = list(page.issues)
@@ -314,10 +318,6 @@ def index_only(condition: dict[str, Any]) -> bool:
         elif key not in ("t", "s.k"):
             return False
     return True
-
-
-async def _nothing(value: T) -> T:
-    return value
 
 
 def forward_targets(spec: Include, frontier: list[dict[str, Any]]) -> list[str]:
