@@ -113,7 +113,18 @@ def start_sekmet(data_dir: Path) -> Server:
     port = free_port()
     script = peer_script()
     subprocess.run(["bash", str(script), "start", str(data_dir), str(port)], check=True)
-    return Server("sekmet", f"http://127.0.0.1:{port}/fhir", lambda: subprocess.run(["bash", str(script), "stop", str(data_dir)], check=False))
+    def stop() -> None:
+        subprocess.run(["bash", str(script), "stop", str(data_dir)], check=False)
+        pid = int((data_dir / "sekmet.pid").read_text())
+        for _ in range(20):  # a peer still busy with timed-out queries is killed
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.5)
+        os.kill(pid, signal.SIGKILL)
+
+    return Server("sekmet", f"http://127.0.0.1:{port}/fhir", stop)
 
 
 def wait_for(base: str, process: subprocess.Popen[bytes] | None = None) -> None:
