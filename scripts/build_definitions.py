@@ -1,7 +1,7 @@
 """Regenerate the R4 definition tables shipped in server/fhir/definitions/.
 
 The server needs a few facts from the FHIR R4 specification at run time (the resource
-types, and later structure, search parameters and compartments). They come from the
+types, the element structure, the search parameters and the compartments). They come from the
 official definitions in the npm package `hl7.fhir.r4.examples` (CC0), reduced to compact
 tables and committed, so the running server does not depend on the package.
 
@@ -16,6 +16,8 @@ import json
 import re
 import sys
 from pathlib import Path
+
+from server.fhir.search.fhirpath import expression_for_base, split_union
 
 OUT = Path(__file__).resolve().parent.parent / "server" / "fhir" / "definitions"
 
@@ -101,6 +103,55 @@ def structure(definitions: list[dict]) -> dict[str, dict]:
     return table
 
 
+# Errata of the R4 definitions, as corrected in R4B: DocumentReference-relationship names
+# its components in the wrong order (the reference parameter on `code`, the token on
+# `target`), which would index relation codes as references and targets as tokens.
+_COMPONENT_ERRATA = {
+    "http://hl7.org/fhir/SearchParameter/DocumentReference-relationship": [
+        {"definition": "http://hl7.org/fhir/SearchParameter/DocumentReference-relation", "expression": "code"},
+        {"definition": "http://hl7.org/fhir/SearchParameter/DocumentReference-relatesto", "expression": "target"},
+    ],
+}
+
+
+def search_parameters(package: Path) -> list[dict]:
+    """Every R4 SearchParameter, with its expression split per base resource type."""
+    bundle = json.loads((package / "Bundle-searchParams.json").read_text(encoding="utf-8"))
+    parameters = []
+    for entry in bundle["entry"]:
+        d = entry["resource"]
+        fragments = split_union(d.get("expression") or "")
+        expressions = {base: expression_for_base(fragments, base) for base in d["base"]}
+        row = {
+            "url": d["url"],
+            "code": d["code"],
+            "type": d["type"],
+            "base": d["base"],
+            "expression": expressions,
+            "target": d.get("target", []),
+            "multipleOr": d.get("multipleOr", True),
+            "multipleAnd": d.get("multipleAnd", True),
+        }
+        components = _COMPONENT_ERRATA.get(d["url"], d.get("component"))
+        if components:
+            row["component"] = [
+                {"definition": c["definition"], "expression": c["expression"]} for c in components
+            ]
+        parameters.append(row)
+    return parameters
+
+
+def compartments(package: Path) -> dict[str, dict[str, list[str]]]:
+    """Per compartment (Patient, Encounter, ...): resource type -> the parameters linking it."""
+    table = {}
+    for path in sorted(package.glob("CompartmentDefinition-*.json")):
+        d = json.loads(path.read_text(encoding="utf-8"))
+        if d["id"] == "example":
+            continue
+        table[d["code"]] = {r["code"]: r["param"] for r in d.get("resource", []) if r.get("param")}
+    return table
+
+
 def main(package: Path) -> None:
     definitions = structure_definitions(package)
     types = resource_types(definitions)
@@ -112,6 +163,13 @@ def main(package: Path) -> None:
     # mtime=0: the same definitions give the same bytes, so a rebuild shows no false diff.
     (OUT / "structure.json.gz").write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))
     print(f"{len(table)} structure definitions")
+    parameters = search_parameters(package)
+    with gzip.open(OUT / "search-parameters.json.gz", "wt", encoding="utf-8") as out:
+        json.dump(parameters, out, separators=(",", ":"), sort_keys=True)
+    print(f"{len(parameters)} search parameters")
+    compartment_table = compartments(package)
+    (OUT / "compartments.json").write_text(json.dumps(compartment_table, indent=0, sort_keys=True) + "\n")
+    print(f"{len(compartment_table)} compartments")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ included), and the interface's own form elsewhere. A client never sees a traceba
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -27,10 +28,12 @@ from server.fhir import routes as fhir_routes
 from server.fhir.http import error_response
 from server.fhir.interactions import now
 from server.fhir.outcome import FhirError, Issue
+from server.fhir.search import custom as search_custom
 from server.security import audit
 from server.security.authorization import Forbidden
 from server.store.database import Store
 from server.store.fhir import FhirStore
+from server.store.search import SearchStore
 from terminology import operations as terminology_operations  # noqa: F401  (registers $lookup, $expand, ...)
 from terminology.definitions import install as install_terminology
 
@@ -148,12 +151,14 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.fhir_store = FhirStore(store)
         app.state.services["terminology"] = install_terminology(store, settings)
         app.state.capability_statement = fhir_routes.build_capability_statement(settings, now())
+        custom_parameters = asyncio.create_task(search_custom.refresh_loop(SearchStore(store)))
         # DICOM: archive, DIMSE AE and ImagingStudy reflection (server/dicom/service.py)
         dicom = await dicom_service.start(app, settings, store, app.state.fhir_store)
         try:
             yield
         finally:
             await dicom.stop()
+            custom_parameters.cancel()
             await store.close()
 
     app = FastAPI(

@@ -37,6 +37,7 @@ from server.fhir.interactions import Written, parse_etag
 from server.fhir.operations import OperationCall, lookup, parameters_from_query
 from server.fhir.outcome import error, information
 from server.fhir.patch import fhirpath_patch, json_patch, merge_patch
+from server.fhir.search import conditional, search_routes
 from server.security.authorization import authorize
 from server.store.fhir import FhirStore, HistoryScope, StoredResource, history_key
 
@@ -378,10 +379,11 @@ async def history_type(request: Request, type: str) -> Response:
 async def create(request: Request, type: str) -> Response:
     negotiated = negotiate(request)
     interactions.check_type(type)
-    if "if-none-exist" in request.headers:
-        raise error(400, "not-supported", "Conditional create (If-None-Exist) is not supported yet")
     resource = await resource_body(request)
-    written = await interactions.create(store(request), type, resource)
+    if "if-none-exist" in request.headers:
+        written = await conditional.create(store(request), base(request), type, resource, request.headers["if-none-exist"])
+    else:
+        written = await interactions.create(store(request), type, resource)
     return written_response(request, written, negotiated)
 
 
@@ -461,3 +463,50 @@ async def delete(request: Request, type: str, id: str) -> Response:
     written = await interactions.delete(store(request), type, id, if_match)
     headers = {"ETag": f'W/"{written.version}"'} if written else {}
     return Response(status_code=204, headers=headers)
+
+
+# --- search and conditional interactions (server/fhir/search) -------------------------------
+# Registered last: the compartment route /{type}/{id}/{type} must not shadow the literal
+# /_history and $operation routes above.
+
+
+@route("search-type", "type", "GET", "/{type}")
+async def search_type(request: Request, type: str) -> Response:
+    return await search_routes.search(request, search_routes.type_scope(type))
+
+
+@route("search-type", "type", "POST", "/{type}/_search")
+async def search_type_post(request: Request, type: str) -> Response:
+    return await search_routes.search(request, search_routes.type_scope(type), await search_routes.form(request))
+
+
+@route("search-system", "system", "GET", "", "/")
+async def search_system(request: Request) -> Response:
+    return await search_routes.search(request, search_routes.system_scope())
+
+
+@route("search-system", "system", "POST", "/_search")
+async def search_system_post(request: Request) -> Response:
+    return await search_routes.search(request, search_routes.system_scope(), await search_routes.form(request))
+
+
+@route("search-type", "type", "GET", "/{compartment}/{id}/{type}")
+async def search_compartment(request: Request, compartment: str, id: str, type: str) -> Response:
+    return await search_routes.search(request, search_routes.compartment_scope(compartment, id, type))
+
+
+@route("update", "instance", "PUT", "/{type}")
+async def conditional_update(request: Request, type: str) -> Response:
+    negotiated = negotiate(request)
+    if_match = parse_etag(request.headers.get("if-match"), "If-Match")
+    interactions.check_type(type)
+    resource = await resource_body(request)
+    written = await conditional.update(store(request), base(request), type, resource, request.url.query, if_match)
+    return written_response(request, written, negotiated)
+
+
+@route("delete", "instance", "DELETE", "/{type}")
+async def conditional_delete(request: Request, type: str) -> Response:
+    negotiate(request)
+    deleted = await conditional.delete(store(request), base(request), type, request.url.query)
+    return Response(status_code=204, headers={"X-Deleted-Count": str(deleted)})

@@ -28,6 +28,7 @@ from server.fhir.bundle import Bundle, Entry
 from server.fhir.interactions import Written, check_id, check_type, new_id
 from server.fhir.outcome import FhirError, Issue, error
 from server.fhir.patch import Patcher, fhirpath_patch, json_patch
+from server.fhir.search import conditional as search_conditional
 from server.store.fhir import FhirStore, NewVersion
 
 # (method, relative url with query, headers, body) -> (status, headers, body)
@@ -55,6 +56,8 @@ class Request:
     if_none_exist: str | None = None
     type: str | None = None
     id: str | None = None
+    criteria: str | None = None  # the search of a conditional PUT/DELETE url
+    matched: bool = False  # an ifNoneExist POST that matched an existing resource
 
     @property
     def path(self) -> str:
@@ -120,12 +123,11 @@ def _resolve_targets(requests: list[Request]) -> dict[str, str]:
     for request in requests:
         if request.method == "GET" or request.method == "HEAD":
             continue
-        if "?" in request.url:
-            raise error(
-                400, "not-supported",
-                f"Bundle.entry[{request.index}]: conditional {request.method} is not supported",
-            )
         parts = request.path.split("/")
+        if "?" in request.url and request.method in ("PUT", "DELETE", "PATCH") and len(parts) == 1:
+            request.type, request.criteria = parts[0], request.url.split("?", 1)[1]
+            check_type(request.type)
+            continue  # its target is found by search_conditional.resolve_transaction
         if request.method == "POST":
             if len(parts) != 1:
                 raise error(400, "invalid", f"Bundle.entry[{request.index}]: POST url must be a resource type")
@@ -188,8 +190,8 @@ class _Prepared:
 
 async def _prepare(request: Request) -> _Prepared:
     prepared = _Prepared(request, if_match=interactions.parse_etag(request.if_match, "ifMatch"))
-    if request.if_none_exist is not None:
-        raise error(400, "not-supported", "ifNoneExist (conditional create) is not supported")
+    if request.matched or (request.method == "DELETE" and request.id is None):
+        return prepared  # nothing to write: an ifNoneExist match, a conditional delete of nothing
     assert request.type is not None and request.id is not None
     if request.method == "POST":
         assert request.resource is not None
@@ -211,6 +213,7 @@ async def transaction(
 ) -> bytes:
     requests = parse_entries(bundle, base)
     identities = _resolve_targets(requests)
+    await search_conditional.resolve_transaction(db, base, requests, identities)
     prepared: list[_Prepared] = []
     for request in requests:
         if request.resource is not None and identities:
@@ -232,11 +235,15 @@ async def transaction(
                 continue
             results[item.request.index] = await _write(session, db, item)
         # All creates at once: their ids are new, so they cannot collide with anything.
-        await db.create_many(session, [p.new for p in creates if p.new is not None])
-        for item in creates:
+        plain = [p for p in creates if p.request.if_none_exist is None]
+        await db.create_many(session, [p.new for p in plain if p.new is not None])
+        for item in plain:
             assert item.new is not None
             await interactions.after_write(session, item.new)
             results[item.request.index] = Written.of(201, item.new)
+        for item in creates:
+            if item.request.if_none_exist is not None:
+                results[item.request.index] = await search_conditional.transaction_create(session, db, base, item.request, item.new)
         for item in others:
             if item.request.method != "DELETE":
                 results[item.request.index] = await _write(session, db, item)
@@ -263,9 +270,12 @@ async def _write(session: AsyncClientSession, db: FhirStore, item: _Prepared) ->
 
 async def _write_one(session: AsyncClientSession, db: FhirStore, item: _Prepared) -> Written | None:
     request = item.request
-    assert request.type is not None and request.id is not None
+    assert request.type is not None
     if request.method == "DELETE":
+        if request.id is None:
+            return None  # a conditional delete that matched nothing
         return await interactions.delete_in(session, db, request.type, request.id, item.if_match)
+    assert request.id is not None
     if request.method == "PUT":
         assert item.new is not None and request.resource is not None
         return await interactions.update_in(session, db, item.new, request.resource, item.if_match)

@@ -10,7 +10,7 @@ LIMIT = 64 * 1024 * 1024  # the default KUROSHIO_MAX_BODY_BYTES
 def test_unknown_routes_and_methods(fhir):
     assert_outcome(fhir.get("Patient/1/2/3/4/5"), 404, "not-found")
     assert_outcome(fhir.request("TRACE", "Patient/1"), 405)
-    assert_outcome(fhir.put("Patient", content=b"{}", headers=FHIR_JSON), 405)
+    assert_outcome(fhir.put("Patient/1/_history", content=b"{}", headers=FHIR_JSON), 405)
     assert_outcome(fhir.get("$no-such-operation"), 404, "not-supported")
 
 

@@ -1,0 +1,122 @@
+"""Conditional create, update and delete, alone and in transactions (http.html)."""
+
+from __future__ import annotations
+
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from tests.fhir.helpers import FHIR_JSON
+
+
+def _patient(system: str, value: str, **more) -> dict:
+    return {"resourceType": "Patient", "identifier": [{"system": system, "value": value}], **more}
+
+
+def _count(fhir, system: str, value: str) -> int:
+    return fhir.get("Patient", params={"identifier": f"{system}|{value}", "_summary": "count"}).json()["total"]
+
+
+def test_conditional_create(fhir):
+    system, value = f"urn:cc:{uuid.uuid4().hex}", "1"
+    criteria = {"If-None-Exist": f"identifier={system}|{value}", **FHIR_JSON}
+    first = fhir.post("Patient", json=_patient(system, value), headers=criteria)
+    assert first.status_code == 201, first.text
+    again = fhir.post("Patient", json=_patient(system, value), headers=criteria)
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+    fhir.post("Patient", json=_patient(system, value), headers=FHIR_JSON)  # a duplicate, unconditionally
+    ambiguous = fhir.post("Patient", json=_patient(system, value), headers=criteria)
+    assert ambiguous.status_code == 412
+    bad = fhir.post("Patient", json=_patient(system, value), headers={"If-None-Exist": "nonsense=1", **FHIR_JSON})
+    assert bad.status_code == 400
+
+
+def test_fifty_concurrent_conditional_creates_make_one_resource(server, fhir):
+    system, value = f"urn:race:{uuid.uuid4().hex}", "same"
+    headers = {"If-None-Exist": f"identifier={system}|{value}", **FHIR_JSON}
+
+    def attempt(_: int) -> int:
+        with httpx.Client(base_url=server.fhir + "/", timeout=120) as client:
+            return client.post("Patient", json=_patient(system, value), headers=headers).status_code
+
+    with ThreadPoolExecutor(50) as pool:
+        statuses = list(pool.map(attempt, range(50)))
+    assert sorted(statuses) == [200] * 49 + [201]
+    assert _count(fhir, system, value) == 1
+
+
+def test_conditional_update(fhir):
+    system = f"urn:cu:{uuid.uuid4().hex}"
+    url = f"Patient?identifier={system}|1"
+    created = fhir.put(url, json=_patient(system, "1", gender="male"), headers=FHIR_JSON)
+    assert created.status_code == 201, created.text
+    id_ = created.json()["id"]
+    updated = fhir.put(url, json=_patient(system, "1", gender="female"), headers=FHIR_JSON)
+    assert updated.status_code == 200 and updated.json()["id"] == id_ and updated.json()["meta"]["versionId"] == "2"
+    wrong_id = fhir.put(url, json={**_patient(system, "1"), "id": "other"}, headers=FHIR_JSON)
+    assert wrong_id.status_code == 400
+    fhir.post("Patient", json=_patient(system, "1"), headers=FHIR_JSON)
+    assert fhir.put(url, json=_patient(system, "1"), headers=FHIR_JSON).status_code == 412
+    assert fhir.put("Patient", json=_patient(system, "1"), headers=FHIR_JSON).status_code == 400  # no criteria
+
+
+def test_conditional_delete_single_and_multiple(fhir):
+    system = f"urn:cd:{uuid.uuid4().hex}"
+    for value in ("1", "2", "2"):
+        fhir.post("Patient", json=_patient(system, value), headers=FHIR_JSON)
+    one = fhir.delete(f"Patient?identifier={system}|1")
+    assert one.status_code == 204 and one.headers["X-Deleted-Count"] == "1"
+    assert _count(fhir, system, "1") == 0
+    many = fhir.delete(f"Patient?identifier={system}|2")
+    assert many.status_code == 204 and many.headers["X-Deleted-Count"] == "2"
+    assert _count(fhir, system, "2") == 0
+    none = fhir.delete(f"Patient?identifier={system}|3")
+    assert none.status_code == 204 and none.headers["X-Deleted-Count"] == "0"
+
+
+def test_transactions_with_if_none_exist_conditional_urls_and_references(fhir):
+    system = f"urn:tx:{uuid.uuid4().hex}"
+    existing = fhir.post("Patient", json=_patient(system, "known"), headers=FHIR_JSON).json()["id"]
+    bundle = {
+        "resourceType": "Bundle", "type": "transaction",
+        "entry": [
+            {"fullUrl": "urn:uuid:a", "resource": _patient(system, "known"),
+             "request": {"method": "POST", "url": "Patient", "ifNoneExist": f"identifier={system}|known"}},
+            {"fullUrl": "urn:uuid:b", "resource": _patient(system, "new"),
+             "request": {"method": "POST", "url": "Patient", "ifNoneExist": f"identifier={system}|new"}},
+            {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                          "subject": {"reference": "urn:uuid:a"}},
+             "request": {"method": "POST", "url": "Observation"}},
+            {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "y"},
+                          "subject": {"reference": f"Patient?identifier={system}|known"}},
+             "request": {"method": "POST", "url": "Observation"}},
+            {"resource": _patient(system, "put", gender="other"),
+             "request": {"method": "PUT", "url": f"Patient?identifier={system}|put"}},
+        ],
+    }
+    response = fhir.post(str(fhir.base_url).rstrip("/"), json=bundle, headers=FHIR_JSON)
+    assert response.status_code == 200, response.text
+    entries = response.json()["entry"]
+    assert entries[0]["response"]["status"].startswith("200")
+    assert entries[0]["response"]["location"].startswith(f"Patient/{existing}/")
+    assert entries[1]["response"]["status"].startswith("201")
+    assert entries[4]["response"]["status"].startswith("201")
+    for index in (2, 3):
+        observation = fhir.get(entries[index]["response"]["location"]).json()
+        assert observation["subject"]["reference"] == f"Patient/{existing}"
+    # run again: everything conditional now matches
+    again = fhir.post(str(fhir.base_url).rstrip("/"), json=bundle, headers=FHIR_JSON).json()["entry"]
+    assert again[1]["response"]["status"].startswith("200") and again[4]["response"]["status"].startswith("200")
+    assert _count(fhir, system, "new") == 1 and _count(fhir, system, "put") == 1
+
+
+def test_transaction_conditional_reference_must_match_one(fhir):
+    bundle = {
+        "resourceType": "Bundle", "type": "transaction",
+        "entry": [{"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                                "subject": {"reference": f"Patient?identifier=urn:none|{uuid.uuid4().hex}"}},
+                   "request": {"method": "POST", "url": "Observation"}}],
+    }
+    response = fhir.post(str(fhir.base_url).rstrip("/"), json=bundle, headers=FHIR_JSON)
+    assert response.status_code == 412 and "Bundle.entry[0]" in response.text

@@ -1,0 +1,62 @@
+"""Custom SearchParameter resources, $reindex, and $meta at type and system level."""
+
+from __future__ import annotations
+
+import uuid
+
+from tests.fhir.helpers import FHIR_JSON
+
+
+def _patients(fhir, code: str, value: str) -> set[str]:
+    response = fhir.get("Patient", params={code: value})
+    assert response.status_code == 200, response.text
+    return {e["resource"]["id"] for e in response.json().get("entry", [])}
+
+
+def test_custom_search_parameter_and_reindex(fhir):
+    run = uuid.uuid4().hex[:8]
+    url, code = f"http://example.org/eye-colour-{run}", f"eye-colour-{run}"
+    patient = {"resourceType": "Patient", "extension": [{"url": url, "valueString": "blue"}]}
+    before = fhir.post("Patient", json=patient, headers=FHIR_JSON).json()["id"]
+    definition = {
+        "resourceType": "SearchParameter", "url": f"http://example.org/SearchParameter/{code}", "name": code,
+        "status": "active", "description": "eye colour", "code": code, "base": ["Patient"], "type": "token",
+        "expression": f"Patient.extension('{url}').value",
+    }
+    assert fhir.post("SearchParameter", json=definition, headers=FHIR_JSON).status_code == 201
+    after = fhir.post("Patient", json=patient, headers=FHIR_JSON).json()["id"]
+    assert _patients(fhir, code, "blue") == {after}  # new writes use it at once
+    reindexed = fhir.post("Patient/$reindex", json={"resourceType": "Parameters"}, headers=FHIR_JSON)
+    assert reindexed.status_code == 200, reindexed.text
+    assert reindexed.json()["parameter"][0]["valueInteger"] >= 2
+    assert _patients(fhir, code, "blue") == {before, after}
+    assert _patients(fhir, code, "green") == set()
+    statement = fhir.get("metadata").json()  # the statement is built at start-up
+    assert statement["resourceType"] == "CapabilityStatement"
+    assert fhir.get("Patient/$reindex").status_code == 405  # changes data: POST only
+
+
+def test_unusable_custom_parameter_is_stored_but_not_used(fhir):
+    code = f"broken-{uuid.uuid4().hex[:8]}"
+    definition = {
+        "resourceType": "SearchParameter", "url": f"http://example.org/SearchParameter/{code}", "name": code,
+        "status": "active", "description": "broken", "code": code, "base": ["Patient"], "type": "token",
+        "expression": "Patient.nonsense((",
+    }
+    assert fhir.post("SearchParameter", json=definition, headers=FHIR_JSON).status_code == 201
+    assert fhir.post("Patient", json={"resourceType": "Patient"}, headers=FHIR_JSON).status_code == 201
+    assert fhir.get("Patient", params={code: "x"}).status_code == 400  # unknown parameter
+
+
+def test_meta_at_type_and_system_level(fhir):
+    tag = {"system": "urn:meta-test", "code": uuid.uuid4().hex}
+    profile = f"http://example.org/StructureDefinition/{tag['code']}"
+    resource = {"resourceType": "Basic", "meta": {"tag": [tag], "profile": [profile], "security": [{"system": "urn:sec", "code": "N"}]},
+                "code": {"text": "x"}}
+    assert fhir.post("Basic", json=resource, headers=FHIR_JSON).status_code == 201
+    for url in ("Basic/$meta", "$meta"):
+        response = fhir.get(url)
+        assert response.status_code == 200, response.text
+        meta = response.json()["parameter"][0]["valueMeta"]
+        assert tag in meta["tag"] and profile in meta["profile"] and {"system": "urn:sec", "code": "N"} in meta["security"]
+    assert tag not in fhir.get("Patient/$meta").json()["parameter"][0]["valueMeta"].get("tag", [])

@@ -1,0 +1,89 @@
+"""A query string can never become a MongoDB operator, and pathological input is bounded
+with a clear 400 (never a 5xx, never a hung worker)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.fhir.search.test_search import found
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "Patient?family=$where",
+        "Patient?family[$ne]=x",
+        'Patient?family={"$gt": ""}',
+        "Patient?family=.*",
+        "Patient?family=^S",
+        "Patient?family=(a|b)",
+        "Patient?identifier=$ne|x",
+        'Patient?identifier={"$regex": ".*"}',
+        "Patient?_id=$gt",
+        "Patient?name:contains=.*",
+        "Observation?subject=Patient/$where",
+        "Observation?subject:identifier=$ne|$ne",
+        "ValueSet?url:below=.*",
+        "Patient?_content=$where",
+        "Patient?_text=.*",
+        "Patient?_sort=-$natural",
+    ],
+)
+def test_operators_and_regex_in_values_are_data(fhir, dataset, query):
+    response = fhir.get(f"{query}&_tag={dataset.tag}")
+    assert response.status_code in (200, 400), response.text
+    if response.status_code == 200:
+        assert "entry" not in response.json() or all(
+            e["search"]["mode"] != "match" for e in response.json()["entry"]
+        ), query
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["$where", "s.k", "family.$ne", "_id.$gt", "t", "deleted", "body", "$or"],
+)
+def test_operator_shaped_names_are_unknown_parameters(fhir, name):
+    response = fhir.get("Patient", params={name: "x"})
+    assert response.status_code == 400
+    assert response.json()["resourceType"] == "OperationOutcome"
+
+
+def test_regex_characters_match_literally(fhir, dataset):
+    assert found(fhir, dataset, "Patient?family=m.ller") == set()
+    assert found(fhir, dataset, "Patient?family=mül") == {"p1"}
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"family": ",".join(f"n{i}" for i in range(5000))},  # thousands of OR values
+        {"subject.general-practitioner." * 20 + "name": "x"},  # a 20-level chain
+        {"_count": "100000000"},  # a huge page
+        {"_has:Observation:subject:" * 20 + "code": "x"},  # deeply nested _has
+    ],
+)
+def test_pathological_input_is_refused(fhir, params):
+    response = fhir.get("Observation" if any("." in k or "_include" in k for k in params) else "Patient", params=params)
+    assert response.status_code == 400, response.text[:300]
+    assert response.json()["resourceType"] == "OperationOutcome"
+
+
+def test_huge_values_and_many_includes_are_refused(fhir):
+    response = fhir.post(
+        "Patient/_search", content="family=" + "x" * 100_000,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status_code == 400
+    response = fhir.get("Observation", params=[("_include", "Observation:subject")] * 20)
+    assert response.status_code == 400
+
+
+def test_many_criteria_are_refused(fhir):
+    response = fhir.get("Patient", params=[("family", f"x{i}") for i in range(200)])
+    assert response.status_code == 400
+
+
+def test_malformed_cursor_is_a_400(fhir):
+    for cursor in ("not-base64!", "eyJ4IjoxfQ", "WyJuIixbeyIkZ3QiOiIifV1d"):
+        response = fhir.get("Patient", params={"_cursor": cursor})
+        assert response.status_code == 400, cursor
