@@ -171,7 +171,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.services = {}
     audit.configure(settings.data_dir)
-    app.include_router(fhir_routes.router)
+    app.router.routes.extend(fhir_routes.ROUTES)
     dicom_service.install(app, settings)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, exempt=("/dicomweb",))

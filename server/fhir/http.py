@@ -13,8 +13,8 @@ from datetime import datetime
 from email.utils import format_datetime, parsedate_to_datetime
 from typing import Any
 
-from fastapi import Request
-from fastapi.responses import Response
+from starlette.requests import Request
+from starlette.responses import Response
 
 from server.fhir import jsonio
 from server.fhir.outcome import FhirError, Issue, error, outcome_bytes
