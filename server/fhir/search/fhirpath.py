@@ -4,12 +4,13 @@ Every resource written is indexed for every search parameter of its type, so eva
 the parameters' FHIRPath with a general interpreter (fhirpathpy walks an AST per call)
 would dominate the write path. The R4 definitions, though, use a tiny subset of FHIRPath:
 paths with choice types (`Observation.value as Quantity`), `where(type='...')`,
-`where(resolve() is Patient)`, `extension('url')`, an indexer and unions. `compile_path`
+`where(resolve() is Patient)`, `extension('url')`, an indexer, unions, and one boolean
+form, `X.exists() and X != false` (Patient-deceased). `compile_path`
 turns such an expression, with the element structure of R4 (server/fhir/structure.py),
 into `Path`s: sequences of dictionary steps that each end in an element whose FHIR type
 is known statically (a choice element becomes one path per type). Anything outside
-that subset (`Patient.deceased.exists() and Patient.deceased != false`, custom
-parameters with functions) is evaluated by fhirpathpy, the library, with the value types
+that subset (custom parameters with functions) is evaluated by fhirpathpy, the library,
+with the value types
 read from the values themselves. tests/fhir/search checks that every R4 expression
 compiles to one or the other and that both agree with fhirpathpy on the R4 examples.
 """
@@ -326,6 +327,7 @@ class Extractor:
 
     paths: tuple[Path, ...]
     fallback: str | None = None
+    present_not_false: bool = False  # `X.exists() and X != false`: one boolean
 
     def values(self, resource: dict[str, Any], plain: Callable[[], dict[str, Any]]) -> list[Value]:
         if self.fallback is not None:
@@ -335,7 +337,12 @@ class Extractor:
             kind = path.type
             for value in walk(resource, resource, path.steps):
                 found.append((value, kind))
+        if self.present_not_false:
+            return [(bool(found) and [v for v, _ in found] != [False], "boolean")]
         return found
+
+
+_PRESENT_NOT_FALSE = re.compile(r"^(\S+)\.exists\(\) and \1 != false$")
 
 
 def compile_expression(expression: str, type_: str) -> Extractor:
@@ -344,6 +351,9 @@ def compile_expression(expression: str, type_: str) -> Extractor:
     if root is None:
         raise ValueError(f"{type_} is not a resource type")
     try:
+        present = _PRESENT_NOT_FALSE.match(expression)
+        if present:
+            return Extractor(tuple(compile_path(present.group(1), root, root)), present_not_false=True)
         paths: list[Path] = []
         for fragment in split_union(expression):
             paths.extend(compile_path(fragment, root, root))

@@ -357,8 +357,9 @@ class Plan:
     root_components: tuple[str, ...] = ()
 
     def first_keys(self) -> frozenset[str] | None:
-        """The top-level JSON keys the parameter reads (None: it may read anything)."""
-        if self.extractor.fallback is not None:
+        """The top-level JSON keys the parameter reads (None: it may read anything, or it
+        has a value, `false`, when they are absent)."""
+        if self.extractor.fallback is not None or self.extractor.present_not_false:
             return None
         keys = set()
         for path in self.extractor.paths:
@@ -555,7 +556,9 @@ def index(resource: dict[str, Any]) -> dict[str, Any]:
         parameter = item.parameter
         p = parameter.code
         kind = parameter.type
-        if item.extractor.fallback is not None:
+        if item.extractor.present_not_false:
+            values = item.extractor.values(resource, plain)
+        elif item.extractor.fallback is not None:
             try:
                 values = item.extractor.values(resource, plain)
             except Exception:  # fhirpathpy failing on a custom expression: no terms, not a failed write
