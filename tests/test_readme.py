@@ -25,7 +25,7 @@ def example_lines() -> list[str]:
 
 def test_readme_has_examples_for_each_interface():
     lines = example_lines()
-    assert sum(line.startswith("curl ") and "/fhir" in line for line in lines) >= 8
+    assert sum(line.startswith("curl ") and "/fhir" in line for line in lines) >= 14
     assert sum(line.startswith("curl ") and "/dicomweb" in line for line in lines) >= 4
     assert any(line.startswith("storescu ") for line in lines)
 
@@ -55,6 +55,12 @@ def test_readme_examples_work_as_written(fresh_server, tmp_path):
             assert "4548-4" in result.stdout
         if line.startswith("curl -s -X POST http://127.0.0.1:8080/fhir/Observation") and "HBA1C" in line:
             assert '"code":"4548-4"' in result.stdout
+        if "/fhir/Patient?family=doe" in line:
+            assert '"total":1' in result.stdout
+        if "value-quantity=gt70000" in line or "_has:Observation" in line or "Patient/_search" in line:
+            assert '"mode":"match"' in result.stdout
+        if "_revinclude=Observation:subject" in line or "_include=Observation:subject" in line:
+            assert '"resourceType":"Observation"' in result.stdout and '"resourceType":"Patient"' in result.stdout
         if line.startswith("findscu"):
             assert "1.3.6.1.4.1.5962.1.2.1.20040119072730.12322" in result.stdout + result.stderr
     assert (tmp_path / "image.jpg").read_bytes()[:2] == b"\xff\xd8"
