@@ -31,7 +31,7 @@ from server.fhir.outcome import FhirError, Issue
 from server.fhir.search import custom as search_custom
 from server.security import audit
 from server.security.authorization import Forbidden
-from server.store.database import Store
+from server.store.database import Store, TransactionTooLarge
 from server.store.fhir import FhirStore
 from server.store.search import SearchStore
 from terminology import operations as terminology_operations  # noqa: F401  (registers $lookup, $expand, ...)
@@ -211,6 +211,11 @@ def install_error_handlers(app: FastAPI) -> None:
         response = render_error(request, 503, "The database is unavailable; try again later")
         response.headers["Retry-After"] = "5"
         return response
+
+    @app.exception_handler(TransactionTooLarge)
+    async def transaction_too_large(request: Request, exc: TransactionTooLarge) -> Response:
+        log.warning("transaction too large on %s %s: %s", request.method, request.url.path, exc)
+        return render_error(request, 413, "The request's writes are too large for one database transaction; nothing was written")
 
     @app.exception_handler(BodyTooLarge)
     async def too_large(request: Request, exc: BodyTooLarge) -> Response:

@@ -52,7 +52,7 @@ def serve(
     with contextlib.ExitStack() as stack:
         if not settings.mongodb_uri:
             try:
-                mongod = stack.enter_context(EmbeddedMongod(settings.data_dir))
+                mongod = stack.enter_context(EmbeddedMongod(settings.data_dir, settings.mongodb_cache_size_gb))
             except EmbeddedMongodUnavailable as exc:
                 console.print(f"[red]{exc}[/red]")
                 raise typer.Exit(1) from None

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     # An external MongoDB >= 6 replica set or sharded cluster. Unset: the embedded mongod.
     mongodb_uri: str | None = None
     mongodb_database: str = "kuroshio"
+    # WiredTiger cache of the embedded mongod, in GB (mongod's minimum is 0.25). Unset:
+    # mongod's own default, half of (RAM - 1 GB). It also bounds how much one transaction
+    # may write: a FHIR transaction Bundle too large for it is answered 413.
+    mongodb_cache_size_gb: float | None = Field(None, ge=0.25, le=10_000)
     # Largest accepted request body for the FHIR API; DICOM uploads stream and have none.
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     # Largest page a search or history request may ask for with _count.

@@ -251,6 +251,14 @@ class ApplicationEntity:
         return self.run(find())
 
     def datasets(self, event: Event, stored: list[wado.Stored]) -> Iterator[tuple[int, Dataset | None]]:
+        """The C-STORE sub-operations' datasets, read one at a time as pynetdicom asks.
+
+        Memory is bounded by the largest instance, not the study: about three times its
+        size while it is sent (the decoded dataset plus pynetdicom's encoded copies).
+        pynetdicom's `send_c_store` can stream from a file path in chunks
+        (`STORE_SEND_CHUNKED_DATASET`), but its C-GET and C-MOVE service classes (3.0)
+        accept only a decoded `Dataset` from this generator, so that path is not open here.
+        """
         for item in stored:
             if event.is_cancelled:
                 yield CANCEL, None

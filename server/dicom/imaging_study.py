@@ -6,11 +6,14 @@ marks a study (`fhir` flag, set in the ingest transaction, so a crash cannot los
 `Reflector` brings the ImagingStudy up to date shortly after, many arrivals collapsing into
 one update. That keeps FHIR validation of a large ImagingStudy off the C-STORE/STOW path.
 
-Resource ids are deterministic so that concurrent arrivals (several processes, STOW and
-C-STORE at once) converge on one resource: the ImagingStudy's id is the Study Instance UID
-(a valid FHIR id), the Patient's is derived from PatientID + IssuerOfPatientID. The Patient
-is looked up with `find_patient_by_identifier`; when FHIR search by identifier exists,
-that function is the one place to change.
+The Patient is found the way any client would find it: a conditional create
+(`Patient?identifier=system|value`, the match and the create in one durable transaction,
+so concurrent reflections of one patient's studies make one Patient). A Patient the EHR
+already registered with that identifier is referenced, never duplicated. When several
+Patients carry the identifier, the bridge does not guess: the ImagingStudy references the
+patient by identifier only (a logical reference) and the ambiguity is logged. A study
+without a PatientID gets its own anonymous Patient, whose id is derived from the Study
+Instance UID. The ImagingStudy's id is the Study Instance UID (a valid FHIR id).
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ import asyncio
 import hashlib
 import logging
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from server.dicom import qido
 from server.dicom.archive import Archive
 from server.fhir import interactions
 from server.fhir.interactions import Resource
 from server.fhir.outcome import FhirError
+from server.fhir.search import conditional
 from server.store.fhir import FhirStore
 
 log = logging.getLogger("kuroshio.dicom.fhir")
@@ -33,6 +37,7 @@ POLL_SECONDS = 2.0
 # After a change, wait this long before reflecting, so that a burst of arrivals (a study
 # being sent instance by instance) costs one ImagingStudy update, not one per instance.
 DEBOUNCE_SECONDS = 1.0
+Reference = dict[str, Any]
 
 
 def patient_identifier(patient_id: str | None, issuer: str | None) -> dict[str, str] | None:
@@ -51,34 +56,38 @@ def patient_identifier(patient_id: str | None, issuer: str | None) -> dict[str, 
     return identifier
 
 
-def patient_id_for(identifier: dict[str, str] | None, study: str) -> str:
-    """The deterministic FHIR id of the Patient with this identifier (or of a study's
-    anonymous patient when the study has no PatientID)."""
-    basis = f"{identifier.get('system', '')}|{identifier['value']}" if identifier else f"study|{study}"
-    return "dicom-" + hashlib.sha256(basis.encode()).hexdigest()[:40]
+def anonymous_patient_id(study: str) -> str:
+    """The FHIR id of the Patient of a study that has no PatientID."""
+    return "dicom-" + hashlib.sha256(f"study|{study}".encode()).hexdigest()[:40]
 
 
-async def find_patient_by_identifier(db: FhirStore, identifier: dict[str, str] | None, study: str) -> str | None:
-    """The id of the Patient with this identifier, or None.
+def identifier_criteria(identifier: dict[str, str]) -> str:
+    """`identifier=system|value` with the search escapes (a `|value` without system matches
+    only identifiers that have no system, as the spec's token search says)."""
 
-    Until FHIR search by identifier exists this reads the deterministic id; replace the
-    body with a search (`Patient?identifier=system|value`) once search lands.
-    """
-    candidate = patient_id_for(identifier, study)
+    def escaped(text: str) -> str:
+        return "".join("\\" + c if c in "\\|,$" else c for c in text)
+
+    return urlencode({"identifier": f"{escaped(identifier.get('system', ''))}|{escaped(identifier['value'])}"})
+
+
+async def find_or_create(db: FhirStore, fhir_base: str, resource: Resource, identifier: dict[str, str]) -> Reference:
+    """A reference to the one resource with this identifier, created from `resource` when
+    none has it; with several, a logical reference by identifier (the bridge does not guess)."""
+    type_ = resource["resourceType"]
     try:
-        await interactions.read(db, "Patient", candidate)
-    except FhirError:
-        return None
-    return candidate
+        written = await conditional.create(db, fhir_base, type_, resource, identifier_criteria(identifier))
+    except FhirError as exc:
+        if exc.status != 412:  # 412: the criteria match more than one resource
+            raise
+        log.warning("several %s resources have identifier %s; referencing it by identifier only", type_, identifier)
+        return {"type": type_, "identifier": identifier}
+    return {"reference": f"{type_}/{written.id}"}
 
 
-async def ensure_patient(db: FhirStore, study_json: qido.Json, study: str) -> str:
-    identifier = patient_identifier(_first(study_json, "PatientID"), _first(study_json, "IssuerOfPatientID"))
-    found = await find_patient_by_identifier(db, identifier, study)
-    if found is not None:
-        return found
-    patient_id = patient_id_for(identifier, study)
-    patient: Resource = {"resourceType": "Patient", "id": patient_id}
+def patient_resource(study_json: qido.Json, identifier: dict[str, str] | None) -> Resource:
+    """The Patient a study's patient attributes describe."""
+    patient: Resource = {"resourceType": "Patient"}
     if identifier:
         patient["identifier"] = [identifier]
     name = _first(study_json, "PatientName")
@@ -102,11 +111,24 @@ async def ensure_patient(db: FhirStore, study_json: qido.Json, study: str) -> st
     birth = _date(_first(study_json, "PatientBirthDate"))
     if birth:
         patient["birthDate"] = birth
-    await interactions.update(db, "Patient", patient_id, patient, None)
-    return patient_id
+    return patient
 
 
-async def reflect(archive: Archive, db: FhirStore, study: str, dicomweb_base: str) -> None:
+async def ensure_patient(db: FhirStore, fhir_base: str, study_json: qido.Json, study: str) -> Reference:
+    """The reference to the study's Patient, found by identifier or created."""
+    identifier = patient_identifier(_first(study_json, "PatientID"), _first(study_json, "IssuerOfPatientID"))
+    patient = patient_resource(study_json, identifier)
+    if identifier:
+        return await find_or_create(db, fhir_base, patient, identifier)
+    patient_id = anonymous_patient_id(study)
+    try:
+        await interactions.read(db, "Patient", patient_id)
+    except FhirError:
+        await interactions.update(db, "Patient", patient_id, {**patient, "id": patient_id}, None)
+    return {"reference": f"Patient/{patient_id}"}
+
+
+async def reflect(archive: Archive, db: FhirStore, study: str, dicomweb_base: str, fhir_base: str) -> None:
     """Create, update or delete the ImagingStudy of one study from the index."""
     doc = await archive.index.study(study)
     if doc is None:
@@ -122,18 +144,18 @@ async def reflect(archive: Archive, db: FhirStore, study: str, dicomweb_base: st
         "instance", {"st": study}, {"se": 1, "k": 1, "wsi.specimen": 1},
         sort=[("se", 1), ("k.InstanceNumber", 1), ("_id", 1)],
     )
-    patient_id = await ensure_patient(db, doc.get("j", {}), study)
-    resource = imaging_study(doc, series_docs, instance_docs, patient_id, dicomweb_base)
+    subject = await ensure_patient(db, fhir_base, doc.get("j", {}), study)
+    resource = imaging_study(doc, series_docs, instance_docs, subject, dicomweb_base)
     for series in resource["series"]:  # whole slide images: the Specimens they imaged
         members = [d for d in instance_docs if d["se"] == series["uid"]]
-        references = await specimen.reflect_series(db, members, patient_id)
+        references = await specimen.reflect_series(db, fhir_base, members, subject)
         if references:
             series["specimen"] = references
     await interactions.update(db, "ImagingStudy", study, resource, None)
 
 
 def imaging_study(
-    study: qido.Json, series_docs: list[qido.Json], instance_docs: list[qido.Json], patient_id: str, base: str
+    study: qido.Json, series_docs: list[qido.Json], instance_docs: list[qido.Json], subject: Reference, base: str
 ) -> Resource:
     attributes = study.get("j", {})
     by_series: dict[str, list[qido.Json]] = {}
@@ -144,7 +166,7 @@ def imaging_study(
         "id": study["_id"],
         "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{study['_id']}"}],
         "status": "available",
-        "subject": {"reference": f"Patient/{patient_id}"},
+        "subject": subject,
         "endpoint": [{"reference": "#dicomweb"}],
         "numberOfSeries": len(series_docs),
         "numberOfInstances": len(instance_docs),
@@ -234,10 +256,11 @@ def _datetime(date: Any, time: Any) -> str | None:
 class Reflector:
     """Keeps ImagingStudy resources in step with the index, in the background."""
 
-    def __init__(self, archive: Archive, db: FhirStore, dicomweb_base: str) -> None:
+    def __init__(self, archive: Archive, db: FhirStore, dicomweb_base: str, fhir_base: str) -> None:
         self.archive = archive
         self.db = db
         self.base = dicomweb_base
+        self.fhir_base = fhir_base
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         archive.listeners.append(self.wake.set)
@@ -274,5 +297,5 @@ class Reflector:
             if not pending:
                 return
             for doc in pending:
-                await reflect(self.archive, self.db, doc["_id"], self.base)
+                await reflect(self.archive, self.db, doc["_id"], self.base, self.fhir_base)
                 await self.archive.index.reflected(doc["_id"], doc["rev"])

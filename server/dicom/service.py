@@ -68,6 +68,6 @@ async def start(app: FastAPI, settings: Settings, store: Store, fhir_store: Fhir
         archive, settings.dicom_ae_title, parse_remote_aes(settings.dicom_remote_aes), asyncio.get_running_loop()
     )
     ae.start(settings.host, settings.dicom_port)
-    reflector = Reflector(archive, fhir_store, settings.base_url + "/dicomweb")
+    reflector = Reflector(archive, fhir_store, settings.base_url + "/dicomweb", settings.fhir_base)
     reflector.start()
     return DicomRuntime(archive, ae, reflector)

@@ -9,21 +9,18 @@ identifier; type from the Specimen Type Code Sequence; container = the slide's C
 Identifier), or, when no item has one, one Specimen identified by the Container Identifier.
 "Unknown", which wsidicom writes for identifiers it was not given, is no identifier.
 
-Like the Patient, a Specimen gets a deterministic id derived from its identifier, so that
-concurrent reflections converge on one resource; it is rewritten only when it changed.
+Like the Patient, a Specimen is found by its (first) identifier with a conditional create:
+one the laboratory system already registered is referenced as it is, a new one is created
+only when none has the identifier, and when several have it the series references the
+specimen by identifier only.
 """
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
-import orjson
-
-from server.dicom.imaging_study import patient_identifier
-from server.fhir import interactions
+from server.dicom.imaging_study import Reference, find_or_create, patient_identifier
 from server.fhir.interactions import Resource
-from server.fhir.outcome import FhirError
 from server.store.fhir import FhirStore
 
 Json = dict[str, Any]
@@ -34,11 +31,6 @@ SYSTEMS = {"SCT": "http://snomed.info/sct", "DCM": "http://dicom.nema.org/resour
 def _identifier(recorded: Json) -> dict[str, str]:
     """A FHIR Identifier from a recorded DICOM identifier and its issuer."""
     return patient_identifier(recorded["value"], recorded.get("issuer")) or {"value": recorded["value"]}
-
-
-def specimen_id(identifier: dict[str, str]) -> str:
-    basis = f"{identifier.get('system', '')}|{identifier['value']}"
-    return "dicom-specimen-" + hashlib.sha256(basis.encode()).hexdigest()[:32]
 
 
 def _concept(code: Json | None) -> Json | None:
@@ -53,7 +45,7 @@ def _concept(code: Json | None) -> Json | None:
     return {"coding": [coding]}
 
 
-def specimens(recorded: Json, patient: str) -> list[Resource]:
+def specimens(recorded: Json, subject: Reference) -> list[Resource]:
     """The Specimen resources a slide's recorded Specimen module describes."""
     container = recorded.get("container")
     described = recorded.get("specimens") or ([container] if container else [])
@@ -62,9 +54,8 @@ def specimens(recorded: Json, patient: str) -> list[Resource]:
         identifier = _identifier(item)
         resource: Resource = {
             "resourceType": "Specimen",
-            "id": specimen_id(identifier),
             "identifier": [identifier],
-            "subject": {"reference": f"Patient/{patient}"},
+            "subject": subject,
         }
         if item.get("uid"):
             resource["identifier"].append({"system": "urn:dicom:uid", "value": f"urn:oid:{item['uid']}"})
@@ -83,26 +74,15 @@ def specimens(recorded: Json, patient: str) -> list[Resource]:
     return resources
 
 
-async def ensure(db: FhirStore, resource: Resource) -> str:
-    """Create or update a Specimen unless it is stored as it is; its id."""
-    try:
-        current = await interactions.read(db, "Specimen", resource["id"])
-        stored = orjson.loads(current.body or b"{}")
-        stored.pop("meta", None)
-        if stored == resource:
-            return resource["id"]
-    except FhirError:
-        pass
-    await interactions.update(db, "Specimen", resource["id"], resource, None)
-    return resource["id"]
-
-
-async def reflect_series(db: FhirStore, instance_docs: list[Json], patient: str) -> list[Json]:
-    """Ensure the Specimens named by a series' slide instances; the series' references."""
-    ids: list[str] = []
+async def reflect_series(db: FhirStore, fhir_base: str, instance_docs: list[Json], subject: Reference) -> list[Reference]:
+    """Find or create the Specimens named by a series' slide instances; the series' references."""
+    references: list[Reference] = []
+    seen: list[dict[str, str]] = []
     for doc in instance_docs:
         recorded = (doc.get("wsi") or {}).get("specimen")
-        for resource in specimens(recorded, patient) if recorded else []:
-            if resource["id"] not in ids:
-                ids.append(await ensure(db, resource))
-    return [{"reference": f"Specimen/{i}"} for i in ids]
+        for resource in specimens(recorded, subject) if recorded else []:
+            identifier = resource["identifier"][0]
+            if identifier not in seen:
+                seen.append(identifier)
+                references.append(await find_or_create(db, fhir_base, resource, identifier))
+    return references

@@ -29,6 +29,7 @@ from server.fhir.interactions import Written, check_id, check_type, new_id
 from server.fhir.outcome import FhirError, Issue, error
 from server.fhir.patch import Patcher, fhirpath_patch, json_patch
 from server.fhir.search import conditional as search_conditional
+from server.store.database import TransactionTooLarge
 from server.store.fhir import FhirStore, NewVersion
 
 # (method, relative url with query, headers, body) -> (status, headers, body)
@@ -249,7 +250,15 @@ async def transaction(
                 results[item.request.index] = await _write(session, db, item)
         return results
 
-    written = await interactions.retry_on_conflict(lambda: db.store.transaction(body))
+    try:
+        written = await interactions.retry_on_conflict(lambda: db.store.transaction(body))
+    except TransactionTooLarge as exc:
+        raise error(
+            413, "too-costly",
+            f"The transaction ({len(prepared)} writes) is too large for one database "
+            f"transaction ({str(exc).split(':', 1)[0]}); nothing was written. Send it as "
+            "several smaller transactions, or as a batch if the entries are independent.",
+        ) from None
     entries: list[Entry] = []
     for request in requests:
         if request.method in ("GET", "HEAD"):

@@ -20,12 +20,42 @@ from pymongo import AsyncMongoClient, IndexModel
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError, DocumentTooLarge, OperationFailure
 from pymongo.read_concern import ReadConcern
 from pymongo.write_concern import WriteConcern
 
 T = TypeVar("T")
 
 DURABLE = WriteConcern(w="majority", j=True)
+
+# Server error codes saying one transaction holds more than MongoDB can commit at once
+# (its writes do not fit in the WiredTiger cache, it ran past the transaction lifetime
+# limit, or a document or oplog entry passed 16 MB). Re-running cannot help, so they end
+# the transaction as `TransactionTooLarge` instead of surfacing as internal errors.
+TOO_LARGE_CODES = {
+    290: "TransactionExceededLifetimeLimitSeconds",
+    334: "TransactionTooLarge",
+    388: "TransactionTooLargeForCache",
+    10334: "BSONObjectTooLarge",
+}
+
+
+class TransactionTooLarge(Exception):
+    """One transaction's writes exceed what MongoDB can commit; nothing was written."""
+
+
+def too_large_reason(exc: Exception) -> str | None:
+    """The MongoDB error name when `exc` says the transaction is too large, else None."""
+    if isinstance(exc, DocumentTooLarge):
+        return "BSONObjectTooLarge"
+    codes: list[int | None]
+    if isinstance(exc, BulkWriteError):  # insert_many: the reason is in its write errors
+        codes = [e.get("code") for e in exc.details.get("writeErrors", [])]
+    elif isinstance(exc, OperationFailure):
+        codes = [exc.code]
+    else:
+        return None
+    return next((TOO_LARGE_CODES[c] for c in codes if c in TOO_LARGE_CODES), None)
 
 
 @dataclass(frozen=True)
@@ -96,12 +126,19 @@ class Store:
         """Run `body` in one multi-document transaction, committed durably.
 
         PyMongo retries the whole body on transient errors (write conflicts between
-        concurrent transactions), so `body` must be safe to re-run from the start.
+        concurrent transactions), so `body` must be safe to re-run from the start. A
+        transaction too large for MongoDB raises `TransactionTooLarge` (it was aborted).
         """
         async with self.client.start_session() as session:
-            return await session.with_transaction(
-                body, write_concern=DURABLE, read_concern=ReadConcern("snapshot")
-            )
+            try:
+                return await session.with_transaction(
+                    body, write_concern=DURABLE, read_concern=ReadConcern("snapshot")
+                )
+            except (OperationFailure, DocumentTooLarge) as exc:
+                reason = too_large_reason(exc)
+                if reason is None:
+                    raise
+                raise TransactionTooLarge(f"{reason}: {exc}") from exc
 
     async def close(self) -> None:
         await self.client.close()

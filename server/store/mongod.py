@@ -116,7 +116,8 @@ class EmbeddedMongod:
     """A mongod process owned by this server; use as a context manager."""
 
     data_dir: Path
-    cache_size_gb: float = 1.0
+    # None: mongod's default WiredTiger cache size (the flag is not passed).
+    cache_size_gb: float | None = None
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
 
@@ -154,7 +155,7 @@ class EmbeddedMongod:
                     "--bind_ip", "127.0.0.1",
                     "--port", str(self.port),
                     "--replSet", REPLICA_SET,
-                    "--wiredTigerCacheSizeGB", str(self.cache_size_gb),
+                    *self._cache_flag(),
                     "--logpath", str(log_path),
                     "--logappend",
                     "--setParameter", "diagnosticDataCollectionEnabled=false",
@@ -174,6 +175,11 @@ class EmbeddedMongod:
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
+
+    def _cache_flag(self) -> list[str]:
+        if self.cache_size_gb is None:
+            return []
+        return ["--wiredTigerCacheSizeGB", str(self.cache_size_gb)]
 
     def _stop_stale(self) -> None:
         """Stop a mongod left running on these files by a server that was killed."""

@@ -8,6 +8,7 @@ import time
 from pydicom.uid import generate_uid
 
 from tests.dicom.conftest import ct_instance
+from tests.fhir.helpers import post
 
 
 def wait_for(fhir, path, predicate, timeout=20.0):
@@ -51,3 +52,52 @@ def test_imaging_study_follows_the_archive(dicomweb, fhir):
     wait_for(fhir, f"ImagingStudy/{study}", lambda r: r.json()["numberOfInstances"] == 2)
     dicomweb.delete_study(study)
     wait_for(fhir, f"ImagingStudy/{study}", lambda r: r.status_code == 410)
+
+
+def _patients(fhir, identifier: str) -> list[dict]:
+    bundle = fhir.get("Patient", params={"identifier": identifier}).json()
+    return [entry["resource"] for entry in bundle.get("entry", [])]
+
+
+def test_existing_patient_is_referenced_not_duplicated(dicomweb, fhir):
+    """A Patient the EHR registered (PatientID + IssuerOfPatientID as identifier) is the
+    ImagingStudy's subject; the bridge creates no second Patient."""
+    patient_id = "EHR-" + generate_uid()[-8:]
+    registered = post(fhir, "Patient", {
+        "resourceType": "Patient", "name": [{"family": "Registered"}],
+        "identifier": [{"system": "urn:oid:1.2.392.200119", "value": patient_id}],
+    }).json()
+    study = generate_uid()
+    instance = ct_instance(study, patient_id=patient_id, patient_name="Other^Name")
+    instance.IssuerOfPatientID = "1.2.392.200119"
+    dicomweb.store_instances([instance])
+    resource = wait_for(fhir, f"ImagingStudy/{study}", lambda r: r.status_code == 200).json()
+    assert resource["subject"] == {"reference": f"Patient/{registered['id']}"}
+    assert [p["id"] for p in _patients(fhir, f"urn:oid:1.2.392.200119|{patient_id}")] == [registered["id"]]
+    assert fhir.get(f"Patient/{registered['id']}").json()["name"][0]["family"] == "Registered"  # left as it was
+
+    # Search escapes: a PatientID with the token separators, and no issuer (no system).
+    odd = f"A|B,C$D{generate_uid()[-6:]}"
+    other_study = generate_uid()
+    dicomweb.store_instances([ct_instance(other_study, patient_id=odd)])
+    subject = wait_for(fhir, f"ImagingStudy/{other_study}", lambda r: r.status_code == 200).json()["subject"]
+    created = fhir.get(subject["reference"]).json()
+    assert created["identifier"] == [{"value": odd}]
+    again = generate_uid()
+    dicomweb.store_instances([ct_instance(again, patient_id=odd)])
+    assert wait_for(fhir, f"ImagingStudy/{again}", lambda r: r.status_code == 200).json()["subject"] == subject
+
+
+def test_ambiguous_patient_is_referenced_by_identifier_only(dicomweb, fhir):
+    """Two Patients with the identifier: the bridge does not pick one, nor add a third."""
+    patient_id = "TWICE-" + generate_uid()[-8:]
+    identifier = {"system": "urn:oid:1.2.392.200119", "value": patient_id}
+    for _ in range(2):
+        post(fhir, "Patient", {"resourceType": "Patient", "identifier": [identifier]})
+    study = generate_uid()
+    instance = ct_instance(study, patient_id=patient_id)
+    instance.IssuerOfPatientID = "1.2.392.200119"
+    dicomweb.store_instances([instance])
+    resource = wait_for(fhir, f"ImagingStudy/{study}", lambda r: r.status_code == 200).json()
+    assert resource["subject"] == {"type": "Patient", "identifier": identifier}
+    assert len(_patients(fhir, f"urn:oid:1.2.392.200119|{patient_id}")) == 2
