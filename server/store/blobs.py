@@ -23,6 +23,7 @@ import errno
 import hashlib
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -110,11 +111,33 @@ class StagedFile:
         self.path.unlink(missing_ok=True)
 
 
+ABANDONED_AFTER = 3600.0  # seconds without a write: the upload's process is gone
+
+
 class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.incoming = root / ".incoming"
         self.incoming.mkdir(parents=True, exist_ok=True)
+        self.sweep_incoming()
+
+    def sweep_incoming(self, older_than: float = ABANDONED_AFTER) -> int:
+        """Remove staging files a killed process left behind; return how many.
+
+        Only staging files: a placed blob without an index entry may be about to be
+        indexed by a writer of the same bytes, so it is never swept. A staging file is
+        written to until it is placed, so one untouched for an hour is abandoned.
+        """
+        removed = 0
+        cutoff = time.time() - older_than
+        for entry in os.scandir(self.incoming):
+            try:
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:  # placed or discarded meanwhile
+                continue
+        return removed
 
     def stage(self) -> StagedFile:
         return StagedFile(self.incoming / uuid.uuid4().hex)
