@@ -13,9 +13,9 @@
 - `subsumes` answers one pair without listing anything.
 - `SearchTerminology` is the engine `server.fhir.search.terminology.install` takes.
 
-Beyond the limit the search gives, the answer is refused as too costly (counted in the
-store first where the value set is a plain selection from one code system, so a value
-set over all of SNOMED CT is not read to be refused). Nothing here knows about search
+Beyond the limit the search gives, the answer is refused as too costly (where the value
+set is a plain selection from one code system it is counted in the store and read no
+further than the limit, so a value set over all of SNOMED CT is not read whole). Nothing here knows about search
 parameters or query syntax, and no result is cached: each call reads the definitions
 current at that moment, on any server process.
 """

@@ -55,6 +55,8 @@ def test_readme_examples_work_as_written(fresh_server, tmp_path):
             assert "4548-4" in result.stdout
         if line.startswith("curl -s -X POST http://127.0.0.1:8080/fhir/Observation") and "HBA1C" in line:
             assert '"code":"4548-4"' in result.stdout
+        if line.startswith("curl -s 'http://127.0.0.1:8080/fhir/Observation?code"):
+            assert '"code":"HBA1C"' in result.stdout
         if line.startswith("findscu"):
             assert "1.3.6.1.4.1.5962.1.2.1.20040119072730.12322" in result.stdout + result.stderr
     assert (tmp_path / "image.jpg").read_bytes()[:2] == b"\xff\xd8"
