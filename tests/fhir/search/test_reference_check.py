@@ -22,8 +22,8 @@ from server.fhir.definitions import resource_types
 from server.fhir.search.parameters import REGISTRY
 from tests.conftest import package_dir
 from tests.fhir.helpers import FHIR_JSON
-from tests.fhir.test_examples import REJECTED  # the examples R4 itself rules invalid
 from tests.fhir.search.oracle import fold, library_expression
+from tests.fhir.test_examples import REJECTED  # the examples R4 itself rules invalid
 
 SKIP_TYPES = {
     "Bundle", "StructureDefinition", "SearchParameter", "ValueSet", "CodeSystem", "ConceptMap",
