@@ -6,6 +6,7 @@ too large a value set)."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
@@ -14,7 +15,8 @@ import pytest
 
 from terminology.conceptmaps import NORMALIZE_TAG
 from terminology.concepts import Concept
-from tests.fhir.helpers import assert_outcome, created
+from tests.conftest import package_dir
+from tests.fhir.helpers import FHIR_JSON, assert_outcome, created
 from tests.terminology.conftest import with_store
 
 SNOMED = "http://snomed.info/sct"
@@ -64,6 +66,13 @@ def _load(fhir: httpx.Client) -> dict[str, Any]:
         ("disease", "Condition", SNOMED, "64572001"),
     ]:
         ids[created(fhir, type_, coded(type_, system, code, tag))["id"]] = name
+    for gender in ("female", "male"):
+        patient = {"resourceType": "Patient", "meta": {"tag": [{"system": TAG_SYSTEM, "code": tag}]}, "gender": gender}
+        ids[created(fhir, "Patient", patient)["id"]] = gender
+    for name in ("CodeSystem-administrative-gender.json", "ValueSet-administrative-gender.json"):  # R4's own
+        definition = json.loads((package_dir("hl7.fhir.r4.examples") / name).read_text(encoding="utf-8"))
+        response = fhir.put(f"{definition['resourceType']}/{definition['id']}", content=json.dumps(definition), headers=FHIR_JSON)
+        assert response.status_code in (200, 201), response.text
     value_set = created(fhir, "ValueSet", {
         "resourceType": "ValueSet", "url": f"http://example.org/fhir/ValueSet/potassium-{tag}", "status": "active",
         "compose": {"include": [{"system": LOINC, "concept": [{"code": "2823-3"}, {"code": "22760-3"}]}]},
@@ -96,6 +105,15 @@ def test_in_an_implicit_value_set(fhir, data):
     assert found(fhir, data, "Observation", **{"code:in": f"{LOINC}?fhir_vs"}) == {"potassium-local", "potassium", "urine-potassium"}
     assert found(fhir, data, "Condition", **{"code:in": f"{SNOMED}?fhir_vs=isa/73211009"}) == {"diabetes", "type-1", "type-2"}
     assert found(fhir, data, "Condition", **{"code:not-in": f"{SNOMED}?fhir_vs=isa/73211009"}) == {"hypertension", "disease"}
+
+
+def test_in_on_a_code_element_whose_system_is_implicit(fhir, data):
+    # Patient.gender is a `code`: its system comes from its binding, not from the data
+    value_set = "http://hl7.org/fhir/ValueSet/administrative-gender"
+    assert found(fhir, data, "Patient", **{"gender:in": value_set}) == {"female", "male"}
+    female = "http://hl7.org/fhir/administrative-gender?fhir_vs=isa/female"
+    assert found(fhir, data, "Patient", **{"gender:in": female}) == {"female"}
+    assert found(fhir, data, "Patient", **{"gender:not-in": female}) == {"male"}
 
 
 def test_below_and_above_follow_the_hierarchy(fhir, data):

@@ -266,7 +266,10 @@ class Compiler:
             raise error(400, exc.code, f"{name}: {exc}", name) from None
         if len(concepts) > MAX_IDS:
             raise error(400, "too-costly", f"{name}: the value set has more than {MAX_IDS} codes", name)
-        return [{"s.k": {"$in": [f"{p}|{system}|{code}" for system, code in concepts]}}] if concepts else [{"s.k": {"$in": []}}]
+        # a `code` element (Patient.gender) has its system implicitly, from its binding, and
+        # is indexed without one: it matches by the code alone
+        keys = {f"{p}|{system}|{code}" for system, code in concepts} | {f"{p}||{code}" for _, code in concepts}
+        return [{"s.k": {"$in": sorted(keys)}}]
 
     def string(self, p: str, modifier: str | None, value: str) -> Filter:
         if modifier == "exact":
