@@ -22,6 +22,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 
 from server.config import Settings
 from server.fhir import capability, interactions, jsonio
+from server.fhir.search import terminology as search_terminology
 from server.store.database import Store
 from server.store.fhir import NewVersion
 from server.store.terminology import Canonical, TerminologyStore
@@ -29,6 +30,7 @@ from terminology.capabilities import terminology_capabilities
 from terminology.conceptmaps import mapping_rows
 from terminology.concepts import flatten
 from terminology.normalization import Normalizer, incoming_hook
+from terminology.search import SearchTerminology
 
 TYPES = frozenset({"CodeSystem", "ValueSet", "ConceptMap", "NamingSystem"})
 GENERATION_EXTENSION = "https://kuroshio.dev/fhir/StructureDefinition/concepts-generation"
@@ -109,7 +111,8 @@ class Service:
 
 def install(store: Store, settings: Settings) -> Service:
     """Join the FHIR write path: definitions after each write, normalization before
-    validation (idempotent: a new app replaces the previous hooks)."""
+    validation (idempotent: a new app replaces the previous hooks); give search the
+    engine for its terminology modifiers."""
     tstore = TerminologyStore(store)
 
     async def hook(session: AsyncClientSession, new: NewVersion) -> None:
@@ -130,4 +133,5 @@ def install(store: Store, settings: Settings) -> Service:
         return await terminology_capabilities(tstore, base, interactions.instant(interactions.now()))
 
     capability.OTHER_MODES["terminology"] = statement
+    search_terminology.install(SearchTerminology(store))  # :in, :not-in, :above, :below
     return Service(tstore, settings.terminology_expansion_limit)

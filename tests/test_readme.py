@@ -61,6 +61,8 @@ def test_readme_examples_work_as_written(fresh_server, tmp_path):
             assert '"mode":"match"' in result.stdout
         if "_revinclude=Observation:subject" in line or "_include=Observation:subject" in line:
             assert '"resourceType":"Observation"' in result.stdout and '"resourceType":"Patient"' in result.stdout
+        if "Observation?code=http://loinc.org|4548-4" in line or "Observation?code:in=" in line:
+            assert '"code":"HBA1C"' in result.stdout
         if line.startswith("findscu"):
             assert "1.3.6.1.4.1.5962.1.2.1.20040119072730.12322" in result.stdout + result.stderr
     assert (tmp_path / "image.jpg").read_bytes()[:2] == b"\xff\xd8"

@@ -1,12 +1,15 @@
 """Ingest normalization: mapped LOINC codings added next to local ones, re-applied after
-a mapping changes, and the Synthea worked example (LOINC lab codes replaced by a
-fictitious hospital's local codes with Chinese displays come back as LOINC)."""
+a mapping changes, and the Synthea worked example (a copy of Synthea patients whose LOINC
+lab codes are replaced by a fictitious hospital's local codes with Chinese displays is
+found by every LOINC search exactly as the original data is)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 from tests.fhir.helpers import FHIR_JSON
@@ -101,26 +104,77 @@ def localize(resource: dict) -> bool:
     return True
 
 
+WORKED_EXAMPLE = "urn:kuroshio:worked-example"
+# what differs between the two copies of a result: server ids, references, the code itself
+SET_APART = ("id", "meta", "code", "subject", "encounter", "hasMember", "derivedFrom", "partOf", "basedOn")
+
+
+def copy_of(bundle: dict, tag: str, localized: bool) -> dict:
+    """The Synthea transaction with every resource tagged (to tell the copies apart) and,
+    in the localized copy, LOINC lab codes replaced by the hospital's local codes."""
+    bundle = copy.deepcopy(bundle)
+    for entry in bundle["entry"]:
+        resource = entry["resource"]
+        meta = resource.setdefault("meta", {})
+        meta["tag"] = [*meta.get("tag", []), {"system": WORKED_EXAMPLE, "code": tag}]
+        if localized and resource["resourceType"] == "Observation":
+            localize(resource)
+    return bundle
+
+
+def results(response: dict) -> list[str]:
+    """Each matched Observation as its patient's name and everything the copies share."""
+    resources = [e["resource"] for e in response.get("entry", [])]
+    names = {f"Patient/{r['id']}": json.dumps(r["name"], ensure_ascii=False) for r in resources if r["resourceType"] == "Patient"}
+    return sorted(
+        json.dumps([names[r["subject"]["reference"]], {k: v for k, v in r.items() if k not in SET_APART}], sort_keys=True)
+        for r in resources if r["resourceType"] == "Observation"
+    )
+
+
 def test_synthea_worked_example(fhir, loaded, tmp_path: Path):
+    """Synthea patients ingested twice: as generated, and as the fictitious hospital records
+    them (local lab codes with Chinese displays). Every search by a LOINC code returns the
+    same results, patient by patient, from both copies."""
     synthea = Path(sys.executable).parent / "synthea"
     done = subprocess.run([str(synthea), "-p", "2", "-s", "42", "-o", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    originals: dict[str, str] = {}
-    for bundle_path in sorted((tmp_path / "fhir").glob("*.json")):
-        bundle = json.loads(bundle_path.read_text(encoding="utf-8"))
-        for entry in bundle["entry"]:
-            resource = entry["resource"]
-            if resource["resourceType"] != "Observation":
-                continue
-            loinc = [c["code"] for c in resource["code"]["coding"] if c["system"] == "http://loinc.org"]
-            body = {k: v for k, v in resource.items() if k not in ("id", "subject", "encounter", "hasMember", "derivedFrom")}
-            if not localize(body):
-                continue
-            created = fhir.post("Observation", content=json.dumps(body), headers=FHIR_JSON)
-            assert created.status_code == 201, created.text
-            originals[created.json()["id"]] = loinc[0]
-    assert len(originals) >= 10, "the Synthea sample should carry lab results"
-    for id_, loinc_code in originals.items():
-        stored = fhir.get(f"Observation/{id_}").json()
-        assert stored["code"]["coding"][0]["system"] == HOSPITAL
-        assert [c["code"] for c in standard(stored)] == [loinc_code]
+    bundles = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((tmp_path / "fhir").glob("*.json"))]
+    run = uuid.uuid4().hex[:12]
+    root = str(fhir.base_url).rstrip("/")
+    for bundle in bundles:
+        for tag, localized in ((f"original-{run}", False), (f"localized-{run}", True)):
+            response = fhir.post(root, content=json.dumps(copy_of(bundle, tag, localized)), headers=FHIR_JSON)
+            assert response.status_code == 200, response.text[:1000]
+
+    loinc_codes = sorted({
+        c["code"] for b in bundles for e in b["entry"] if e["resource"]["resourceType"] == "Observation"
+        for c in e["resource"]["code"]["coding"] if c["system"] == "http://loinc.org"
+    })
+    searches = [
+        f"Observation?code=http://loinc.org|{code}&_tag={WORKED_EXAMPLE}|{copy_}-{run}&_include=Observation:subject&_count=1000"
+        for code in loinc_codes for copy_ in ("original", "localized")
+    ]
+    batch = {"resourceType": "Bundle", "type": "batch", "entry": [{"request": {"method": "GET", "url": u}} for u in searches]}
+    response = fhir.post(root, content=json.dumps(batch), headers=FHIR_JSON)
+    assert response.status_code == 200, response.text[:1000]
+    answers = [e["resource"] for e in response.json()["entry"]]
+    assert all(a["resourceType"] == "Bundle" and not any(link["relation"] == "next" for link in a["link"]) for a in answers)
+
+    mapped = set(LOCAL_FOR_LOINC) & set(loinc_codes)
+    assert len(mapped) >= 10, "the Synthea sample should carry lab results the hospital codes locally"
+    for n, code in enumerate(loinc_codes):
+        original, localized = answers[2 * n], answers[2 * n + 1]
+        assert results(original), code
+        assert results(localized) == results(original), code
+        if code in mapped:  # found through the LOINC coding normalization added to the local one
+            local_code, display = LOCAL_FOR_LOINC[code]
+            for observation in (e["resource"] for e in localized["entry"] if e["resource"]["resourceType"] == "Observation"):
+                first, added = observation["code"]["coding"]
+                assert first == {"system": HOSPITAL, "code": local_code, "display": display}
+                assert (added["system"], added["code"], added["userSelected"]) == ("http://loinc.org", code, False)
+    # and the local code finds the localized copy only
+    hemoglobin = len(results(answers[2 * loinc_codes.index("718-7")]))
+    for copy_, expected in (("original", 0), ("localized", hemoglobin)):
+        params = {"code": f"{HOSPITAL}|{LOCAL_FOR_LOINC['718-7'][0]}", "_tag": f"{WORKED_EXAMPLE}|{copy_}-{run}", "_summary": "count"}
+        assert fhir.get("Observation", params=params).json()["total"] == expected, copy_

@@ -254,16 +254,22 @@ class Compiler:
 
     async def terminology(self, p: str, modifier: str, raw: str, name: str) -> list[Filter]:
         engine = terminology.engine(modifier, name)
-        if modifier in ("in", "not-in"):
-            concepts = await engine.expand(unescape(raw))
-        else:
-            parts = [unescape(x) for x in split_unescaped(raw, "|")]
-            if len(parts) != 2 or not all(parts):
-                raise error(400, "value", f"{name}: :{modifier} takes system|code", name)
-            concepts = [(parts[0], c) for c in await engine.subsumption(parts[0], parts[1], modifier)]
+        try:
+            if modifier in ("in", "not-in"):
+                concepts = await engine.expand(self.relative(unescape(raw)), MAX_IDS)
+            else:
+                parts = [unescape(x) for x in split_unescaped(raw, "|")]
+                if len(parts) != 2 or not all(parts):
+                    raise error(400, "value", f"{name}: :{modifier} takes system|code", name)
+                concepts = [(parts[0], c) for c in await engine.subsumption(parts[0], parts[1], modifier, MAX_IDS)]
+        except terminology.Refused as exc:
+            raise error(400, exc.code, f"{name}: {exc}", name) from None
         if len(concepts) > MAX_IDS:
             raise error(400, "too-costly", f"{name}: the value set has more than {MAX_IDS} codes", name)
-        return [{"s.k": {"$in": [f"{p}|{system}|{code}" for system, code in concepts]}}] if concepts else [{"s.k": {"$in": []}}]
+        # a `code` element (Patient.gender) has its system implicitly, from its binding, and
+        # is indexed without one: it matches by the code alone
+        keys = {f"{p}|{system}|{code}" for system, code in concepts} | {f"{p}||{code}" for _, code in concepts}
+        return [{"s.k": {"$in": sorted(keys)}}]
 
     def string(self, p: str, modifier: str | None, value: str) -> Filter:
         if modifier == "exact":
@@ -279,6 +285,12 @@ class Compiler:
             return {"s.k": {"$in": [f"{p}>{u}" for u in uri_ancestors(value)]}}
         return {"s.k": f"{p}>{value[:MAX_KEY]}"}
 
+    def relative(self, reference: str) -> str:
+        """A literal reference to this server's own base made relative (`Type/id`)."""
+        if self.base_url and reference.startswith(self.base_url + "/"):
+            return reference[len(self.base_url) + 1 :]
+        return reference
+
     def reference(self, parameter: SearchParameter, modifier: str | None, value: str, name: str) -> list[Filter]:
         p = parameter.code
         if modifier == "identifier":
@@ -290,8 +302,7 @@ class Compiler:
             raise error(400, "value", f"{name}: :identifier takes [system|]value", name)
         if modifier in ("above", "below"):
             return [self.uri(p, modifier, value)]
-        if self.base_url and value.startswith(self.base_url + "/"):
-            value = value[len(self.base_url) + 1 :]
+        value = self.relative(value)
         if modifier is not None:  # :Type
             target_id = value.split("/")[-1] if "/" in value else value
             if "/" in value and value.split("/")[-2] != modifier:

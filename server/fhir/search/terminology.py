@@ -2,8 +2,13 @@
 
 Token modifiers `:in`, `:not-in` (value set membership) and `:above`, `:below`
 (subsumption) need a terminology engine. The terminology package installs one with
-`install(...)` at start-up; until then those modifiers answer 400 and the
-CapabilityStatement does not claim them.
+`install(...)` at start-up (terminology/definitions.py); until then those modifiers
+answer 400 and the CapabilityStatement does not claim them.
+
+An engine that cannot answer raises `Refused` with the OperationOutcome issue code to
+report (`not-found` for an unknown value set or code system, `too-costly` beyond the
+limit): the search answers 400 naming the parameter, never a 5xx or a silently empty
+result.
 """
 
 from __future__ import annotations
@@ -13,13 +18,22 @@ from typing import Protocol
 from server.fhir.outcome import error
 
 
-class Terminology(Protocol):
-    async def expand(self, value_set: str) -> list[tuple[str, str]]:
-        """(system, code) of every concept in the value set with this canonical URL."""
+class Refused(LookupError):
+    """The engine cannot answer; `code` is the OperationOutcome issue code to report."""
 
-    async def subsumption(self, system: str, code: str, direction: str) -> list[str]:
+    def __init__(self, code: str, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+
+
+class Terminology(Protocol):
+    async def expand(self, value_set: str, limit: int) -> list[tuple[str, str]]:
+        """(system, code) of every concept in the value set `value_set` identifies (a
+        literal `ValueSet/[id]` reference or a canonical URL); `Refused` beyond `limit`."""
+
+    async def subsumption(self, system: str, code: str, direction: str, limit: int) -> list[str]:
         """Codes of `system` that `code` subsumes ("below") or that subsume it ("above"),
-        the code itself included."""
+        the code itself included; `Refused` beyond `limit`."""
 
 
 _ENGINE: list[Terminology] = []

@@ -15,6 +15,10 @@ MODIFIER_VALUES = {
     "of-type": "urn:s|c|v", "identifier": "urn:s|v", "above": "http://a/b", "below": "http://a",
     "in": "http://a/vs", "not-in": "http://a/vs",
 }
+# tokens: the terminology modifiers take a value set or a system|code the server knows
+CODE_SYSTEM = "http://example.org/fhir/CodeSystem/capability-test"
+VALUE_SET = "http://example.org/fhir/ValueSet/capability-test"
+TOKEN_MODIFIER_VALUES = {"in": VALUE_SET, "not-in": VALUE_SET, "above": f"{CODE_SYSTEM}|a", "below": f"{CODE_SYSTEM}|a"}
 
 
 def claims(statement: dict) -> list[str]:
@@ -28,7 +32,8 @@ def claims(statement: dict) -> list[str]:
             documentation = param.get("documentation", "")
             for modifier in documentation.removeprefix("Modifiers: ").split(", ") if documentation else []:
                 modifier = modifier.lstrip(":")
-                value = MODIFIER_VALUES.get(modifier, "x")  # a reference :Type takes an id
+                values = {**MODIFIER_VALUES, **TOKEN_MODIFIER_VALUES} if kind == "token" else MODIFIER_VALUES
+                value = values.get(modifier, "x")  # a reference :Type takes an id
                 urls.append(f"{type_}?{name}:{modifier}={value}&_summary=count")
         for include in resource.get("searchInclude", []):
             urls.append(f"{type_}?_include={include}&_count=1")
@@ -37,7 +42,19 @@ def claims(statement: dict) -> list[str]:
     return urls
 
 
+def terminology_definitions(fhir) -> None:
+    """A code system a|b and a value set of it, for the token terminology modifiers."""
+    code_system = {"resourceType": "CodeSystem", "id": "capability-test", "url": CODE_SYSTEM, "status": "active",
+                   "content": "complete", "concept": [{"code": "a", "concept": [{"code": "b"}]}]}
+    value_set = {"resourceType": "ValueSet", "id": "capability-test", "url": VALUE_SET, "status": "active",
+                 "compose": {"include": [{"system": CODE_SYSTEM}]}}
+    for resource in (code_system, value_set):
+        response = fhir.put(f"{resource['resourceType']}/{resource['id']}", json=resource, headers=FHIR_JSON)
+        assert response.status_code in (200, 201), response.text
+
+
 def test_every_claimed_search_capability_works(fhir):
+    terminology_definitions(fhir)
     statement = fhir.get("metadata").json()
     resource = next(r for r in statement["rest"][0]["resource"] if r["type"] == "Observation")
     assert {"search-type"} <= {i["code"] for i in resource["interaction"]}
@@ -60,11 +77,14 @@ def test_every_claimed_search_capability_works(fhir):
     assert not failures, sorted({(u.split('?')[1].split('=')[0], str(r.get('outcome', r))[:200]) for u, r in failures})[:40]
 
 
-def test_unclaimed_modifiers_are_refused(fhir):
-    # tokens claim no :in/:below without the terminology service; strings no :below
+def test_terminology_modifiers_are_claimed_and_unclaimed_ones_refused(fhir):
+    # the server installs the terminology service, so tokens claim :in/:below; strings no :below
+    terminology_definitions(fhir)
     statement = fhir.get("metadata").json()
     patient = next(r for r in statement["rest"][0]["resource"] if r["type"] == "Patient")
     gender = next(p for p in patient["searchParam"] if p["name"] == "gender")
-    assert ":in" not in gender["documentation"]
-    assert fhir.get("Patient", params={"gender:in": "http://a/vs"}).status_code == 400
+    family = next(p for p in patient["searchParam"] if p["name"] == "family")
+    assert {":in", ":not-in", ":above", ":below"} <= set(gender["documentation"].removeprefix("Modifiers: ").split(", "))
+    assert ":below" not in family["documentation"]
+    assert fhir.get("Patient", params={"gender:in": VALUE_SET}).status_code == 200
     assert fhir.get("Patient", params={"family:below": "a"}).status_code == 400
