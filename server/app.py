@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.config import Settings
 from server.dicom import service as dicom_service
+from server.fhir import library_checks
 from server.fhir import routes as fhir_routes
 from server.fhir.http import error_response
 from server.fhir.interactions import now
@@ -147,6 +148,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = await Store.open(uri, settings.mongodb_database)
+        library_checks.configure(settings.validation_workers)
         app.state.store = store
         app.state.fhir_store = FhirStore(store)
         app.state.services["terminology"] = install_terminology(store, settings)
@@ -159,6 +161,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await dicom.stop()
             custom_parameters.cancel()
+            library_checks.shutdown()
             await store.close()
 
     app = FastAPI(

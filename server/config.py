@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     mongodb_cache_size_gb: float | None = Field(None, ge=0.25, le=10_000)
     # Largest accepted request body for the FHIR API; DICOM uploads stream and have none.
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    # Worker processes for fhir.resources checks of large transactions (0: in-process).
+    validation_workers: int = Field(1, ge=0, le=64)
     # Largest page a search or history request may ask for with _count.
     max_page_size: int = Field(1000, ge=1)
     default_page_size: int = Field(50, ge=1)

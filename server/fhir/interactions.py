@@ -169,16 +169,24 @@ def serialize(resource: Resource) -> bytes:
     return jsonio.dumps(resource)
 
 
+Defer = Callable[[bytes, Resource], None]
+
+
 def prepare(
-    resource: Resource, id_: str, version: int, moment: datetime, method: str
+    resource: Resource, id_: str, version: int, moment: datetime, method: str, defer: Defer | None = None
 ) -> NewVersion:
-    """Stamp, validate and serialize one incoming resource into the version to store."""
+    """Stamp, validate and serialize one incoming resource into the version to store.
+
+    With `defer`, the fhir.resources check, if due, is handed to it (body, resource)
+    instead of run here: the caller must run it before the write (library_checks.py).
+    """
     stamped = stamp(resource, id_, version, moment)
-    validate(stamped)
+    due = validate(stamped, library=defer is None)
     search = HOOKS.index(stamped) if HOOKS.index is not None else {}
-    return NewVersion(
-        stamped["resourceType"], id_, version, moment, method, serialize(stamped), search
-    )
+    new = NewVersion(stamped["resourceType"], id_, version, moment, method, serialize(stamped), search)
+    if due and defer is not None:
+        defer(new.body, stamped)
+    return new
 
 
 def restamp(new: NewVersion, resource: Resource, version: int, moment: datetime) -> NewVersion:
@@ -202,11 +210,11 @@ async def retry_on_conflict(attempt: Callable[[], Awaitable[T]]) -> T:
 # --- create -------------------------------------------------------------------------------
 
 
-def prepare_create(type_: str, resource: Resource, id_: str | None = None) -> NewVersion:
+def prepare_create(type_: str, resource: Resource, id_: str | None = None, defer: Defer | None = None) -> NewVersion:
     """Check and build the first version of a new resource (the client's id is ignored)."""
     check_type(type_)
     check_resource_type(resource, type_)
-    return prepare(resource, id_ or new_id(), 1, now(), "POST")
+    return prepare(resource, id_ or new_id(), 1, now(), "POST", defer)
 
 
 async def create(db: FhirStore, type_: str, resource: Resource) -> Written:

@@ -26,6 +26,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from server.fhir import interactions, jsonio
 from server.fhir.bundle import Bundle, Entry
 from server.fhir.interactions import Written, check_id, check_type, new_id
+from server.fhir.library_checks import LibraryChecks
 from server.fhir.outcome import FhirError, Issue, error
 from server.fhir.patch import Patcher, fhirpath_patch, json_patch
 from server.fhir.search import conditional as search_conditional
@@ -189,20 +190,24 @@ class _Prepared:
     if_match: int | None = None
 
 
-async def _prepare(request: Request) -> _Prepared:
+async def _prepare(request: Request, checks: LibraryChecks) -> _Prepared:
     prepared = _Prepared(request, if_match=interactions.parse_etag(request.if_match, "ifMatch"))
+
+    def defer(body: bytes, resource: dict[str, Any]) -> None:
+        checks.add(request.index, body, resource)
+
     if request.matched or (request.method == "DELETE" and request.id is None):
         return prepared  # nothing to write: an ifNoneExist match, a conditional delete of nothing
     assert request.type is not None and request.id is not None
     if request.method == "POST":
         assert request.resource is not None
         await interactions.incoming(request.resource)
-        prepared.new = interactions.prepare_create(request.type, request.resource, request.id)
+        prepared.new = interactions.prepare_create(request.type, request.resource, request.id, defer)
     elif request.method == "PUT":
         assert request.resource is not None
         interactions.check_update_body(request.type, request.id, request.resource)
         await interactions.incoming(request.resource)
-        prepared.new = interactions.prepare(request.resource, request.id, 1, interactions.now(), "PUT")
+        prepared.new = interactions.prepare(request.resource, request.id, 1, interactions.now(), "PUT", defer)
     elif request.method == "PATCH":
         assert request.resource is not None
         prepared.patcher = binary_patch(request.resource)
@@ -216,15 +221,18 @@ async def transaction(
     identities = _resolve_targets(requests)
     await search_conditional.resolve_transaction(db, base, requests, identities)
     prepared: list[_Prepared] = []
+    checks = LibraryChecks()
     for request in requests:
         if request.resource is not None and identities:
             rewrite_references(request.resource, identities)
         if request.method in ("GET", "HEAD"):
             continue
         try:
-            prepared.append(await _prepare(request))
+            prepared.append(await _prepare(request, checks))
         except FhirError as exc:
             raise _with_entry(exc, request.index) from None
+    for index, issues in await checks.problems():
+        raise _with_entry(FhirError(400, issues), index)
 
     creates = [p for p in prepared if p.request.method == "POST"]
     others = sorted((p for p in prepared if p.request.method != "POST"), key=lambda p: ORDER[p.request.method])

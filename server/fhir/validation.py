@@ -61,14 +61,21 @@ R4B_UNSUITABLE = frozenset(
 )
 
 
-def validate(resource: dict[str, Any]) -> None:
-    """Raise a 400 FhirError listing every problem found in `resource`."""
+def validate(resource: dict[str, Any], library: bool = True) -> bool:
+    """Raise a 400 FhirError listing every problem found in `resource`.
+
+    With `library=False` the fhir.resources check is left to the caller (a transaction
+    runs it in a worker process, see library_checks.py); the answer says whether it is
+    due.
+    """
     result = r4validator.validate(resource)
     issues = result.issues
-    if not issues and R4B_UNSUITABLE.isdisjoint(result.nested_types | {resource["resourceType"]}):
+    due = not issues and R4B_UNSUITABLE.isdisjoint(result.nested_types | {resource["resourceType"]})
+    if due and library:
         issues = fhir_resources_issues(resource)
     if issues:
         raise FhirError(400, issues)
+    return due and not library
 
 
 # --- fhir.resources -----------------------------------------------------------------------
