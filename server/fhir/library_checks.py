@@ -21,6 +21,7 @@ from typing import Any
 from server.fhir import jsonio
 from server.fhir.outcome import Issue
 from server.fhir.validation import fhir_resources_issues
+from server.store.mongod import die_with_parent
 
 CHUNK = 64
 
@@ -45,8 +46,11 @@ def _pool() -> ProcessPoolExecutor | None:
     if not _workers:
         return None
     if not _pools:
-        # forkserver: a fresh interpreter, not a fork of the event loop and its sockets
-        _pools.append(ProcessPoolExecutor(_workers, mp_context=multiprocessing.get_context("forkserver")))
+        # spawn: a fresh interpreter (not a fork of the event loop and its sockets) whose
+        # parent is this process, so that it can end with it even when this is killed
+        _pools.append(ProcessPoolExecutor(
+            _workers, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent,
+        ))
     return _pools[0]
 
 

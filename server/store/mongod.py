@@ -82,8 +82,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: deliver SIGTERM to mongod when its parent dies."""
+def die_with_parent() -> None:
+    """In a child process (mongod before exec, a worker): SIGTERM when its parent dies."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -164,7 +164,7 @@ class EmbeddedMongod:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
             self.pid_file.write_text(str(self.process.pid))
             try:
