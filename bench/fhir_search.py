@@ -25,7 +25,6 @@ import collections
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,16 +38,11 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.fhir_write import free_port, wait_up  # noqa: E402
 from bench.loadgen import wrk  # noqa: E402
 
 FHIR_JSON = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
 TIMEOUT = 0  # the status recorded for a query with no answer within a minute or the load
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def generate(patients: int, seed: int) -> list[Path]:
@@ -85,7 +79,7 @@ def start_kuroshio(data_dir: Path, cache_gb: float) -> Server:
     log = open(data_dir / "kuroshio.log", "wb")
     process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}/fhir"
-    wait_for(base, process)
+    wait_up(base, process)
 
     def stop() -> None:
         process.send_signal(signal.SIGTERM)
@@ -127,20 +121,6 @@ def start_sekmet(data_dir: Path) -> Server:
         os.kill(pid, signal.SIGKILL)
 
     return Server("sekmet", f"http://127.0.0.1:{port}/fhir", stop)
-
-
-def wait_for(base: str, process: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise SystemExit(f"server exited with {process.returncode}")
-        try:
-            if httpx.get(f"{base}/metadata", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit(f"{base} did not start")
 
 
 # --- ingest -----------------------------------------------------------------------------------
