@@ -36,6 +36,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from conformance.shared_data import shared_data as find_shared_data  # noqa: E402
 from server.config import Settings  # noqa: E402
 from server.store.database import Store  # noqa: E402
 from server.store.mongod import EmbeddedMongod, free_port  # noqa: E402
@@ -46,10 +47,10 @@ DATABASE = "kuroshio_bench"
 
 
 def shared_data() -> Path:
-    for parent in ROOT.parents:
-        if (parent / "shared" / "data").is_dir():
-            return parent / "shared" / "data"
-    raise SystemExit("shared/data (LOINC subset) not found beside the repository")
+    found = find_shared_data()
+    if found is None:
+        raise SystemExit("shared/data (LOINC subset) not found beside the repository")
+    return found
 
 
 def gps_package() -> Path:

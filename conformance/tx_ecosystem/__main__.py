@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from conformance.shared_data import shared_data
 from conformance.tx_ecosystem.runner import run, write_reports
 
-DEFAULT_TESTS = next(
-    (p / "shared" / "data" / "tx-ecosystem" for p in Path(__file__).resolve().parents if (p / "shared" / "data").is_dir()),
-    Path("tx-ecosystem"),
-)
+SHARED = shared_data()
+DEFAULT_TESTS = SHARED / "tx-ecosystem" if SHARED else Path("tx-ecosystem")
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from conformance.shared_data import shared_data as find_shared_data
 from server.config import Settings
 from server.store.database import Store
 from server.store.mongod import EmbeddedMongod
@@ -18,11 +19,9 @@ from tests.conftest import DATABASE
 T = TypeVar("T")
 FIXTURES = Path(__file__).parent / "fixtures"
 def shared_data() -> Path:
-    """The shared data folder (`shared/data` beside the clone or a parent of it)."""
-    for parent in Path(__file__).resolve().parents:
-        if (parent / "shared" / "data").is_dir():
-            return parent / "shared" / "data"
-    return Path("/nonexistent/shared/data")
+    """The shared data folder; a path that does not exist when there is none, so the
+    tests that need it fail saying what is missing."""
+    return find_shared_data() or Path("/nonexistent/shared/data")
 
 
 LOINC_SUBSET = shared_data() / "loinc-subset"
