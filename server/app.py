@@ -39,6 +39,7 @@ from terminology import operations as terminology_operations  # noqa: F401  (reg
 from terminology.definitions import install as install_terminology
 
 log = logging.getLogger("kuroshio")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
 
 # Path prefix -> how errors are rendered there; the FHIR form is the default.
 ErrorRenderer = Callable[[Request, int, str], Response]
@@ -140,7 +141,8 @@ class AuditedExchange:
             )
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, dimse: bool = True) -> FastAPI:
+    """The app of one server process; with `dimse`, it also runs the DIMSE AE."""
     if not settings.mongodb_uri:
         raise ValueError("create_app needs settings.mongodb_uri (the CLI starts the embedded mongod)")
     uri = settings.mongodb_uri
@@ -155,7 +157,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.capability_statement = fhir_routes.build_capability_statement(settings, now())
         custom_parameters = asyncio.create_task(search_custom.refresh_loop(SearchStore(store)))
         # DICOM: archive, DIMSE AE and ImagingStudy reflection (server/dicom/service.py)
-        dicom = await dicom_service.start(app, settings, store, app.state.fhir_store)
+        dicom = await dicom_service.start(app, settings, store, app.state.fhir_store, dimse)
         try:
             yield
         finally:

@@ -35,17 +35,19 @@ def serve(
     port: Annotated[int | None, typer.Option(help="HTTP port [env KUROSHIO_PORT, default 8080]")] = None,
     dicom_port: Annotated[int | None, typer.Option(help="DICOM port [env KUROSHIO_DICOM_PORT, default 11112]")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Data directory [env KUROSHIO_DATA_DIR, default ./kuroshio-data]")] = None,
+    workers: Annotated[int | None, typer.Option(help="HTTP server processes [env KUROSHIO_WORKERS, default one per CPU]")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML settings file [env KUROSHIO_CONFIG_FILE]")] = None,
 ) -> None:
     """Start the server (and, without KUROSHIO_MONGODB_URI, its embedded MongoDB)."""
     import uvicorn
 
-    from server.app import create_app
-    from server.store.mongod import EmbeddedMongod, EmbeddedMongodUnavailable
+    from server import workers as workers_
+    from server.app import LOG_FORMAT, create_app
+    from server.store.mongod import EmbeddedMongod, EmbeddedMongodUnavailable, free_port
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
-        settings = load_settings(config, host=host, port=port, dicom_port=dicom_port, data_dir=data_dir)
+        settings = load_settings(config, host=host, port=port, dicom_port=dicom_port, data_dir=data_dir, workers=workers)
     except Exception as exc:  # pydantic and file errors: one readable line, no traceback
         console.print(f"[red]Invalid settings:[/red] {exc}")
         raise typer.Exit(2) from None
@@ -58,27 +60,29 @@ def serve(
                 raise typer.Exit(1) from None
             settings = settings.model_copy(update={"mongodb_uri": mongod.uri})
             console.print(f"embedded MongoDB ready ({mongod.dbpath})")
-        console.print(f"FHIR R4 at {settings.fhir_base}")
+        if settings.port == 0 and settings.workers > 1:  # every worker must bind the same port
+            settings = settings.model_copy(update={"port": free_port()})
+        console.print(f"FHIR R4 at {settings.fhir_base} ({settings.workers} worker processes)")
         console.print(f"DICOMweb at {settings.base_url}/dicomweb; DIMSE AE {settings.dicom_ae_title} on port {settings.dicom_port}")
-        server = uvicorn.Server(
-            uvicorn.Config(
-                create_app(settings),
-                host=settings.host,
-                port=settings.port,
-                log_level="info",
-                access_log=False,
-                loop="uvloop" if sys.platform != "win32" else "asyncio",
-                http="httptools",
-                timeout_graceful_shutdown=10,
-            )
+        options = dict(
+            host=settings.host, port=settings.port, log_level="info", access_log=False,
+            loop="uvloop" if sys.platform != "win32" else "asyncio", http="httptools", timeout_graceful_shutdown=10,
         )
         # uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown; make that a no-op
         # so the embedded mongod is stopped cleanly by the ExitStack before we exit.
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: None)
-        server.run()
-        if not server.started:
-            raise typer.Exit(1)
+        if settings.workers == 1:
+            server = uvicorn.Server(uvicorn.Config(create_app(settings), **options))
+            server.run()
+            if not server.started:
+                raise typer.Exit(1)
+        else:
+            if not workers_.port_is_free(settings.host, settings.port):
+                console.print(f"[red]Port {settings.port} on {settings.host} is already in use[/red]")
+                raise typer.Exit(1)
+            if not workers_.supervise(settings, options):
+                raise typer.Exit(1)
 
 
 # --- kuroshio wsi ----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -86,8 +87,10 @@ def start_server(mongod_uri: str, data_dir: Path, extra_env: dict[str, str] | No
             raise RuntimeError(f"server exited: {log_path.read_text()[-3000:]}")
         try:
             if httpx.get(f"{base_url}/fhir/metadata", timeout=2).status_code == 200:
+                # one worker may answer HTTP before the one running the DIMSE AE listens
+                socket.create_connection(("127.0.0.1", dicom_port), timeout=2).close()
                 return LiveServer(base_url, process, data_dir, log_path, dicom_port)
-        except httpx.HTTPError:
+        except (httpx.HTTPError, OSError):
             pass
         time.sleep(0.2)
     process.kill()

@@ -53,21 +53,26 @@ def install(app: FastAPI, settings: Settings) -> None:
 @dataclass
 class DicomRuntime:
     archive: Archive
-    ae: ApplicationEntity
+    ae: ApplicationEntity | None
     reflector: Reflector
 
     async def stop(self) -> None:
-        await asyncio.to_thread(self.ae.stop)
+        if self.ae is not None:
+            await asyncio.to_thread(self.ae.stop)
         await self.reflector.stop()
 
 
-async def start(app: FastAPI, settings: Settings, store: Store, fhir_store: FhirStore) -> DicomRuntime:
+async def start(app: FastAPI, settings: Settings, store: Store, fhir_store: FhirStore, dimse: bool) -> DicomRuntime:
+    """Open the archive and start the ImagingStudy reflection; with `dimse`, also listen
+    on the DICOM port (one process of several does)."""
     archive = Archive(store, settings.data_dir / "dicom")
     app.state.dicom = archive
-    ae = ApplicationEntity(
-        archive, settings.dicom_ae_title, parse_remote_aes(settings.dicom_remote_aes), asyncio.get_running_loop()
-    )
-    ae.start(settings.host, settings.dicom_port)
+    ae = None
+    if dimse:
+        ae = ApplicationEntity(
+            archive, settings.dicom_ae_title, parse_remote_aes(settings.dicom_remote_aes), asyncio.get_running_loop()
+        )
+        ae.start(settings.host, settings.dicom_port)
     reflector = Reflector(archive, fhir_store, settings.base_url + "/dicomweb", settings.fhir_base)
     reflector.start()
     return DicomRuntime(archive, ae, reflector)

@@ -32,7 +32,7 @@ from pymongo import ASCENDING, DESCENDING, IndexModel
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from server.store.database import Store, collection
+from server.store.database import Store, collection, find_first
 
 STUDIES = collection(
     "dicom_studies",
@@ -328,7 +328,7 @@ class DicomIndex:
         return await self.store[LEVEL_COLLECTIONS[level]].distinct(key, query)
 
     async def instance(self, sop: str, projection: Document) -> Document | None:
-        return await self.instances.find_one({"_id": sop}, projection)
+        return await find_first(self.instances, {"_id": sop}, projection)
 
     async def study(self, study: str) -> Document | None:
-        return await self.studies.find_one({"_id": study, "deleted": {"$ne": True}})
+        return await find_first(self.studies, {"_id": study, "deleted": {"$ne": True}})

@@ -27,7 +27,7 @@ from pymongo import ASCENDING, DESCENDING, IndexModel
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import DuplicateKeyError
 
-from server.store.database import Store, collection
+from server.store.database import Store, collection, find_first
 
 RESOURCES = collection(
     "fhir_resources",
@@ -166,13 +166,11 @@ class FhirStore:
         self, type_: str, id_: str, session: AsyncClientSession | None = None
     ) -> StoredResource | None:
         """The current version (a deleted one too), or None if never written."""
-        doc = await self.resources.find_one(
-            {"_id": f"{type_}/{id_}"}, _CURRENT_FIELDS, session=session
-        )
+        doc = await find_first(self.resources, {"_id": f"{type_}/{id_}"}, _CURRENT_FIELDS, session)
         return await self.complete(_from_current(type_, id_, doc), doc, session) if doc else None
 
     async def version(self, type_: str, id_: str, version: int) -> StoredResource | None:
-        doc = await self.history.find_one({"_id": f"{type_}/{id_}/{version}"})
+        doc = await find_first(self.history, {"_id": f"{type_}/{id_}/{version}"})
         return await self.complete(_from_history(doc), doc) if doc else None
 
     async def write(

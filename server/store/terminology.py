@@ -31,7 +31,7 @@ from bson import Binary
 from pymongo import ASCENDING, IndexModel
 from pymongo.asynchronous.client_session import AsyncClientSession
 
-from server.store.database import Store, collection
+from server.store.database import Store, collection, find_first
 from server.store.fhir import RESOURCES
 
 CANONICALS = collection(
@@ -155,7 +155,7 @@ class TerminologyStore:
         )
 
     async def definition(self, key: str, session: AsyncClientSession | None = None) -> Canonical | None:
-        doc = await self.canonicals.find_one({"_id": key}, session=session)
+        doc = await find_first(self.canonicals, {"_id": key}, session=session)
         return Canonical.from_document(doc) if doc else None
 
     async def remove_definition(self, session: AsyncClientSession | None, key: str) -> None:
@@ -220,7 +220,7 @@ class TerminologyStore:
         await self.concepts.delete_many({"g": generation}, session=session)
 
     async def concept(self, generation: str, code: str) -> dict[str, Any] | None:
-        return await self.concepts.find_one({"g": generation, "c": code})
+        return await find_first(self.concepts, {"g": generation, "c": code})
 
     async def concepts_by_lower_code(self, generation: str, lower: str) -> list[dict[str, Any]]:
         return [doc async for doc in self.concepts.find({"g": generation, "lc": lower})]

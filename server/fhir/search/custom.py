@@ -25,7 +25,7 @@ from server.store.fhir import NewVersion
 from server.store.search import SearchStore
 
 log = logging.getLogger("kuroshio.search")
-REFRESH_SECONDS = 10
+REFRESH_SECONDS = 5
 REINDEX_BATCH = 500
 _STANDARD_URLS = frozenset(REGISTRY.by_url)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
+from server.fhir.search.custom import REFRESH_SECONDS
 from tests.fhir.helpers import FHIR_JSON
 
 
@@ -24,8 +26,9 @@ def test_custom_search_parameter_and_reindex(fhir):
         "expression": f"Patient.extension('{url}').value",
     }
     assert fhir.post("SearchParameter", json=definition, headers=FHIR_JSON).status_code == 201
+    time.sleep(REFRESH_SECONDS + 1)  # the other worker processes load it at their next refresh
     after = fhir.post("Patient", json=patient, headers=FHIR_JSON).json()["id"]
-    assert _patients(fhir, code, "blue") == {after}  # new writes use it at once
+    assert _patients(fhir, code, "blue") == {after}  # new writes use it
     reindexed = fhir.post("Patient/$reindex", json={"resourceType": "Parameters"}, headers=FHIR_JSON)
     assert reindexed.status_code == 200, reindexed.text
     assert reindexed.json()["parameter"][0]["valueInteger"] >= 2
