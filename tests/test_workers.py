@@ -131,3 +131,14 @@ def test_a_worker_that_cannot_start_stops_the_server_with_an_error(mongod, tmp_p
         busy.close()
     assert result.returncode == 1
     assert b"failed to start" in result.stderr
+
+
+def test_one_worker_is_one_process_serving_everything(mongod, tmp_path):
+    live = start_server(mongod.uri, tmp_path, {"KUROSHIO_WORKERS": "1"})
+    try:
+        port = int(live.base_url.rsplit(":", 1)[1])
+        assert children(live.process.pid) == set()
+        assert listeners(port) == listeners(live.dicom_port) == {live.process.pid}
+        assert echo(live.dicom_port)
+    finally:
+        stop_server(live)

@@ -29,6 +29,10 @@ from server.store.fhir import RESOURCES, VersionConflict
 SEARCH_INDEXES = [
     # the default order (the `date` parameter, then _id) comes from the index itself
     IndexModel([("t", ASCENDING), ("s.k", ASCENDING), ("s.o.date", ASCENDING), ("_id", ASCENDING)], name="search_keys"),
+    # the same order for the few resources whose `date` values span more than a day, so
+    # that a search bounded from below can bound the order key of all the others
+    IndexModel([("t", ASCENDING), ("s.k", ASCENDING), ("s.o.date", ASCENDING), ("_id", ASCENDING)],
+               name="search_keys_wide_date", partialFilterExpression={"s.w": "date"}),
     IndexModel([("t", ASCENDING), ("s.v.p", ASCENDING), ("s.v.lo", ASCENDING), ("s.v.hi", ASCENDING)], name="search_ranges"),
     IndexModel([("t", ASCENDING), ("s.c.p", ASCENDING), ("s.c.k0", ASCENDING)], name="search_composites"),
     IndexModel([("s.tx", TEXT), ("s.cx", TEXT)], name="search_text", default_language="none", weights={"s.tx": 2, "s.cx": 1}),
@@ -75,6 +79,18 @@ class SearchStore:
             return await self.resources.count_documents(query, **options)
         except OperationFailure as exc:
             raise _too_costly(exc) from None
+
+    async def count_keys(self, query: Filter, limit: int) -> int:
+        """How many documents match, up to `limit`, by the `count` command: on a query of
+        index fields it counts index keys alone (COUNT_SCAN), where `count_documents`
+        fetches every document it counts. On a sharded cluster it may also count orphaned
+        documents of a migrating chunk, so it serves estimates, not `_total=accurate`."""
+        command = {"count": self.resources.name, "query": query, "limit": limit, "maxTimeMS": self.max_time_ms}
+        try:
+            reply = await self.resources.database.command(command, codec_options=self.resources.codec_options)
+        except OperationFailure as exc:
+            raise _too_costly(exc) from None
+        return int(reply["n"])
 
     async def ids(self, query: Filter, limit: int, session: AsyncClientSession | None = None) -> list[str]:
         """`Type/id` of up to `limit` matching resources."""

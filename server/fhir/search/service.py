@@ -25,9 +25,10 @@ from server.fhir.bundle import Bundle, Entry
 from server.fhir.definitions import resource_types
 from server.fhir.outcome import Issue, error, outcome_bytes
 from server.fhir.search import query as parsing
-from server.fhir.search.compile import Compiler, all_of
+from server.fhir.search.compile import Compiler, all_of, parse_date, split_prefix
 from server.fhir.search.parameters import REGISTRY, compartments
-from server.fhir.search.query import Include, SearchQuery
+from server.fhir.search.query import Include, SearchQuery, unescape
+from server.fhir.search.terms import NARROW_DATE_SPAN
 from server.store.search import QueryTooCostly, SearchStore
 
 MAX_INCLUDED = 1000
@@ -150,6 +151,48 @@ def keyset(fields: list[tuple[str, int]], values: list[Any]) -> dict[str, Any]:
     return {"$or": alternatives} if alternatives else {"_id": {"$in": []}}
 
 
+LOWER_BOUND_PREFIXES = frozenset({"eq", "ge", "gt", "sa"})  # each implies a value at or after the date's start
+
+
+def date_lower_bound(query: SearchQuery) -> datetime | None:
+    """The latest instant that every match has some `date` value reaching (an end at or
+    after it), from the query's plain `date` criteria; None when they give none."""
+    bound: datetime | None = None
+    for criterion in query.criteria:
+        parameter = criterion.parameter
+        if parameter is None or parameter.code != "date" or parameter.type != "date":
+            continue
+        if criterion.modifier or criterion.chain or criterion.has:
+            continue
+        starts = []
+        for value in criterion.values:
+            prefix, text = split_prefix(unescape(value), criterion.name)
+            if prefix not in LOWER_BOUND_PREFIXES:
+                break
+            starts.append(parse_date(text, criterion.name)[0])
+        else:
+            if starts and (bound is None or min(starts) > bound):
+                bound = min(starts)
+    return bound
+
+
+def date_bounded(where: dict[str, Any], fields: list[tuple[str, int]], bound: datetime | None) -> dict[str, Any]:
+    """`where` split so that an ascending walk of the `date` order can start near `bound`.
+
+    A resource matching a lower bound on `date` has a value ending at or after it, so a
+    resource whose `date` values span at most NARROW_DATE_SPAN has its order key (the
+    earliest start) at most that span before the bound; the wider ones (listed in `s.w`)
+    have their own partial index. Without this split the walk starts at the earliest
+    date of every resource with the search's key terms.
+    """
+    if bound is None or fields[0] != ("s.o.date", 1):
+        return where
+    return {"$or": [
+        all_of([where, {"s.o.date": {"$gte": bound - NARROW_DATE_SPAN}}]),
+        all_of([where, {"s.w": "date"}]),
+    ]}
+
+
 # --- the search -------------------------------------------------------------------------------
 
 
@@ -192,8 +235,9 @@ class Search:
         if query.ignored:
             issues.append(Issue("not-supported", f"Ignored unknown parameters: {', '.join(query.ignored)}", "warning"))
         if query.explain:
-            explained = await self.db.explain(condition, fields, count + 1)
-            issues.append(Issue("informational", json_util.dumps({"filter": condition, "sort": fields, **explained}), "information"))
+            run = date_bounded(condition, fields, date_lower_bound(query))
+            explained = await self.db.explain(run, fields, count + 1)
+            issues.append(Issue("informational", json_util.dumps({"filter": run, "sort": fields, **explained}), "information"))
         if issues:
             entries.append(Entry(None, outcome_bytes(issues), {"mode": "outcome"}))
         links = self.links(request, query, count, page)
@@ -201,16 +245,16 @@ class Search:
 
     async def total(self, condition: dict[str, Any], query: SearchQuery, summary_count: bool) -> int | None:
         """Bundle.total: exact for `_summary=count` and `_total=accurate`. By default (and
-        for `estimate`) only where counting reads the index alone (key terms, no ranges or
-        text) and on the first page, exact when at most COUNT_LIMIT resources match, else
-        left out: a search does not pay for counting what it does not return."""
+        for `estimate`) only where counting reads the index keys alone (key terms, no
+        ranges or text) and on the first page, when at most COUNT_LIMIT resources match,
+        else left out: a search does not pay for counting what it does not return."""
         if query.total == "none" and not summary_count:
             return None
         if summary_count or query.total == "accurate":
             return await self.db.count(condition)
         if query.cursor is not None or not index_only(condition):
             return None
-        total = await self.db.count(condition, COUNT_LIMIT + 1)
+        total = await self.db.count_keys(condition, COUNT_LIMIT + 1)
         return total if total <= COUNT_LIMIT else None
 
     async def included_page(self, condition: dict[str, Any], fields: list[tuple[str, int]], count: int, query: SearchQuery) -> Page:
@@ -222,6 +266,7 @@ class Search:
         direction, values = ("n", None) if query.cursor is None else decode_cursor(query.cursor, fields)
         if direction == "n":
             where = condition if values is None else all_of([condition, keyset(fields, values)])
+            where = date_bounded(where, fields, date_lower_bound(query))
             docs = await self.db.page(where, fields, count + 1, bool(query.includes))
             more = len(docs) > count
             docs = docs[:count]

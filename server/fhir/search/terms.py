@@ -522,6 +522,18 @@ def content_text(resource: dict[str, Any]) -> str:
     ).decode("utf-8", "replace")
 
 
+# A date parameter whose values on a resource all lie within this span is "narrow": its
+# sort key (the earliest start) is then at most this far before any of its values, so a
+# lower bound on the values bounds the sort key too. The few resources with wider values
+# (Periods, partial dates by month or year) are listed in `w` and searched apart
+# (server/fhir/search/service.py, `date_bounded`).
+NARROW_DATE_SPAN = timedelta(days=1)
+
+
+def _is_wide(ranges: list[Entry]) -> bool:
+    return max(r["hi"] for r in ranges) - min(r["lo"] for r in ranges) > NARROW_DATE_SPAN
+
+
 def _sort_key(keys: list[str], ranges: list[Entry], parameter_type: str) -> Any:
     own = [r["lo"] for r in ranges if r.get("s") != "~"]  # as sent, not the canonical form
     if own:
@@ -543,6 +555,7 @@ def index(resource: dict[str, Any]) -> dict[str, Any]:
     ranges: list[Entry] = []
     composites: list[Entry] = []
     order: dict[str, Any] = {}
+    wide: list[str] = []
     terms_extra: dict[str, Any] = {}
     plain_cache: list[dict[str, Any]] = []
 
@@ -594,6 +607,8 @@ def index(resource: dict[str, Any]) -> dict[str, Any]:
         if own_keys:
             keys.extend(dict.fromkeys(p + k for k in own_keys))
         ranges.extend(own_ranges)
+        if kind == "date" and own_ranges and _is_wide(own_ranges):
+            wide.append(p)
         sort_key = _sort_key(own_keys, own_ranges, kind)
         if sort_key is not None:
             order[p] = sort_key
@@ -605,6 +620,8 @@ def index(resource: dict[str, Any]) -> dict[str, Any]:
         terms["c"] = composites
     if order:
         terms["o"] = order
+    if wide:
+        terms["w"] = wide
     narrative = narrative_text(resource)
     if narrative.strip():
         terms["tx"] = narrative

@@ -348,3 +348,46 @@ def test_near(fhir):
     assert near("47.37|8.54|5|km") == {created.json()["id"]}
     assert near("46.2|6.14|50|km") == set()  # Geneva is 220 km away
     assert fhir.get("Location?near=a|b").status_code == 400
+
+
+def test_ascending_date_order_bounded_below_finds_wide_and_narrow_values(fhir):
+    """`date=ge..&_sort=date` starts its index walk near the bound for resources whose
+    dates span at most a day and walks the wider ones (Periods, partial dates) apart: a
+    Period that started long before the bound but reaches past it is still found, in its
+    place in the order (its start), and paging goes through both kinds."""
+    code = f"wide-{uuid.uuid4().hex[:8]}"
+    values = {
+        "instant-before": {"effectiveDateTime": "2009-06-01T10:00:00Z"},
+        "period-reaching-in": {"effectivePeriod": {"start": "1990-01-01", "end": "2012-01-01"}},
+        "open-period": {"effectivePeriod": {"start": "2001-01-01"}},
+        "day-at-bound": {"effectiveDateTime": "2010-01-01"},
+        "month-2010": {"effectiveDateTime": "2010-07"},
+        "instant-after": {"effectiveDateTime": "2011-03-04T05:06:07+02:00"},
+        "month-after": {"effectiveDateTime": "2012-02"},
+        "period-after": {"effectivePeriod": {"start": "2013-01-01", "end": "2013-12-31"}},
+    }
+    ids = {}
+    for name, effective in values.items():
+        resource = {"resourceType": "Observation", "status": "final",
+                    "code": {"coding": [{"system": "urn:test", "code": code}]}, **effective}
+        response = fhir.post("Observation", json=resource, headers=FHIR_JSON)
+        assert response.status_code == 201, response.text
+        ids[response.json()["id"]] = name
+
+    def walk(query: str) -> list[str]:
+        names, url = [], f"Observation?code=urn:test|{code}&{query}&_count=2"
+        while url:
+            response = fhir.get(url)
+            assert response.status_code == 200, response.text
+            bundle = response.json()
+            names += [ids[e["resource"]["id"]] for e in bundle.get("entry", []) if e["search"]["mode"] == "match"]
+            url = next((link["url"] for link in bundle["link"] if link["relation"] == "next"), None)
+        return names
+
+    reaching = ["period-reaching-in", "open-period"]  # ordered by their starts
+    assert walk("date=ge2010-01-01&_sort=date") == [
+        *reaching, "day-at-bound", "month-2010", "instant-after", "month-after", "period-after"]
+    assert walk("date=gt2011-06&_sort=date") == [*reaching, "month-after", "period-after"]
+    assert walk("date=ge2011&date=le2012-12-31&_sort=date") == [*reaching, "instant-after", "month-after"]
+    assert walk("date=eq2010-01-01,sa2012-12-31&_sort=date") == ["day-at-bound", "period-after"]
+    assert walk("date=ge2010-01-01&_sort=-date") == list(reversed(walk("date=ge2010-01-01&_sort=date")))
