@@ -44,7 +44,7 @@ CONDITIONAL = collection("fhir_conditional")
 
 Filter = dict[str, Any]
 Sort = list[tuple[str, int]]
-_PAGE_FIELDS = {"t": 1, "ts": 1, "body": 1, "s.o": 1}  # body, and the sort keys for cursors
+_PAGE_FIELDS = {"t": 1, "ts": 1, "body": 1}  # and the sort keys in use, for cursors
 _INCLUDE_FIELDS = {**_PAGE_FIELDS, "s.k": 1}  # and the references, to follow _include
 
 
@@ -60,10 +60,13 @@ class SearchStore:
         self.max_time_ms = max_time_ms
 
     async def page(self, query: Filter, sort: Sort, limit: int, with_keys: bool = False) -> list[dict[str, Any]]:
-        """Matching current documents (body, sort keys, and with_keys the terms), in order."""
+        """Matching current documents (body, the keys of `sort`, and with_keys the terms),
+        in order. Only the sort keys in use are read: a resource has one per parameter it
+        has values for, and decoding them all was a fifth of a page's decoding time."""
+        fields = {**(_INCLUDE_FIELDS if with_keys else _PAGE_FIELDS), **{name: 1 for name, _ in sort if name.startswith("s.o.")}}
         try:
             cursor = self.resources.find(
-                query, _INCLUDE_FIELDS if with_keys else _PAGE_FIELDS, sort=sort, limit=limit,
+                query, fields, sort=sort, limit=limit,
                 max_time_ms=self.max_time_ms, allow_disk_use=True,
             )
             return [doc async for doc in cursor]
