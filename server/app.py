@@ -39,7 +39,6 @@ from terminology import operations as terminology_operations  # noqa: F401  (reg
 from terminology.definitions import install as install_terminology
 
 log = logging.getLogger("kuroshio")
-LOG_FORMAT = "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
 
 # Path prefix -> how errors are rendered there; the FHIR form is the default.
 ErrorRenderer = Callable[[Request, int, str], Response]

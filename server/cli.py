@@ -42,10 +42,9 @@ def serve(
     import uvicorn
 
     from server import workers as workers_
-    from server.app import LOG_FORMAT, create_app
     from server.store.mongod import EmbeddedMongod, EmbeddedMongodUnavailable, free_port
 
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    logging.basicConfig(level=logging.INFO, format=workers_.LOG_FORMAT)
     try:
         settings = load_settings(config, host=host, port=port, dicom_port=dicom_port, data_dir=data_dir, workers=workers)
     except Exception as exc:  # pydantic and file errors: one readable line, no traceback
@@ -73,6 +72,8 @@ def serve(
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: None)
         if settings.workers == 1:
+            from server.app import create_app
+
             server = uvicorn.Server(uvicorn.Config(create_app(settings), **options))
             server.run()
             if not server.started:

@@ -45,8 +45,8 @@ class Settings(BaseSettings):
     # Largest accepted request body for the FHIR API; DICOM uploads stream and have none.
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     # HTTP server processes sharing the port (one of them also runs the DIMSE AE);
-    # default: one per CPU this process may run on.
-    workers: int = Field(default_factory=lambda: len(os.sched_getaffinity(0)), ge=1, le=64)
+    # default: one per CPU this process may run on, at most 8 (each holds ~150 MB).
+    workers: int = Field(default_factory=lambda: min(len(os.sched_getaffinity(0)), 8), ge=1, le=64)
     # Worker processes for fhir.resources checks of large transactions (0: in-process).
     validation_workers: int = Field(1, ge=0, le=64)
     # Largest page a search or history request may ask for with _count.

@@ -27,6 +27,7 @@ from typing import Any
 from server.config import Settings
 
 log = logging.getLogger("kuroshio.workers")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
 STARTUP_FAILURE = 3
 STOP_GRACE_SECONDS = 15.0
 
@@ -58,7 +59,7 @@ def run_worker(settings: Settings, number: int, options: dict[str, Any]) -> None
     """The body of worker `number` (a spawned process)."""
     import uvicorn
 
-    from server.app import LOG_FORMAT, create_app
+    from server.app import create_app
     from server.store.mongod import die_with_parent
 
     die_with_parent()
