@@ -109,7 +109,7 @@ def stop_server(server: LiveServer) -> None:
 
 @pytest.fixture(scope="session")
 def server(mongod: EmbeddedMongod, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    live = start_server(mongod.uri, tmp_path_factory.mktemp("server"))
+    live = start_server(mongod.local_uri, tmp_path_factory.mktemp("server"))  # as `kuroshio serve` does
     yield live
     stop_server(live)
 

@@ -119,3 +119,17 @@ def test_serve_exits_with_a_sentence_when_mongod_cannot_run(tmp_path):
     assert result.returncode == 1
     assert "KUROSHIO_MONGODB_URI" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_server_reaches_the_embedded_mongod_by_its_unix_socket(mongod):
+    assert mongod.local_uri.startswith("mongodb://%2Ftmp%2Fmongodb-")
+    socket_path = Path(f"/tmp/mongodb-{mongod.port}.sock")
+    assert oct(socket_path.stat().st_mode & 0o777) == "0o700"  # this user only
+    with MongoClient(mongod.local_uri) as client:
+        assert client.admin.command("hello")["isWritablePrimary"]
+        things = client.kuroshio_socket_test.things
+        with client.start_session() as session, session.start_transaction():
+            things.insert_one({"_id": 1}, session=session)
+            things.insert_one({"_id": 2}, session=session)
+        assert things.count_documents({}) == 2
+        client.drop_database("kuroshio_socket_test")
