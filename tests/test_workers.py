@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -75,7 +76,7 @@ def echo(port: int) -> bool:
 
 
 @pytest.fixture()
-def two_workers(mongod, tmp_path) -> LiveServer:
+def two_workers(mongod, tmp_path) -> Iterator[LiveServer]:
     live = start_server(mongod.uri, tmp_path, {"KUROSHIO_WORKERS": "2"})
     yield live
     stop_server(live)
@@ -142,3 +143,4 @@ def test_one_worker_is_one_process_serving_everything(mongod, tmp_path):
         assert echo(live.dicom_port)
     finally:
         stop_server(live)
+

@@ -26,7 +26,7 @@ from server.store.mongod import die_with_parent
 CHUNK = 64
 
 _workers = 0
-_pools: list[ProcessPoolExecutor] = []
+_running: ProcessPoolExecutor | None = None
 
 
 def configure(workers: int) -> None:
@@ -37,21 +37,23 @@ def configure(workers: int) -> None:
 
 
 def shutdown() -> None:
-    for pool in _pools:
-        pool.shutdown(wait=False, cancel_futures=True)
-    _pools.clear()
+    global _running
+    if _running is not None:
+        _running.shutdown(wait=False, cancel_futures=True)
+        _running = None
 
 
 def _pool() -> ProcessPoolExecutor | None:
+    global _running
     if not _workers:
         return None
-    if not _pools:
+    if _running is None:
         # spawn: a fresh interpreter (not a fork of the event loop and its sockets) whose
         # parent is this process, so that it can end with it even when this is killed
-        _pools.append(ProcessPoolExecutor(
+        _running = ProcessPoolExecutor(
             _workers, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent,
-        ))
-    return _pools[0]
+        )
+    return _running
 
 
 def issues_of(bodies: list[bytes]) -> list[list[Issue]]:
