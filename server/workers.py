@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import sys
@@ -57,14 +58,14 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_worker(settings: Settings, number: int, options: dict[str, Any]) -> None:
-    """The body of worker `number` (a spawned process)."""
+def run_worker(settings: Settings, number: int, options: dict[str, Any], supervisor: int) -> None:
+    """The body of worker `number` (a process spawned by `supervisor`)."""
     import uvicorn
 
     from server.app import create_app
     from server.store.mongod import die_with_parent
 
-    die_with_parent()
+    die_with_parent(supervisor)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     sock = listening_socket(settings.host, settings.port)
     server = uvicorn.Server(uvicorn.Config(create_app(settings, dimse=number == 0), **options))
@@ -86,7 +87,7 @@ def supervise(settings: Settings, options: dict[str, Any]) -> bool:
         signal.signal(signum, stop)
 
     def start(number: int) -> BaseProcess:
-        process = context.Process(target=run_worker, args=(settings, number, options), name=f"kuroshio-worker-{number}")
+        process = context.Process(target=run_worker, args=(settings, number, options, os.getpid()), name=f"kuroshio-worker-{number}")
         process.start()
         return process
 

@@ -144,3 +144,18 @@ def test_one_worker_is_one_process_serving_everything(mongod, tmp_path):
     finally:
         stop_server(live)
 
+
+def test_workers_still_starting_end_with_a_server_killed_at_once(mongod, tmp_path):
+    """A kill -9 of the server while its workers are still importing: they must not live
+    on as orphans (the parent-death signal is armed only once a worker runs its code)."""
+    env = {**os.environ, "KUROSHIO_MONGODB_URI": mongod.uri, "KUROSHIO_WORKERS": "2", "KUROSHIO_PORT": str(free_port()),
+           "KUROSHIO_DICOM_PORT": str(free_port()), "KUROSHIO_DATA_DIR": str(tmp_path)}
+    process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env, cwd=Path(__file__).resolve().parents[1],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: len(children(process.pid)) == 2, timeout=60)
+        workers = children(process.pid)
+    finally:
+        process.kill()
+        process.wait()
+    wait_for(lambda: not any(_pid_alive(pid) for pid in workers), timeout=30)

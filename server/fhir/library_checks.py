@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ def _pool() -> ProcessPoolExecutor | None:
         # parent is this process, so that it can end with it even when this is killed
         _running = ProcessPoolExecutor(
             _workers, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent,
+            initargs=(os.getpid(),),
         )
     return _running
 

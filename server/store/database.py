@@ -17,6 +17,7 @@ from datetime import UTC
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import pymongo
 from pymongo import AsyncMongoClient, IndexModel
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
@@ -30,6 +31,7 @@ T = TypeVar("T")
 DURABLE = WriteConcern(w="majority", j=True)
 NAMESPACE_EXISTS = 48
 INDEX_BUILD_ALREADY_IN_PROGRESS = 276
+CLOSE_SECONDS = 2.0
 
 # Server error codes saying one transaction holds more than MongoDB can commit at once
 # (its writes do not fit in the WiredTiger cache, it ran past the transaction lifetime
@@ -157,7 +159,11 @@ class Store:
                 raise TransactionTooLarge(f"{reason}: {exc}") from exc
 
     async def close(self) -> None:
-        await self.client.close()
+        """Close the client. Closing ends the server sessions with one more command, which
+        waits for server selection (30 s) when MongoDB has gone first; a stopping server
+        does not wait that long for a courtesy."""
+        with pymongo.timeout(CLOSE_SECONDS):
+            await self.client.close()
 
 
 async def find_first(

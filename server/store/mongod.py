@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import signal
 import socket
@@ -83,10 +84,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def die_with_parent() -> None:
-    """In a child process (mongod before exec, a worker): SIGTERM when its parent dies."""
+def die_with_parent(parent: int) -> None:
+    """In a child process of `parent` (mongod before exec, a worker): SIGTERM when the
+    parent dies. A parent that died before this call sends no signal, so that case is
+    checked here (the child was reparented) and the child ends at once: a worker killed
+    with its server while still importing would otherwise live on."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -177,7 +183,7 @@ class EmbeddedMongod:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-                preexec_fn=die_with_parent,
+                preexec_fn=functools.partial(die_with_parent, os.getpid()),
             )
             self.pid_file.write_text(str(self.process.pid))
             try:

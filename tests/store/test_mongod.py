@@ -133,3 +133,29 @@ def test_the_server_reaches_the_embedded_mongod_by_its_unix_socket(mongod):
             things.insert_one({"_id": 2}, session=session)
         assert things.count_documents({}) == 2
         client.drop_database("kuroshio_socket_test")
+
+
+def test_closing_the_store_after_mongod_died_does_not_wait_for_server_selection(tmp_path):
+    import asyncio
+
+    from server.store.database import CLOSE_SECONDS, Store
+
+    instance = EmbeddedMongod(tmp_path, cache_size_gb=0.25)
+    instance.start()
+
+    async def scenario() -> float:
+        store = await Store.open(instance.uri, "kuroshio_close_test")
+        await store.db.things.insert_one({"_id": 1})
+        assert instance.process is not None
+        os.kill(instance.process.pid, signal.SIGKILL)
+        instance.process.wait()
+        await asyncio.sleep(3)  # the client's monitor has marked the server unknown
+        started = time.monotonic()
+        await store.close()
+        return time.monotonic() - started
+
+    try:
+        assert asyncio.run(scenario()) < CLOSE_SECONDS + 5  # not the 30 s of server selection
+    finally:
+        instance.process = None
+        instance.stop()
