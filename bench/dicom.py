@@ -134,7 +134,7 @@ def start_kuroshio(workdir: Path) -> tuple[subprocess.Popen[bytes], object, str,
     mongod = EmbeddedMongod(workdir / "mongod")
     mongod.__enter__()
     port, dicom_port = free_port(), free_port()
-    env = {**os.environ, "KUROSHIO_MONGODB_URI": mongod.uri, "KUROSHIO_PORT": str(port),
+    env = {**os.environ, "KUROSHIO_MONGODB_URI": mongod.local_uri, "KUROSHIO_PORT": str(port),
            "KUROSHIO_DICOM_PORT": str(dicom_port), "KUROSHIO_DATA_DIR": str(workdir / "data")}
     log = open(workdir / "server.log", "wb")
     process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

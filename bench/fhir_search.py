@@ -75,7 +75,7 @@ def start_kuroshio(data_dir: Path, cache_gb: float) -> Server:
     port = free_port()
     env = {**os.environ, "KUROSHIO_PORT": str(port), "KUROSHIO_DICOM_PORT": str(free_port()),
            "KUROSHIO_DATA_DIR": str(data_dir), "KUROSHIO_MAX_BODY_BYTES": str(512 * 1024 * 1024),
-           "KUROSHIO_MONGODB_URI": mongod.uri}
+           "KUROSHIO_MONGODB_URI": mongod.local_uri}
     log = open(data_dir / "kuroshio.log", "wb")
     process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}/fhir"
