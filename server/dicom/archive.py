@@ -4,7 +4,8 @@ and the one ingest path that STOW-RS and C-STORE both use.
 Ingest of one instance, in this order (DESIGN.md, durability before acknowledgement):
 1. the received bytes are in a staging file (`BlobStore.stage`), fsynced (`seal`);
 2. parsed once and validated (`instance.parse`), refused with a DICOM failure reason
-   and removed without trace if broken;
+   and removed without trace if broken (parsing reads the page cache, so it runs while
+   step 1's fsync is under way: a C-STORE waits for the longer of the two, not both);
 3. linked into the UID layout (`BlobStore.place`), and the directories of a batch
    fsynced once (`BlobStore.sync`);
 4. indexed (QIDO attributes, DICOM JSON without bulk data, frame and bulk data offsets)
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,6 +50,9 @@ DUPLICATE_SOP_INSTANCE = 0x0111
 PROCESSING_FAILURE = 0x0110
 OUT_OF_RESOURCES = 0xA700
 BATCH = 100
+# Threads that fsync staging files while `prepare` parses them (fsync waits on the disk,
+# not the CPU; as many as the default executor has threads preparing, so none waits).
+_SEALING = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kuroshio-seal")
 
 
 @dataclass(slots=True)
@@ -94,15 +99,18 @@ class Archive:
     def prepare(self, staged: StagedFile, expected_study: str | None = None) -> Prepared:
         """Seal, parse, validate and place one staged instance (blocking)."""
         try:
-            staged.seal()
-            parsed = parse(staged.path)
-            if expected_study is not None and parsed.study != expected_study:
-                raise Refused(
-                    DOES_NOT_MATCH_SOP_CLASS,
-                    f"The instance belongs to study {parsed.study}, not {expected_study} named in the request",
-                )
-            key = BlobKey(parsed.study, parsed.series, parsed.sop, staged.digest(parsed.dataset_start))
-            record = record_of(parsed, key, staged.size)
+            sealing = _SEALING.submit(staged.seal)
+            try:
+                parsed = parse(staged.path)
+                if expected_study is not None and parsed.study != expected_study:
+                    raise Refused(
+                        DOES_NOT_MATCH_SOP_CLASS,
+                        f"The instance belongs to study {parsed.study}, not {expected_study} named in the request",
+                    )
+                key = BlobKey(parsed.study, parsed.series, parsed.sop, staged.digest(parsed.dataset_start))
+                record = record_of(parsed, key, staged.size)
+            finally:
+                sealing.result()  # durable before it is placed (and before `discard` closes it)
             directories = self.blobs.place(staged, key)
             return Prepared(parsed, key, record, directories=directories)
         except Refused as refusal:

@@ -34,9 +34,12 @@ from server.store.fhir import FhirStore
 
 log = logging.getLogger("kuroshio.dicom.fhir")
 POLL_SECONDS = 2.0
-# After a change, wait this long before reflecting, so that a burst of arrivals (a study
-# being sent instance by instance) costs one ImagingStudy update, not one per instance.
+# After a change, reflect once no change came for DEBOUNCE_SECONDS, but at the latest
+# MAX_DELAY_SECONDS after it: a study being sent instance by instance costs one
+# ImagingStudy update, not one a second (each rebuilds the whole study on the event loop
+# that the arrivals' indexing needs).
 DEBOUNCE_SECONDS = 1.0
+MAX_DELAY_SECONDS = 10.0
 Reference = dict[str, Any]
 
 
@@ -282,14 +285,24 @@ class Reflector:
                 await asyncio.wait_for(self.wake.wait(), POLL_SECONDS)
             except TimeoutError:
                 pass
-            await asyncio.sleep(DEBOUNCE_SECONDS)
-            self.wake.clear()
+            await self.quiet()
             try:
                 await self.reflect_pending()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("reflecting studies as ImagingStudy failed; retrying later")
+
+    async def quiet(self) -> None:
+        """Return once no change came for DEBOUNCE_SECONDS, or MAX_DELAY_SECONDS passed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + MAX_DELAY_SECONDS
+        while (remaining := deadline - loop.time()) > 0:
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), min(DEBOUNCE_SECONDS, remaining))
+            except TimeoutError:
+                return
 
     async def reflect_pending(self) -> None:
         while True:
