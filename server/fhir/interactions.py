@@ -221,12 +221,8 @@ async def create(db: FhirStore, type_: str, resource: Resource) -> Written:
     check_type(type_)
     await incoming(resource)
     new = prepare_create(type_, resource)
-
-    async def body(session: AsyncClientSession) -> Written:
-        await persist(session, db, new, None)
-        return Written.of(201, new)
-
-    return await db.store.transaction(body)
+    await db.create(new, after_write)
+    return Written.of(201, new)
 
 
 # --- read ---------------------------------------------------------------------------------
