@@ -211,6 +211,22 @@ def test_sort(fhir, dataset):
     assert order("Patient?_sort=family") == ["p1", "p2", "p3"]
 
 
+def test_sort_by_last_updated_pages_in_write_order(fhir, dataset):
+    for direction in ("", "-"):
+        names = {v: k for k, v in dataset.ids.items()}
+        seen: list[str] = []
+        bundle = search(fhir, dataset, f"Observation?_count=1&_sort={direction}_lastUpdated")
+        while True:
+            seen += [names[e["resource"]["id"]] for e in bundle["entry"]]
+            links = {link["relation"]: link["url"] for link in bundle["link"]}
+            if "next" not in links:
+                break
+            bundle = fhir.get(links["next"]).json()
+        stamps = [fhir.get(f"Observation/{dataset.ids[name]}").json()["meta"]["lastUpdated"] for name in seen]
+        assert stamps == sorted(stamps, reverse=direction == "-")
+        assert sorted(seen) == ["o1", "o2", "o3", "o4"]
+
+
 def test_paging_with_cursors_next_previous_and_self(fhir, dataset):
     seen, url, pages = [], "Observation?_count=1&_sort=date&_total=accurate", []
     bundle = search(fhir, dataset, url)
