@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -34,10 +35,9 @@ from server.store.fhir import FhirStore
 
 log = logging.getLogger("kuroshio.dicom.fhir")
 POLL_SECONDS = 2.0
-# After a change, reflect once no change came for DEBOUNCE_SECONDS, but at the latest
-# MAX_DELAY_SECONDS after it: a study being sent instance by instance costs one
-# ImagingStudy update, not one a second (each rebuilds the whole study on the event loop
-# that the arrivals' indexing needs).
+# A study is reflected once it has had no change for DEBOUNCE_SECONDS, and while it keeps
+# changing, every MAX_DELAY_SECONDS: a study being sent instance by instance costs one
+# ImagingStudy update (each rebuilds it from all its instances), not one per arrival.
 DEBOUNCE_SECONDS = 1.0
 MAX_DELAY_SECONDS = 10.0
 Reference = dict[str, Any]
@@ -285,7 +285,8 @@ class Reflector:
                 await asyncio.wait_for(self.wake.wait(), POLL_SECONDS)
             except TimeoutError:
                 pass
-            await self.quiet()
+            self.wake.clear()
+            await asyncio.sleep(DEBOUNCE_SECONDS)
             try:
                 await self.reflect_pending()
             except asyncio.CancelledError:
@@ -293,22 +294,14 @@ class Reflector:
             except Exception:
                 log.exception("reflecting studies as ImagingStudy failed; retrying later")
 
-    async def quiet(self) -> None:
-        """Return once no change came for DEBOUNCE_SECONDS, or MAX_DELAY_SECONDS passed."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + MAX_DELAY_SECONDS
-        while (remaining := deadline - loop.time()) > 0:
-            self.wake.clear()
-            try:
-                await asyncio.wait_for(self.wake.wait(), min(DEBOUNCE_SECONDS, remaining))
-            except TimeoutError:
-                return
-
     async def reflect_pending(self) -> None:
-        while True:
-            pending = await self.archive.index.studies_to_reflect()
-            if not pending:
-                return
-            for doc in pending:
-                await reflect(self.archive, self.db, doc["_id"], self.base, self.fhir_base)
-                await self.archive.index.reflected(doc["_id"], doc["rev"])
+        """One pass over the studies due (the next pass takes any left). Every server
+        process runs one, whichever process changed a study: one pass each, not a loop
+        that chases a study still receiving instances."""
+        now = datetime.now(UTC)
+        due = await self.archive.index.studies_to_reflect(
+            now - timedelta(seconds=DEBOUNCE_SECONDS), now - timedelta(seconds=MAX_DELAY_SECONDS)
+        )
+        for doc in due:
+            await reflect(self.archive, self.db, doc["_id"], self.base, self.fhir_base)
+            await self.archive.index.reflected(doc["_id"], doc["rev"], datetime.now(UTC))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from bson import Binary
@@ -226,6 +226,7 @@ class DicomIndex:
                     "$inc": {"n": len(members), "nser": new_series[study_uid], "rev": 1},
                     "$addToSet": {"k.ModalitiesInStudy": {"$each": modalities}},
                     "$set": {"fhir": True, "at": moment},
+                    "$min": {"since": moment},
                     "$unset": {"deleted": ""},
                 },
                 upsert=True,
@@ -238,6 +239,7 @@ class DicomIndex:
         update or delete their series and studies, in one transaction."""
 
         async def body(session: AsyncClientSession) -> Removed:
+            moment = datetime.now(UTC)
             docs = [d async for d in self.instances.find(query, {"blob": 1, "st": 1, "se": 1}, session=session)]
             if not docs:
                 return Removed([], set())
@@ -256,7 +258,8 @@ class DicomIndex:
             for study_uid, count in per_study.items():
                 doc = await self.studies.find_one_and_update(
                     {"_id": study_uid},
-                    {"$inc": {"n": -count, "nser": -gone_series[study_uid], "rev": 1}, "$set": {"fhir": True}},
+                    {"$inc": {"n": -count, "nser": -gone_series[study_uid], "rev": 1},
+                     "$set": {"fhir": True, "at": moment}, "$min": {"since": moment}},
                     return_document=True,
                     session=session,
                 )
@@ -279,13 +282,18 @@ class DicomIndex:
 
     # --- FHIR reflection bookkeeping ----------------------------------------------------
 
-    async def studies_to_reflect(self, limit: int = 50) -> list[Document]:
-        return await self.studies.find({"fhir": True}, {"rev": 1}, limit=limit).to_list()
+    async def studies_to_reflect(self, quiet_since: datetime, pending_since: datetime, limit: int = 200) -> list[Document]:
+        """Studies to reflect as FHIR: changed, and unchanged since `quiet_since` or
+        waiting since `pending_since` (a study that keeps receiving instances)."""
+        query = {"fhir": True, "$or": [{"at": {"$lte": quiet_since}}, {"at": {"$exists": False}}, {"since": {"$lte": pending_since}}]}
+        return await self.studies.find(query, {"rev": 1}, limit=limit).to_list()
 
-    async def reflected(self, study: str, rev: int) -> None:
-        """Clear the pending mark unless the study changed since `rev` was read; a study
-        whose last instance was deleted is dropped once reflected."""
-        await self.studies.update_one({"_id": study, "rev": rev}, {"$set": {"fhir": False}})
+    async def reflected(self, study: str, rev: int, moment: datetime) -> None:
+        """Clear the pending mark unless the study changed since `rev` was read (then it
+        waits again, from `moment`); a study whose last instance was deleted is dropped."""
+        result = await self.studies.update_one({"_id": study, "rev": rev}, {"$set": {"fhir": False}, "$unset": {"since": ""}})
+        if result.matched_count == 0:
+            await self.studies.update_one({"_id": study}, {"$set": {"since": moment}})
         await self.studies.delete_one({"_id": study, "rev": rev, "deleted": True})
 
     # --- reads --------------------------------------------------------------------------
