@@ -49,11 +49,13 @@ def port_is_free(host: str, port: int) -> bool:
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
+    """A worker's socket, bound but not yet listening: uvicorn listens on it once the app
+    has started, so the kernel gives a worker that is still starting (or failing to) no
+    connections to hold or reset."""
     sock = socket.socket(_family(host), socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(2048)
     sock.set_inheritable(True)
     return sock
 
