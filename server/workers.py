@@ -48,7 +48,7 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
+def worker_socket(host: str, port: int) -> socket.socket:
     """A worker's socket, bound but not yet listening: uvicorn listens on it once the app
     has started, so the kernel gives a worker that is still starting (or failing to) no
     connections to hold or reset."""
@@ -69,7 +69,7 @@ def run_worker(settings: Settings, number: int, options: dict[str, Any], supervi
 
     die_with_parent(supervisor)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    sock = listening_socket(settings.host, settings.port)
+    sock = worker_socket(settings.host, settings.port)
     server = uvicorn.Server(uvicorn.Config(create_app(settings, dimse=number == 0), **options))
     server.run(sockets=[sock])
     if not server.started:

@@ -254,14 +254,9 @@ class FhirStore:
                 _resolve(waiting.done, RuntimeError("the server stopped before the create was committed"))
 
     async def _commit_group(self, group: list[_Waiting]) -> None:
-        async def together(session: AsyncClientSession) -> None:
-            await self.create_many(session, [waiting.new for waiting in group])
-            for waiting in group:
-                await waiting.after_write(session, waiting.new)
-
         if len(group) > 1:
             try:
-                await self.store.transaction(together)
+                await self._transaction_of(group)
             except Exception:  # each create is retried alone below
                 pass
             else:
@@ -269,16 +264,20 @@ class FhirStore:
                     _resolve(waiting.done, None)
                 return
         for waiting in group:
-            async def alone(session: AsyncClientSession, waiting: _Waiting = waiting) -> None:
-                await self.create_many(session, [waiting.new])
-                await waiting.after_write(session, waiting.new)
-
             try:
-                await self.store.transaction(alone)
+                await self._transaction_of([waiting])
             except Exception as exc:  # it is this create's outcome
                 _resolve(waiting.done, exc)
             else:
                 _resolve(waiting.done, None)
+
+    async def _transaction_of(self, group: list[_Waiting]) -> None:
+        async def body(session: AsyncClientSession) -> None:
+            await self.create_many(session, [waiting.new for waiting in group])
+            for waiting in group:
+                await waiting.after_write(session, waiting.new)
+
+        await self.store.transaction(body)
 
     async def create_many(self, session: AsyncClientSession, new: list[NewVersion]) -> None:
         """Insert many first versions at once (server-assigned ids cannot collide)."""
