@@ -10,10 +10,18 @@ from pydantic import ValidationError
 from server.config import load_settings
 
 
+@pytest.fixture(autouse=True)
+def no_settings_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_settings exports the file it is given (for the worker processes); recording a
+    value first makes the monkeypatch remove that export after the test, so later tests'
+    servers do not read this test's file."""
+    monkeypatch.setenv("KUROSHIO_CONFIG_FILE", "recorded")
+    monkeypatch.delenv("KUROSHIO_CONFIG_FILE")
+
+
 def test_precedence_flags_env_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "kuroshio.toml"
     config.write_text('port = 9000\nhost = "0.0.0.0"\ndata_dir = "/srv/k"\npublic_base_url = "https://fhir.example.org/"\n')
-    monkeypatch.delenv("KUROSHIO_CONFIG_FILE", raising=False)
     monkeypatch.setenv("KUROSHIO_PORT", "9100")
     settings = load_settings(config, port=None, dicom_port=104)
     assert settings.port == 9100  # the variable beats the file
@@ -25,7 +33,7 @@ def test_precedence_flags_env_file(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_defaults_and_base_url(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("KUROSHIO_PORT", "KUROSHIO_HOST", "KUROSHIO_CONFIG_FILE", "KUROSHIO_PUBLIC_BASE_URL"):
+    for name in ("KUROSHIO_PORT", "KUROSHIO_HOST", "KUROSHIO_PUBLIC_BASE_URL"):
         monkeypatch.delenv(name, raising=False)
     settings = load_settings()
     assert (settings.host, settings.port, settings.dicom_port) == ("127.0.0.1", 8080, 11112)
@@ -34,7 +42,6 @@ def test_defaults_and_base_url(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_invalid_settings_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("KUROSHIO_CONFIG_FILE", raising=False)
     with pytest.raises(ValidationError):
         load_settings(port=70000)
     with pytest.raises(FileNotFoundError):
