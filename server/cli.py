@@ -79,10 +79,12 @@ def serve(
             if not server.started:
                 raise typer.Exit(1)
         else:
-            if not workers_.port_is_free(settings.host, settings.port):
-                console.print(f"[red]Port {settings.port} on {settings.host} is already in use[/red]")
-                raise typer.Exit(1)
-            if not workers_.supervise(settings, options):
+            try:
+                listener = workers_.bind_listener(settings.host, settings.port)
+            except OSError as exc:
+                console.print(f"[red]Cannot listen on {settings.host} port {settings.port}: {exc.strerror}[/red]")
+                raise typer.Exit(1) from None
+            if not workers_.supervise(settings, options, listener):
                 raise typer.Exit(1)
 
 

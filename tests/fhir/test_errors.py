@@ -47,7 +47,7 @@ def test_database_outage_is_a_503_operation_outcome(tmp_path):
 
     with EmbeddedMongod(tmp_path / "db", cache_size_gb=0.25) as own:
         # one worker: a second one still starting when MongoDB stops would fail its
-        # start-up, and a worker that cannot start stops the whole server (by design)
+        # start-up, and a worker that cannot start with the server stops it (by design)
         live = start_server(own.uri + "&serverSelectionTimeoutMS=1000", tmp_path / "server", {"KUROSHIO_WORKERS": "1"})
         try:
             created = httpx.post(f"{live.fhir}/Patient", content=b'{"resourceType":"Patient"}', headers=FHIR_JSON)
