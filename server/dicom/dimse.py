@@ -170,12 +170,7 @@ class ApplicationEntity:
         admitted = self.admitted(event, "C-STORE")
         if admitted is None:
             return NOT_AUTHORIZED
-        staged = self.archive.blobs.stage()
-        try:
-            staged.write_file(event.dataset_path)  # the PS3.10 file pynetdicom wrote as PDUs came
-        except Exception:
-            staged.discard()
-            raise
+        staged = self.archive.blobs.stage_file(event.dataset_path)  # the PS3.10 file pynetdicom wrote as PDUs came
         prepared = self.archive.prepare(staged)
         outcome: Outcome = self.run(self.archive.commit([prepared]))[0]
         audit.record(*admitted, outcome.status, f"C-STORE {outcome.sop or ''} {outcome.message}".strip())
