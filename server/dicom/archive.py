@@ -2,7 +2,8 @@
 and the one ingest path that STOW-RS and C-STORE both use.
 
 Ingest of one instance, in this order (DESIGN.md, durability before acknowledgement):
-1. the received bytes are in a staging file (`BlobStore.stage`), fsynced (`seal`);
+1. the received bytes are in a staging file (`BlobStore.stage`, or `stage_file` for the
+   file pynetdicom received a C-STORE into), fsynced (`seal`);
 2. parsed once and validated (`instance.parse`), refused with a DICOM failure reason
    and removed without trace if broken (parsing reads the page cache, so it runs while
    step 1's fsync is under way: a C-STORE waits for the longer of the two, not both);
