@@ -1,18 +1,18 @@
 """FHIR JSON in and out, without losing what the client sent.
 
 A FHIR decimal carries its precision in its lexical form (`1.50` is not `1.5`), so a
-resource must come back with its numbers exactly as sent. orjson is fast but reads
-numbers into floats, and a float prints in its shortest form; simplejson can keep every
-decimal as a `Decimal` but is several times slower. So each body is read by orjson, and
-its decimal lexemes are checked: when every one of them prints back identically from a
-float (the common case: `72.5`, `0.25`), the orjson result is exact; otherwise the body is
-read again with simplejson into `Decimal`s. Output always goes through orjson, with
+resource must come back with its numbers exactly as sent. The standard library's C
+parser hands each decimal's lexeme to a hook: when every one of them prints back
+identically from a float (the common case: `72.5`, `0.25`), the floats are exact;
+otherwise the body is read again with simplejson into `Decimal`s that remember their
+lexemes. (The lexeme check used to be a regular expression over the body after orjson
+had read it; that scan cost twice the parse.) Output always goes through orjson, with
 `Decimal`s written as their own lexeme (`orjson.Fragment`).
 """
 
 from __future__ import annotations
 
-import re
+import json
 from decimal import Decimal
 from typing import Any
 
@@ -23,12 +23,6 @@ from server.fhir.outcome import FhirError, Issue, error
 
 JSONObject = dict[str, Any]
 
-# JSON number values (after `:`, `,` or `[`) with a fraction or an exponent, and integers
-# too long for a float to hold exactly (orjson reads those as floats). A false match
-# inside a string only costs the slower exact reading.
-_DECIMAL_LEXEME = re.compile(
-    rb"[:,\[][ \t\r\n]*(-?\d+(?:\.\d+(?:[eE][+-]?\d+)?|[eE][+-]?\d+)|-?\d{16,})(?=[ \t\r\n]*[,\]}])"
-)
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -53,23 +47,32 @@ def _exact_int(lexeme: str) -> int | Decimal:
     return int(lexeme) if len(lexeme) < 19 else Lexeme(lexeme)
 
 
-def _exact(body: bytes) -> Any:
-    return simplejson.loads(body.decode("utf-8"), parse_float=Lexeme, parse_int=_exact_int)
+def _exact(text: str) -> Any:
+    return simplejson.loads(text, parse_float=Lexeme, parse_int=_exact_int)
 
 
-def _prints_back(lexeme: bytes) -> bool:
-    return orjson.dumps(float(lexeme)) == lexeme
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
 
 
 def loads(body: bytes) -> Any:
-    """Parse JSON keeping every decimal's lexical form; raises ValueError if invalid."""
-    try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return _exact(body)
-    if all(_prints_back(lexeme) for lexeme in set(_DECIMAL_LEXEME.findall(body))):
+    """Parse JSON keeping every decimal's lexical form; raises ValueError if invalid
+    (UnicodeDecodeError, simplejson.JSONDecodeError, RecursionError)."""
+    text = body.decode("utf-8")
+    inexact = False
+
+    def checked_float(lexeme: str) -> float:
+        nonlocal inexact
+        value = float(lexeme)
+        if orjson.dumps(value) != lexeme.encode():
+            inexact = True
         return value
-    return _exact(body)
+
+    try:
+        value = json.loads(text, parse_float=checked_float, parse_int=_exact_int, parse_constant=_not_json)
+    except ValueError:
+        return _exact(text)  # simplejson's error says where (or it reads what json cannot)
+    return _exact(text) if inexact else value
 
 
 def parse(body: bytes) -> Any:

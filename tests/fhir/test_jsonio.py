@@ -38,3 +38,9 @@ def test_invalid_inputs():
 
 def test_pretty_keeps_numbers():
     assert jsonio.pretty(b'{"a":1.50}') == b'{\n  "a": 1.50\n}\n'
+
+
+def test_one_inexact_decimal_keeps_every_number_exact():
+    body = b'{"a":72.5,"b":[1.50,3],"c":{"d":0.25,"e":12345678901234567890}}'
+    assert jsonio.dumps(jsonio.parse(body)) == body
+    assert isinstance(jsonio.parse(b'{"a":72.5,"b":3}')["a"], float)  # the common case stays float
