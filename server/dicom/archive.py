@@ -157,6 +157,11 @@ class Archive:
                 outcomes.append(_refused(p, DOES_NOT_MATCH_SOP_CLASS, f"Series {p.parsed.series} belongs to study {owner}"))
             elif kept.get(p.parsed.sop) == p.key.relative:
                 outcomes.append(_stored(p.parsed))
+            elif p.parsed.sop in kept and await asyncio.to_thread(
+                self.blobs.same_content, BlobKey.parse(kept[p.parsed.sop]), p.key, p.parsed.dataset_start
+            ):
+                orphans.append(p)  # stored earlier under its old digest; this copy goes
+                outcomes.append(_stored(p.parsed))
             else:
                 orphans.append(p)
                 outcomes.append(_refused(p, DUPLICATE_SOP_INSTANCE,

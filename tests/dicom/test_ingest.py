@@ -4,6 +4,7 @@ study by STOW-RS and C-STORE at once stored once, idempotency, and a kill -9 mid
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 import threading
@@ -93,6 +94,36 @@ def test_idempotent_and_different_bytes_refused(http, db):
     assert db.dicom_instances.count_documents({"_id": instance.SOPInstanceUID}) == 1
     study = db.dicom_studies.find_one({"_id": instance.StudyInstanceUID})
     assert study["n"] == 1
+
+
+def test_resend_of_an_instance_stored_under_the_earlier_digest(server, http, db):
+    """Blobs stored by earlier builds are named by a 16-digit BLAKE2b digest: the same bytes sent
+    again are the same instance (200, the old blob kept), different bytes are still refused."""
+    instance = ct_instance()
+    body, content_type = multipart_body([encode(instance)])
+    assert http.post("studies", content=body, headers={"Content-Type": content_type}).status_code == 200
+    record = db.dicom_instances.find_one({"_id": instance.SOPInstanceUID})
+    root = server.data_dir / "dicom"
+    current = root / record["blob"]
+    assert len(current.name.split(".")[-2]) == 32  # SHA-256, 128 bits
+    start = parse(current).dataset_start
+    with open(current, "rb") as handle:
+        handle.seek(start)
+        legacy_digest = hashlib.blake2b(handle.read(), digest_size=8).hexdigest()
+    legacy = current.with_name(f"{instance.SOPInstanceUID}.{legacy_digest}.dcm")
+    current.rename(legacy)
+    legacy_blob = str(legacy.relative_to(root))
+    db.dicom_instances.update_one({"_id": instance.SOPInstanceUID}, {"$set": {"blob": legacy_blob}})
+
+    assert http.post("studies", content=body, headers={"Content-Type": content_type}).status_code == 200
+    assert db.dicom_instances.find_one({"_id": instance.SOPInstanceUID})["blob"] == legacy_blob
+    assert sorted(p.name for p in legacy.parent.iterdir()) == [legacy.name]  # the resend's copy went
+    retrieved = http.get(f"studies/{instance.StudyInstanceUID}/series/{instance.SeriesInstanceUID}/instances/"
+                         f"{instance.SOPInstanceUID}", headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+    assert retrieved.status_code == 200 and legacy.read_bytes() in retrieved.content
+    instance.PatientName = "Other^Name"
+    body, content_type = multipart_body([encode(instance)])
+    assert http.post("studies", content=body, headers={"Content-Type": content_type}).status_code == 409
 
 
 def test_study_url_mismatch_and_truncated_body(http, db):
