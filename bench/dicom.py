@@ -5,6 +5,11 @@ STOW-RS in batches of 50, QIDO study by UID, QIDO all instances of a 100-instanc
 WADO-RS metadata of that study, WADO-RS retrieval of that study (MB/s), frames/1
 requests/s, and C-STORE of 100 instances with dcmtk's storescu (TCP_NODELAY=1).
 
+Kuroshio reflects each new study as a FHIR ImagingStudy in the background, a second after
+its last instance; the queries are timed once that is done (`reflect_s` says how long
+after the last STOW it was), so that they measure a query, not a query sharing two cores
+with five studies' reflection.
+
 Orthanc is started with the shared peer script (`peers/orthanc.sh`, in network namespace
 kuroshio-peer); the workload against it runs in that namespace (this script re-runs itself
 there with `--worker`). Usage: python bench/dicom.py [--instances 500] [--no-peer]
@@ -76,25 +81,42 @@ def timed(count: int, call) -> float:
     return (time.perf_counter() - start) / count
 
 
-def workload(base: str, data: Path, dicom_host: str, dicom_port: int, ae_title: str) -> dict[str, float]:
-    """The measured workload against one server (runs in the server's namespace)."""
+def wait_reflected(client: httpx.Client, fhir: str, studies: int) -> None:
+    """Until `studies` ImagingStudy resources exist (the benchmark's studies are sent one
+    after another, so each is reflected once, after its last instance)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        response = client.get(f"{fhir}/ImagingStudy", params={"_summary": "count"})
+        response.raise_for_status()
+        if response.json()["total"] >= studies:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{studies} studies not reflected as ImagingStudy within 120 s")
+
+
+def workload(base: str, data: Path, dicom_host: str, dicom_port: int, ae_title: str,
+             fhir: str | None = None) -> dict[str, float]:
+    """The measured workload against one server (runs in the server's namespace); `fhir`:
+    Kuroshio's FHIR base, to wait for the studies' ImagingStudy reflection."""
     import pydicom
 
     studies = [sorted((data / d).iterdir()) for d in sorted(os.listdir(data)) if (data / d).is_dir() and d.startswith("s")]
     paths = [p for study in studies for p in study]
-    store_paths = paths[:-100] if len(studies) > 1 else paths
     extra = sorted((data / "cstore").iterdir())
     results: dict[str, float] = {}
     with httpx.Client(timeout=300) as client:
         headers = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=benchboundary'}
-        bodies = [multipart(store_paths[i:i + 50]) for i in range(0, len(store_paths), 50)]
+        bodies = [multipart(paths[i:i + 50]) for i in range(0, len(paths), 50)]
         start = time.perf_counter()
         for body in bodies:
             response = client.post(f"{base}/studies", content=body, headers=headers)
             response.raise_for_status()
         elapsed = time.perf_counter() - start
-        results["stow_per_s"] = len(store_paths) / elapsed
-        results["stow_mb_s"] = sum(p.stat().st_size for p in store_paths) / elapsed / 1e6
+        results["stow_per_s"] = len(paths) / elapsed
+        results["stow_mb_s"] = sum(p.stat().st_size for p in paths) / elapsed / 1e6
+        if fhir is not None:
+            wait_reflected(client, fhir, len(studies))
+            results["reflect_s"] = time.perf_counter() - start - elapsed
         first = pydicom.dcmread(studies[0][0], stop_before_pixels=True)
         study, series, sop = first.StudyInstanceUID, first.SeriesInstanceUID, first.SOPInstanceUID
         json_accept = {"Accept": "application/dicom+json"}
@@ -219,7 +241,8 @@ def main() -> None:
         path.rename(data / "cstore" / path.name)
     results: dict[str, dict[str, float]] = {}
     with kuroshio(workdir) as (base, dicom_port):
-        results["kuroshio"] = workload(base, data, "127.0.0.1", dicom_port, "KUROSHIO")
+        results["kuroshio"] = workload(base, data, "127.0.0.1", dicom_port, "KUROSHIO",
+                                       fhir=base.removesuffix("/dicomweb") + "/fhir")
     if not args.no_peer and peer_script() is not None:
         with orthanc(workdir):
             out = subprocess.run(
