@@ -75,8 +75,86 @@ def element_types(definition: dict, element: dict) -> list[str]:
     return [type_code(t) for t in element.get("type", [])]
 
 
-def structure(definitions: list[dict]) -> dict[str, dict]:
-    """Per base type: its kind and, per element path, [min, max, types, summary, ref]."""
+def _concepts(concepts: list[dict], parents: tuple[str, ...] = ()) -> list[tuple[str, tuple[str, ...]]]:
+    """(code, its ancestors) of every concept of a code system, nested ones included."""
+    found = []
+    for concept in concepts:
+        found.append((concept["code"], parents))
+        found += _concepts(concept.get("concept", []), parents + (concept["code"],))
+    return found
+
+
+class ValueSets:
+    """The codes of R4's value sets, from the package's ValueSet and CodeSystem resources,
+    where they can be listed: explicit concepts, whole code systems of `complete` content,
+    `is-a` / `descendent-of` filters, included value sets and excludes. Anything else
+    (a code system the package only names, such as BCP-13 media types or ISO 4217
+    currencies, or another filter) gives None: its codes cannot be listed here."""
+
+    def __init__(self, package: Path) -> None:
+        self.code_systems = self._by_url(package, "CodeSystem")
+        self.value_sets = self._by_url(package, "ValueSet")
+
+    @staticmethod
+    def _by_url(package: Path, kind: str) -> dict[str, dict]:
+        resources = (json.loads(p.read_text(encoding="utf-8")) for p in sorted(package.glob(f"{kind}-*.json")))
+        return {r["url"]: r for r in resources if "url" in r}
+
+    def codes(self, url: str, seen: tuple[str, ...] = ()) -> set[str] | None:
+        value_set = self.value_sets.get(url)
+        if url in seen or value_set is None or "compose" not in value_set:
+            return None
+        codes: set[str] = set()
+        for rule, add in [(r, True) for r in value_set["compose"].get("include", [])] + [
+            (r, False) for r in value_set["compose"].get("exclude", [])
+        ]:
+            selected = self._selected(rule, seen + (url,))
+            if selected is None:
+                return None
+            codes = codes | selected if add else codes - selected
+        return codes
+
+    def _selected(self, rule: dict, seen: tuple[str, ...]) -> set[str] | None:
+        sets = []
+        if "concept" in rule:
+            sets.append({c["code"] for c in rule["concept"]})
+        elif "system" in rule:
+            code_system = self.code_systems.get(rule["system"])
+            if code_system is None or code_system.get("content") != "complete":
+                return None
+            concepts = _concepts(code_system.get("concept", []))
+            codes = {code for code, _ in concepts}
+            for f in rule.get("filter", []):
+                if f["property"] != "concept" or f["op"] not in ("is-a", "descendent-of"):
+                    return None
+                codes &= {c for c, ancestors in concepts if f["value"] in ancestors or (f["op"] == "is-a" and c == f["value"])}
+            sets.append(codes)
+        for url in rule.get("valueSet", []):
+            included = self.codes(url.split("|")[0], seen)
+            if included is None:
+                return None
+            sets.append(included)
+        return set.intersection(*sets) if sets else None
+
+
+def required_codes(definition: dict, value_sets: ValueSets) -> dict[str, list]:
+    """Per `code` element with a required binding whose codes can be listed: [the value
+    set's URL, its codes]. The validator refuses other codes there."""
+    table = {}
+    for e in definition["snapshot"]["element"]:
+        binding = e.get("binding", {})
+        if binding.get("strength") != "required" or element_types(definition, e) != ["code"]:
+            continue
+        url = binding["valueSet"].split("|")[0]
+        codes = value_sets.codes(url)
+        if codes is not None:
+            table[e["path"]] = [url, sorted(codes)]
+    return table
+
+
+def structure(definitions: list[dict], value_sets: ValueSets) -> dict[str, dict]:
+    """Per base type: its kind and, per element path, [min, max, types, summary, ref];
+    `codes`: the required bindings of its code elements (see `required_codes`)."""
     table: dict[str, dict] = {}
     for d in definitions:
         if d.get("derivation") == "constraint" or d.get("kind") == "logical":
@@ -99,6 +177,8 @@ def structure(definitions: list[dict]) -> dict[str, dict]:
             entry["base"] = d["baseDefinition"].rsplit("/", 1)[-1]
         if regex:
             entry["regex"] = regex
+        if codes := required_codes(d, value_sets):
+            entry["codes"] = codes
         table[d["type"]] = entry
     return table
 
@@ -157,7 +237,7 @@ def main(package: Path) -> None:
     types = resource_types(definitions)
     (OUT / "resource-types.json").write_text(json.dumps(types, indent=0) + "\n")
     print(f"{len(types)} resource types")
-    table = structure(definitions)
+    table = structure(definitions, ValueSets(package))
     table["xhtml"]["narrative"] = narrative_allowlists(definitions)
     text = json.dumps(table, separators=(",", ":"), sort_keys=True)
     # mtime=0: the same definitions give the same bytes, so a rebuild shows no false diff.

@@ -22,6 +22,11 @@ are the normative definitions, and the server already ships them as a table.
 Every problem is an `Issue` whose expression is the FHIRPath of the element:
 `Patient.name[0].given[0]`, `Observation.value.ofType(Quantity).value`,
 `Bundle.entry[2].resource.status`.
+
+Required bindings are checked on `code` elements whose value set R4 enumerates (339 of
+the 352 such elements: status codes, genders, units of time, ...); the other 13 bind to
+media types (BCP-13) and currencies (ISO 4217), which the definitions do not list.
+Bindings of Coding and CodeableConcept elements are not checked.
 """
 
 from __future__ import annotations
@@ -131,9 +136,27 @@ def _compile(key: str) -> Node:
             names = (name, "_" + name) if rule.kind == PRIMITIVE else (name,)
         if minimum >= 1:
             result.required.append((name, names))
+    for path, (value_set, codes) in definition.get("codes", {}).items():
+        rule = result.rules.get(path[len(prefix):]) if path.startswith(prefix) else None
+        if rule is not None and rule.check is not None:
+            rule.check = _bound(rule.check, value_set, frozenset(codes))
     if key == "Reference":
         result.rules["reference"].check = _literal_reference
     return result
+
+
+def _bound(check: primitives.Checker, value_set: str, codes: frozenset[str]) -> primitives.Checker:
+    """A code element's check, plus its required binding: the code must be one of the
+    value set's (the set R4 lists, see scripts/build_definitions.py `required_codes`)."""
+
+    def bound(value: Any) -> str | None:
+        problem = check(value)
+        if problem is None and value not in codes:
+            shown = ", ".join(sorted(codes)[:12]) + (", ..." if len(codes) > 12 else "")
+            return f"{value!r} is not in the required value set {value_set} ({shown})"
+        return problem
+
+    return bound
 
 
 def _literal_reference(value: Any) -> str | None:
