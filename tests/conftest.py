@@ -38,7 +38,9 @@ def package_dir(name: str) -> Path:
 
 @pytest.fixture(scope="session")
 def mongod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedMongod]:
-    with EmbeddedMongod(tmp_path_factory.mktemp("mongod"), cache_size_gb=0.5) as instance:
+    # 1 GB: the 20 MB Bundle-dataelements example is one transaction, which a 0.5 GB cache
+    # already dirty from earlier tests refused as too large for the cache on a busy machine
+    with EmbeddedMongod(tmp_path_factory.mktemp("mongod"), cache_size_gb=1.0) as instance:
         yield instance
 
 
