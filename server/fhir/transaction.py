@@ -15,7 +15,6 @@ fails alone.
 from __future__ import annotations
 
 import base64
-import binascii
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -27,7 +26,7 @@ from server.fhir import interactions, jsonio
 from server.fhir.bundle import Bundle, Entry
 from server.fhir.interactions import Written, check_id, check_type, new_id
 from server.fhir.library_checks import LibraryChecks
-from server.fhir.outcome import FhirError, Issue, error
+from server.fhir.outcome import FhirError, Issue, error, outcome_json
 from server.fhir.patch import Patcher, fhirpath_patch, json_patch
 from server.fhir.search import conditional as search_conditional
 from server.store.database import TransactionTooLarge
@@ -72,6 +71,15 @@ def _relative(url: str, base: str) -> str:
     return url.lstrip("/")
 
 
+def _string(element: dict[str, Any], name: str, where: str) -> str | None:
+    """An optional string element of an entry: anything else is a 400 naming it, not a
+    number reaching code that strips or encodes header values."""
+    value = element.get(name)
+    if value is not None and not isinstance(value, str):
+        raise error(400, "structure", f"{where}.{name} must be a string", f"{where}.{name}")
+    return value
+
+
 def parse_entries(bundle: dict[str, Any], base: str) -> list[Request]:
     entries = bundle.get("entry", [])
     if not isinstance(entries, list):
@@ -82,8 +90,8 @@ def parse_entries(bundle: dict[str, Any], base: str) -> list[Request]:
         if not isinstance(entry, dict) or not isinstance(entry.get("request"), dict):
             raise error(400, "required", f"{where} has no request", f"{where}.request")
         request = entry["request"]
-        method = request.get("method")
-        url = request.get("url")
+        method = _string(request, "method", f"{where}.request")
+        url = _string(request, "url", f"{where}.request")
         if method not in ORDER:
             raise error(400, "value", f"{where}.request.method {method!r} is not supported", f"{where}.request.method")
         if not isinstance(url, str) or not url:
@@ -95,9 +103,8 @@ def parse_entries(bundle: dict[str, Any], base: str) -> list[Request]:
             raise error(400, "required", f"{where} ({method}) has no resource", f"{where}.resource")
         requests.append(
             Request(
-                index, method, _relative(url, base), entry.get("fullUrl"), resource,
-                request.get("ifMatch"), request.get("ifNoneMatch"),
-                request.get("ifModifiedSince"), request.get("ifNoneExist"),
+                index, method, _relative(url, base), _string(entry, "fullUrl", where), resource,
+                *(_string(request, name, f"{where}.request") for name in ("ifMatch", "ifNoneMatch", "ifModifiedSince", "ifNoneExist")),
             )
         )
     return requests
@@ -167,17 +174,27 @@ def rewrite_references(node: Any, identities: dict[str, str]) -> None:
             rewrite_references(item, identities)
 
 
+def binary_content(resource: dict[str, Any]) -> tuple[str, bytes]:
+    """A Binary entry's contentType and decoded data (400 naming the element when malformed)."""
+    content_type, data = resource.get("contentType"), resource.get("data", "")
+    if not isinstance(content_type, str):
+        raise error(400, "required", "A Binary needs a contentType string", "Binary.contentType")
+    if not isinstance(data, str):
+        raise error(400, "structure", "Binary.data must be a base64 string", "Binary.data")
+    try:
+        return content_type, base64.b64decode(data, validate=True)
+    except ValueError:  # binascii.Error, or non-ASCII text
+        raise error(400, "invalid", "Binary.data is not base64", "Binary.data") from None
+
+
 def binary_patch(resource: dict[str, Any]) -> Patcher:
     """A PATCH entry's body: a Binary holding a JSON Patch, or a FHIRPath Patch Parameters."""
     if resource.get("resourceType") == "Parameters":
         return fhirpath_patch(resource)
     if resource.get("resourceType") == "Binary":
-        if resource.get("contentType", "").split(";")[0].strip() != "application/json-patch+json":
-            raise error(400, "not-supported", "A Binary patch must have contentType application/json-patch+json")
-        try:
-            data = base64.b64decode(resource.get("data", ""), validate=True)
-        except (binascii.Error, ValueError):
-            raise error(400, "invalid", "The Binary patch data is not base64") from None
+        content_type, data = binary_content(resource)
+        if content_type.split(";")[0].strip() != "application/json-patch+json":
+            raise error(400, "not-supported", "A Binary patch must have contentType application/json-patch+json", "Binary.contentType")
         return json_patch(jsonio.parse(data))
     raise error(400, "invalid", "A PATCH entry's resource must be a Binary (JSON Patch) or Parameters")
 
@@ -333,9 +350,7 @@ async def _dispatched(request: Request, dispatch: Dispatch, representation: bool
     headers = _headers(request)
     if request.resource is not None:
         if request.method == "PATCH" and request.resource.get("resourceType") == "Binary":
-            content_type = request.resource.get("contentType", "application/json-patch+json")
-            headers["content-type"] = content_type
-            body = base64.b64decode(request.resource.get("data", ""))
+            headers["content-type"], body = binary_content(request.resource)
         else:
             body = jsonio.dumps(request.resource)
     if not representation:
@@ -352,9 +367,18 @@ async def _dispatched(request: Request, dispatch: Dispatch, representation: bool
     return Entry(None, resource, response=response)
 
 
+async def _batch_entry(request: Request, dispatch: Dispatch, representation: bool) -> Entry:
+    """One batch entry's response: its own error is reported in it, not for the batch."""
+    try:
+        return await _dispatched(request, dispatch, representation)
+    except FhirError as exc:
+        failed = _with_entry(exc, request.index)
+        return Entry(response={"status": status_line(failed.status), "outcome": outcome_json(failed.issues)})
+
+
 async def batch(bundle: dict[str, Any], base: str, dispatch: Dispatch, representation: bool) -> bytes:
     requests = parse_entries(bundle, base)
-    entries = [await _dispatched(r, dispatch, representation) for r in requests]
+    entries = [await _batch_entry(r, dispatch, representation) for r in requests]
     return Bundle("batch-response", entries).to_bytes()
 
 

@@ -147,3 +147,34 @@ def test_batch_entries_succeed_or_fail_independently(fhir):
     assert result["entry"][1]["response"]["outcome"]["resourceType"] == "OperationOutcome"
     assert result["entry"][2]["resource"]["id"] == existing["id"]
     assert fhir.get(f"Patient/{existing['id']}").json()["meta"]["versionId"] == "2"
+
+
+def test_malformed_entries_are_400_naming_the_element(fhir):
+    """Numbers where strings belong, and Binary data that is not base64, are the client's
+    error (400 with the element's FHIRPath), never a 500."""
+    existing = created(fhir, "Patient", patient())
+    path = f"Patient/{existing['id']}"
+    for kind in ("transaction", "batch"):
+        for name in ("ifMatch", "ifNoneMatch", "ifModifiedSince", "ifNoneExist"):
+            for method, url in (("POST", "Patient"), ("PUT", path), ("GET", path)):
+                response = post_bundle(fhir, bundle(kind, entry(method, url, existing, **{name: 1})))
+                body = assert_outcome(response, 400, "structure")
+                assert body["issue"][0]["expression"] == [f"Bundle.entry[0].request.{name}"], (kind, method, body)
+        for request, expression in (({"method": ["POST"], "url": "Patient"}, "method"), ({"method": "POST", "url": 5}, "url")):
+            body = assert_outcome(post_bundle(fhir, bundle(kind, {"resource": existing, "request": request})), 400)
+            assert body["issue"][0]["expression"] == [f"Bundle.entry[0].request.{expression}"]
+        body = assert_outcome(post_bundle(fhir, bundle(kind, {"resource": existing})), 400, "required")
+        assert body["issue"][0]["expression"] == ["Bundle.entry[0].request"]
+        body = assert_outcome(post_bundle(fhir, bundle(kind, entry("POST", "Patient", patient(), ["urn:uuid:x"]))), 400, "structure")
+        assert body["issue"][0]["expression"] == ["Bundle.entry[0].fullUrl"]
+
+    json_patch = "application/json-patch+json"
+    for content_type, data, element in ((json_patch, "###", "data"), (json_patch, 12, "data"), (json_patch, "é", "data"), (3, "W10=", "contentType")):
+        binary = {"resourceType": "Binary", "contentType": content_type, "data": data}
+        body = assert_outcome(post_bundle(fhir, bundle("transaction", entry("PATCH", path, binary))), 400)
+        assert body["issue"][0]["expression"] == [f"Bundle.entry[0].resource.{element}"]
+        response = post_bundle(fhir, bundle("batch", entry("GET", path), entry("PATCH", path, binary)))
+        assert response.status_code == 200, response.text
+        failed = response.json()["entry"][1]["response"]
+        assert failed["status"].startswith("400") and failed["outcome"]["issue"][0]["expression"] == [f"Bundle.entry[1].resource.{element}"]
+    assert fhir.get(path).json()["meta"]["versionId"] == "1"
