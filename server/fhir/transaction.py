@@ -128,7 +128,6 @@ def _with_entry(exc: FhirError, index: int) -> FhirError:
 def _resolve_targets(requests: list[Request]) -> dict[str, str]:
     """Give each write its target, and map bundle-local fullUrls to `Type/id`."""
     identities: dict[str, str] = {}
-    seen: set[str] = set()
     for request in requests:
         if request.method == "GET" or request.method == "HEAD":
             continue
@@ -147,13 +146,27 @@ def _resolve_targets(requests: list[Request]) -> dict[str, str]:
             request.type, request.id = parts
             check_id(request.id)
         check_type(request.type)
+        if request.full_url:
+            identities[request.full_url] = f"{request.type}/{request.id}"
+    return identities
+
+
+def check_overlap(requests: list[Request]) -> None:
+    """Refuse a transaction whose writes share a target (http.html#trules), the resolved
+    targets of conditional entries included, so it runs only once those are known."""
+    seen: dict[str, int] = {}
+    for request in requests:
+        if request.method in ("GET", "HEAD") or request.id is None:
+            continue
         key = f"{request.type}/{request.id}"
         if key in seen:
-            raise error(400, "invalid", f"Bundle.entry[{request.index}]: {key} appears more than once in the transaction")
-        seen.add(key)
-        if request.full_url:
-            identities[request.full_url] = key
-    return identities
+            raise error(
+                400, "invalid",
+                f"Bundle.entry[{request.index}]: {key} is also the target of Bundle.entry[{seen[key]}]; "
+                "a transaction may touch a resource only once",
+                f"Bundle.entry[{request.index}].request.url",
+            )
+        seen[key] = request.index
 
 
 def rewrite_references(node: Any, identities: dict[str, str]) -> None:
@@ -237,6 +250,7 @@ async def transaction(
     requests = parse_entries(bundle, base)
     identities = _resolve_targets(requests)
     await search_conditional.resolve_transaction(db, base, requests, identities)
+    check_overlap(requests)
     prepared: list[_Prepared] = []
     checks = LibraryChecks()
     for request in requests:

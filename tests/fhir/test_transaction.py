@@ -178,3 +178,21 @@ def test_malformed_entries_are_400_naming_the_element(fhir):
         failed = response.json()["entry"][1]["response"]
         assert failed["status"].startswith("400") and failed["outcome"]["issue"][0]["expression"] == [f"Bundle.entry[1].resource.{element}"]
     assert fhir.get(path).json()["meta"]["versionId"] == "1"
+
+
+def test_conditional_targets_may_not_overlap_other_entries(fhir, db):
+    """http.html#trules: resolved identities of conditional entries count as overlaps."""
+    system = f"urn:overlap:{uuid.uuid4().hex}"
+    target = created(fhir, "Patient", patient(identifier=[{"system": system, "value": "1"}]))
+    path, search = f"Patient/{target['id']}", f"Patient?identifier={system}|1"
+    before = db.fhir_history.count_documents({})
+    for entries in (
+        (entry("DELETE", path), entry("PUT", search, patient(identifier=[{"system": system, "value": "1"}]))),
+        (entry("PUT", path, {**target, "active": True}), entry("DELETE", search)),
+        (entry("DELETE", search), entry("PATCH", search, {"resourceType": "Parameters", "parameter": []})),
+        (entry("POST", "Patient", patient(), ifNoneExist=f"identifier={system}|1"), entry("DELETE", path)),
+    ):
+        body = assert_outcome(post_bundle(fhir, bundle("transaction", *entries)), 400, "invalid")
+        assert body["issue"][0]["expression"] == ["Bundle.entry[1].request.url"], body
+    assert db.fhir_history.count_documents({}) == before
+    assert fhir.get(path).json()["meta"]["versionId"] == "1"
