@@ -80,10 +80,29 @@ def _string(element: dict[str, Any], name: str, where: str) -> str | None:
     return value
 
 
+def check_full_urls(entries: list[Any]) -> None:
+    """bdl-7: a fullUrl is unique in a batch or transaction (only other versions of one
+    resource may share it, which these bundles cannot carry); two POSTs under one
+    urn:uuid would otherwise make two resources for the references to it."""
+    first: dict[str, int] = {}
+    for index, entry in enumerate(entries):
+        full_url = entry.get("fullUrl") if isinstance(entry, dict) else None
+        if not isinstance(full_url, str):
+            continue
+        if full_url in first:
+            raise error(
+                400, "invariant",
+                f"Bundle.entry[{index}].fullUrl {full_url} is also the fullUrl of Bundle.entry[{first[full_url]}] (bdl-7: fullUrl must be unique)",
+                f"Bundle.entry[{index}].fullUrl",
+            )
+        first[full_url] = index
+
+
 def parse_entries(bundle: dict[str, Any], base: str) -> list[Request]:
     entries = bundle.get("entry", [])
     if not isinstance(entries, list):
         raise error(400, "structure", "Bundle.entry must be an array", "Bundle.entry")
+    check_full_urls(entries)
     requests = []
     for index, entry in enumerate(entries):
         where = f"Bundle.entry[{index}]"

@@ -196,3 +196,14 @@ def test_conditional_targets_may_not_overlap_other_entries(fhir, db):
         assert body["issue"][0]["expression"] == ["Bundle.entry[1].request.url"], body
     assert db.fhir_history.count_documents({}) == before
     assert fhir.get(path).json()["meta"]["versionId"] == "1"
+
+
+def test_duplicate_full_urls_are_refused(fhir, db):
+    """bdl-7: two entries under one fullUrl would be two resources for one reference."""
+    full_url = f"urn:uuid:{uuid.uuid4()}"
+    before = db.fhir_history.count_documents({})
+    for kind in ("transaction", "batch"):
+        response = post_bundle(fhir, bundle(kind, entry("POST", "Patient", patient(), full_url), entry("POST", "Patient", patient(), full_url)))
+        body = assert_outcome(response, 400, "invariant")
+        assert body["issue"][0]["expression"] == ["Bundle.entry[1].fullUrl"]
+    assert db.fhir_history.count_documents({}) == before
