@@ -24,6 +24,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 
 from server.fhir import interactions, jsonio
 from server.fhir.bundle import Bundle, Entry
+from server.fhir.http import parse_http_date
 from server.fhir.interactions import Written, check_id, check_type, new_id
 from server.fhir.library_checks import LibraryChecks
 from server.fhir.outcome import FhirError, Issue, error, outcome_json
@@ -390,9 +391,13 @@ async def _dispatched(request: Request, dispatch: Dispatch, representation: bool
         headers["prefer"] = "return=minimal"
     status, response_headers, payload = await dispatch(request.method, request.url, headers, body)
     response: dict[str, Any] = {"status": status_line(status)}
-    for header, field_name in (("location", "location"), ("etag", "etag"), ("last-modified", "lastModified")):
+    for header, field_name in (("location", "location"), ("etag", "etag")):
         if header in response_headers:
             response[field_name] = response_headers[header]
+    # lastModified is a FHIR instant, not the HTTP date of the Last-Modified header
+    last_modified = parse_http_date(response_headers.get("last-modified", ""))
+    if last_modified is not None:
+        response["lastModified"] = interactions.instant(last_modified)
     resource = payload if payload else None
     if status >= 400:
         response["outcome"] = jsonio.loads(payload) if payload else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import uuid
 
 import orjson
@@ -207,3 +208,15 @@ def test_duplicate_full_urls_are_refused(fhir, db):
         body = assert_outcome(response, 400, "invariant")
         assert body["issue"][0]["expression"] == ["Bundle.entry[1].fullUrl"]
     assert db.fhir_history.count_documents({}) == before
+
+
+def test_response_last_modified_is_a_fhir_instant(fhir):
+    """Bundle.entry.response.lastModified is an instant, not the Last-Modified HTTP date."""
+    existing = created(fhir, "Patient", patient())
+    instant = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)")
+    for kind in ("batch", "transaction"):
+        response = post_bundle(fhir, bundle(kind, entry("POST", "Patient", patient()), entry("GET", f"Patient/{existing['id']}")))
+        assert response.status_code == 200, response.text
+        stamps = [e["response"]["lastModified"] for e in response.json()["entry"]]
+        assert len(stamps) == 2 and all(instant.fullmatch(s) for s in stamps), stamps
+        assert stamps[1][:19] == existing["meta"]["lastUpdated"][:19]
