@@ -409,7 +409,9 @@ async def history_instance(request: Request, type: str, id: str) -> Response:
 async def vread(request: Request, type: str, id: str, vid: str) -> Response:
     negotiated = negotiate(request)
     stored = await interactions.vread(store(request), type, id, vid)
-    return fhir_response(stored.body, 200, negotiated, resource_headers(request, type, id, stored.version, stored.last_updated))
+    headers = resource_headers(request, type, id, stored.version, stored.last_updated)
+    assert stored.body is not None
+    return fhir_response(search_routes.subsetted(request, type, stored.body), 200, negotiated, headers)
 
 
 def not_modified(request: Request, stored: StoredResource) -> bool:
@@ -432,7 +434,8 @@ async def read(request: Request, type: str, id: str) -> Response:
     headers = resource_headers(request, type, id, stored.version, stored.last_updated)
     if not_modified(request, stored):
         return Response(status_code=304, headers=headers)
-    return fhir_response(stored.body, 200, negotiated, headers)
+    assert stored.body is not None
+    return fhir_response(search_routes.subsetted(request, type, stored.body), 200, negotiated, headers)
 
 
 @route("update", "instance", "PUT", "/{type}/{id}")

@@ -189,3 +189,24 @@ def test_non_ascii_digits_are_not_numbers(fhir):
     assert_outcome(fhir.get(f"Patient/{body['id']}/_history/²"), 404)
     assert_outcome(put(fhir, f"Patient/{body['id']}", body, **{"If-Match": 'W/"²"'.encode('latin-1')}), 400)
     assert_outcome(fhir.get("_history", params={"_count": "٣"}), 400)
+
+
+def test_read_and_vread_honour_summary_and_elements(fhir):
+    """http.html#read takes _summary and _elements; the result is tagged SUBSETTED."""
+    subsetted = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}
+    body = created(fhir, "Patient", patient(gender="female", birthDate="1970-01-01", active=True,
+                                            text={"status": "generated", "div": '<div xmlns="http://www.w3.org/1999/xhtml">x</div>'},
+                                            maritalStatus={"text": "M"}))
+    for path in (f"Patient/{body['id']}", f"Patient/{body['id']}/_history/1"):
+        summary = fhir.get(path, params={"_summary": "true"}).json()
+        assert summary["gender"] == "female" and "maritalStatus" not in summary and "text" not in summary
+        assert subsetted in summary["meta"]["tag"]
+        elements = fhir.get(path, params={"_elements": "birthDate,active"}).json()
+        assert set(elements) == {"resourceType", "id", "meta", "birthDate", "active"} and subsetted in elements["meta"]["tag"]
+        data = fhir.get(path, params={"_summary": "data"}).json()
+        assert "text" not in data and data["maritalStatus"] == {"text": "M"}
+        assert set(fhir.get(path, params={"_summary": "text"}).json()) == {"resourceType", "id", "meta", "text"}
+        assert fhir.get(path, params={"_summary": "false"}).json() == body
+        assert_outcome(fhir.get(path, params={"_summary": "some"}), 400, "value")
+        assert_outcome(fhir.get(path, params={"_elements": "$where"}), 400, "value")
+    assert fhir.get(f"Patient/{body['id']}").json() == body
