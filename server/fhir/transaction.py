@@ -237,7 +237,7 @@ class _Prepared:
     request: Request
     new: NewVersion | None = None
     patcher: Patcher | None = None
-    if_match: int | None = None
+    if_match: interactions.IfMatch = None
 
 
 async def _prepare(request: Request, checks: LibraryChecks) -> _Prepared:

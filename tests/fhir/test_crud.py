@@ -210,3 +210,18 @@ def test_read_and_vread_honour_summary_and_elements(fhir):
         assert_outcome(fhir.get(path, params={"_summary": "some"}), 400, "value")
         assert_outcome(fhir.get(path, params={"_elements": "$where"}), 400, "value")
     assert fhir.get(f"Patient/{body['id']}").json() == body
+
+
+def test_if_match_star_matches_any_current_version(fhir):
+    """RFC 7232 3.1: `If-Match: *` holds when the resource has a current version."""
+    body = created(fhir, "Patient", patient())
+    path = f"Patient/{body['id']}"
+    star = {"If-Match": "*"}
+    assert put(fhir, path, body, **star).json()["meta"]["versionId"] == "2"
+    patched = fhir.patch(path, content=b'[{"op":"add","path":"/active","value":true}]',
+                         headers={"Content-Type": "application/json-patch+json", **star})
+    assert patched.status_code == 200 and patched.json()["meta"]["versionId"] == "3"
+    assert fhir.delete(path, headers=star).status_code == 204
+    assert_outcome(put(fhir, path, body, **star), 412, "conflict")  # deleted: no current version
+    missing = f"star-{body['id'][:8]}"
+    assert_outcome(put(fhir, f"Patient/{missing}", {**patient(), "id": missing}, **star), 412, "conflict")

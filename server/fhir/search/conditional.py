@@ -96,7 +96,7 @@ async def create(db: FhirStore, base: str, type_: str, resource: Resource, crite
 
 
 async def update(
-    db: FhirStore, base: str, type_: str, resource: Resource, criteria: str, if_match: int | None
+    db: FhirStore, base: str, type_: str, resource: Resource, criteria: str, if_match: interactions.IfMatch
 ) -> Written:
     """Conditional update (`PUT Type?criteria`): the one match, or a new resource."""
     interactions.check_type(type_)
