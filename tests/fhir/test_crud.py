@@ -225,3 +225,13 @@ def test_if_match_star_matches_any_current_version(fhir):
     assert_outcome(put(fhir, path, body, **star), 412, "conflict")  # deleted: no current version
     missing = f"star-{body['id'][:8]}"
     assert_outcome(put(fhir, f"Patient/{missing}", {**patient(), "id": missing}, **star), 412, "conflict")
+
+
+def test_accept_with_zero_quality_is_not_acceptable(fhir):
+    """RFC 9110 12.4.2: q=0, in any spelling, means "not acceptable"."""
+    path = f"Patient/{created(fhir, 'Patient', patient())['id']}"
+    for refused in ("application/fhir+json;q=0", "application/fhir+json;q=0.0", "application/fhir+json; q=0.000", "*/*;q=0.00"):
+        assert_outcome(fhir.get(path, headers={"Accept": refused}), 406, "not-supported")
+        as_json = fhir.get(path, headers={"Accept": f"{refused}, application/json;q=0.5"})
+        assert as_json.status_code == 200 and as_json.headers["content-type"].startswith("application/json")
+    assert fhir.get(path, headers={"Accept": "application/fhir+json;q=0.01"}).status_code == 200
