@@ -398,7 +398,8 @@ async def _dispatched(request: Request, dispatch: Dispatch, representation: bool
     last_modified = parse_http_date(response_headers.get("last-modified", ""))
     if last_modified is not None:
         response["lastModified"] = interactions.instant(last_modified)
-    resource = payload if payload else None
+    # a HEAD has no body (servers drop it on the wire; in process it is still there)
+    resource = payload if payload and request.method != "HEAD" else None
     if status >= 400:
         response["outcome"] = jsonio.loads(payload) if payload else None
         resource = None

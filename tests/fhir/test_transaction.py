@@ -220,3 +220,13 @@ def test_response_last_modified_is_a_fhir_instant(fhir):
         stamps = [e["response"]["lastModified"] for e in response.json()["entry"]]
         assert len(stamps) == 2 and all(instant.fullmatch(s) for s in stamps), stamps
         assert stamps[1][:19] == existing["meta"]["lastUpdated"][:19]
+
+
+def test_head_entries_have_no_resource(fhir):
+    existing = created(fhir, "Patient", patient())
+    for kind in ("batch", "transaction"):
+        response = post_bundle(fhir, bundle(kind, entry("HEAD", f"Patient/{existing['id']}"), entry("GET", f"Patient/{existing['id']}")))
+        assert response.status_code == 200, response.text
+        head, get = response.json()["entry"]
+        assert head["response"]["status"] == "200 OK" and head["response"]["etag"] == 'W/"1"' and "resource" not in head
+        assert get["resource"]["id"] == existing["id"]
