@@ -131,8 +131,14 @@ def written_response(request: Request, written: Written, negotiated: Negotiated)
     if prefer == "minimal":
         return fhir_response(None, written.status, negotiated, headers)
     if prefer == "OperationOutcome":
-        verb = "created" if written.status == 201 else "updated"
-        return fhir_response(information(f"{written.type}/{written.id} {verb} as version {written.version}"), written.status, negotiated, headers)
+        key = f"{written.type}/{written.id}"
+        if written.status == 201:
+            text = f"{key} created as version {written.version}"
+        elif request.method == "POST":  # a conditional create that matched
+            text = f"{key} (version {written.version}) already exists and matches If-None-Exist; nothing was created"
+        else:
+            text = f"{key} updated as version {written.version}"
+        return fhir_response(information(text), written.status, negotiated, headers)
     return fhir_response(written.body, written.status, negotiated, headers)
 
 

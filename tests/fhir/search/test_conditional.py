@@ -140,3 +140,14 @@ def test_result_parameters_are_not_criteria(fhir, db):
     assert deleted.status_code == 204 and deleted.headers["X-Deleted-Count"] == "1"
     assert fhir.get(f"Patient/{target}").status_code == 410
     assert fhir.get(f"Patient/{bystander}").status_code == 200
+
+
+def test_prefer_operation_outcome_of_a_matched_conditional_create(fhir):
+    system = f"urn:oo:{uuid.uuid4().hex}"
+    headers = {"If-None-Exist": f"identifier={system}|1", "Prefer": "return=OperationOutcome", **FHIR_JSON}
+    first = fhir.post("Patient", json=_patient(system, "1"), headers=headers)
+    assert first.status_code == 201 and "created as version 1" in first.json()["issue"][0]["diagnostics"]
+    again = fhir.post("Patient", json=_patient(system, "1"), headers=headers)
+    assert again.status_code == 200
+    diagnostics = again.json()["issue"][0]["diagnostics"]
+    assert "already exists" in diagnostics and "updated" not in diagnostics, diagnostics
