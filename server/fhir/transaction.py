@@ -15,6 +15,7 @@ fails alone.
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -189,22 +190,38 @@ def check_overlap(requests: list[Request]) -> None:
         seen[key] = request.index
 
 
-def rewrite_references(node: Any, identities: dict[str, str]) -> None:
-    """Replace references to bundle-local fullUrls with the resources' new `Type/id`."""
+# an `<a href>` or `<img src>` attribute in the narrative's XHTML
+_LINK_ATTRIBUTE = re.compile(r"""(\s(?:href|src)\s*=\s*)(["'])(.*?)\2""")
+
+
+def _rewritten(key: str, value: str, identities: dict[str, str]) -> str:
+    if key == "div":
+        return _LINK_ATTRIBUTE.sub(lambda m: f"{m[1]}{m[2]}{identities.get(m[3], m[3])}{m[2]}", value)
+    if value in identities:
+        return identities[value]
+    base, _, fragment = value.partition("#")
+    if key == "reference" and fragment and base in identities:
+        return f"{identities[base]}#{fragment}"
+    return value
+
+
+def rewrite_links(node: Any, identities: dict[str, str]) -> None:
+    """Replace bundle-local fullUrls with the resources' new `Type/id` wherever they are
+    links (http.html#trules): any string that is exactly one (references, and uri, url,
+    canonical, oid and uuid values, which are whole strings), a reference to a fragment
+    of one, and `<a href>` / `<img src>` values in the narrative."""
     if isinstance(node, dict):
         for key, value in node.items():
-            if key == "reference" and isinstance(value, str):
-                target = identities.get(value)
-                if target is None and "#" in value:
-                    base, _, fragment = value.partition("#")
-                    target = identities.get(base) and f"{identities[base]}#{fragment}"
-                if target:
-                    node[key] = target
+            if isinstance(value, str):
+                node[key] = _rewritten(key, value, identities)
             else:
-                rewrite_references(value, identities)
+                rewrite_links(value, identities)
     elif isinstance(node, list):
-        for item in node:
-            rewrite_references(item, identities)
+        for index, item in enumerate(node):
+            if isinstance(item, str):
+                node[index] = identities.get(item, item)
+            else:
+                rewrite_links(item, identities)
 
 
 def binary_content(resource: dict[str, Any]) -> tuple[str, bytes]:
@@ -275,7 +292,7 @@ async def transaction(
     checks = LibraryChecks()
     for request in requests:
         if request.resource is not None and identities:
-            rewrite_references(request.resource, identities)
+            rewrite_links(request.resource, identities)
         if request.method in ("GET", "HEAD"):
             continue
         try:

@@ -230,3 +230,32 @@ def test_head_entries_have_no_resource(fhir):
         head, get = response.json()["entry"]
         assert head["response"]["status"] == "200 OK" and head["response"]["etag"] == 'W/"1"' and "resource" not in head
         assert get["resource"]["id"] == existing["id"]
+
+
+def test_transaction_replaces_full_urls_in_every_link(fhir):
+    """http.html#trules: matching links are replaced in references, uri/url/canonical
+    values and narrative <a href>/<img src>; text that merely contains one is kept."""
+    patient_url = f"urn:uuid:{uuid.uuid4()}"
+    div = (f'<div xmlns="http://www.w3.org/1999/xhtml"><a href="{patient_url}">patient</a>'
+           f"<img src='{patient_url}' alt='x'/> see {patient_url}</div>")
+    observation = {
+        "resourceType": "Observation", "status": "final", "code": {"text": "x"},
+        "text": {"status": "generated", "div": div},
+        "extension": [{"url": "http://example.org/source", "valueUri": patient_url}],
+        "identifier": [{"system": "urn:ietf:rfc:3986", "value": patient_url}],
+        "subject": {"reference": patient_url}, "note": [{"text": f"from {patient_url}"}],
+    }
+    care_plan = {"resourceType": "CarePlan", "status": "active", "intent": "plan",
+                 "subject": {"reference": patient_url}, "instantiatesUri": [patient_url, "http://example.org/other"]}
+    response = post_bundle(fhir, bundle("transaction", entry("POST", "Patient", patient(), patient_url),
+                                        entry("POST", "Observation", observation), entry("POST", "CarePlan", care_plan)))
+    assert response.status_code == 200, response.text
+    locations = [e["response"]["location"].rsplit("/_history", 1)[0] for e in response.json()["entry"]]
+    new = locations[0]
+    stored = fhir.get(locations[1]).json()
+    assert stored["subject"]["reference"] == new
+    assert stored["extension"][0]["valueUri"] == new
+    assert stored["identifier"][0]["value"] == new
+    assert f'href="{new}"' in stored["text"]["div"] and f"src='{new}'" in stored["text"]["div"]
+    assert f"see {patient_url}" in stored["text"]["div"] and stored["note"][0]["text"] == f"from {patient_url}"
+    assert fhir.get(locations[2]).json()["instantiatesUri"] == [new, "http://example.org/other"]
