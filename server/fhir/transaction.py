@@ -100,35 +100,36 @@ def check_full_urls(entries: list[Any]) -> None:
         first[full_url] = index
 
 
-def parse_entries(bundle: dict[str, Any], base: str) -> list[Request]:
+def bundle_entries(bundle: dict[str, Any]) -> list[Any]:
+    """Bundle.entry, checked as a whole: an array, with unique fullUrls."""
     entries = bundle.get("entry", [])
     if not isinstance(entries, list):
         raise error(400, "structure", "Bundle.entry must be an array", "Bundle.entry")
     check_full_urls(entries)
-    requests = []
-    for index, entry in enumerate(entries):
-        where = f"Bundle.entry[{index}]"
-        if not isinstance(entry, dict) or not isinstance(entry.get("request"), dict):
-            raise error(400, "required", f"{where} has no request", f"{where}.request")
-        request = entry["request"]
-        method = _string(request, "method", f"{where}.request")
-        url = _string(request, "url", f"{where}.request")
-        if method not in ORDER:
-            raise error(400, "value", f"{where}.request.method {method!r} is not supported", f"{where}.request.method")
-        if not isinstance(url, str) or not url:
-            raise error(400, "required", f"{where}.request.url is missing", f"{where}.request.url")
-        resource = entry.get("resource")
-        if resource is not None and not isinstance(resource, dict):
-            raise error(400, "structure", f"{where}.resource must be a resource", f"{where}.resource")
-        if method in ("POST", "PUT", "PATCH") and resource is None:
-            raise error(400, "required", f"{where} ({method}) has no resource", f"{where}.resource")
-        requests.append(
-            Request(
-                index, method, _relative(url, base), _string(entry, "fullUrl", where), resource,
-                *(_string(request, name, f"{where}.request") for name in ("ifMatch", "ifNoneMatch", "ifModifiedSince", "ifNoneExist")),
-            )
-        )
-    return requests
+    return entries
+
+
+def parse_entry(index: int, entry: Any, base: str) -> Request:
+    """One entry's request, checked (400 naming the element at fault)."""
+    where = f"Bundle.entry[{index}]"
+    if not isinstance(entry, dict) or not isinstance(entry.get("request"), dict):
+        raise error(400, "required", f"{where} has no request", f"{where}.request")
+    request = entry["request"]
+    method = _string(request, "method", f"{where}.request")
+    url = _string(request, "url", f"{where}.request")
+    if method not in ORDER:
+        raise error(400, "value", f"{where}.request.method {method!r} is not supported", f"{where}.request.method")
+    if not isinstance(url, str) or not url:
+        raise error(400, "required", f"{where}.request.url is missing", f"{where}.request.url")
+    resource = entry.get("resource")
+    if resource is not None and not isinstance(resource, dict):
+        raise error(400, "structure", f"{where}.resource must be a resource", f"{where}.resource")
+    if method in ("POST", "PUT", "PATCH") and resource is None:
+        raise error(400, "required", f"{where} ({method}) has no resource", f"{where}.resource")
+    return Request(
+        index, method, _relative(url, base), _string(entry, "fullUrl", where), resource,
+        *(_string(request, name, f"{where}.request") for name in ("ifMatch", "ifNoneMatch", "ifModifiedSince", "ifNoneExist")),
+    )
 
 
 def _with_entry(exc: FhirError, index: int) -> FhirError:
@@ -284,7 +285,7 @@ async def _prepare(request: Request, checks: LibraryChecks) -> _Prepared:
 async def transaction(
     db: FhirStore, bundle: dict[str, Any], base: str, dispatch: Dispatch, representation: bool
 ) -> bytes:
-    requests = parse_entries(bundle, base)
+    requests = [parse_entry(index, entry, base) for index, entry in enumerate(bundle_entries(bundle))]
     identities = _resolve_targets(requests)
     await search_conditional.resolve_transaction(db, base, requests, identities)
     check_overlap(requests)
@@ -401,7 +402,10 @@ async def _dispatched(request: Request, dispatch: Dispatch, representation: bool
     headers = _headers(request)
     if request.resource is not None:
         if request.method == "PATCH" and request.resource.get("resourceType") == "Binary":
-            headers["content-type"], body = binary_content(request.resource)
+            try:
+                headers["content-type"], body = binary_content(request.resource)
+            except FhirError as exc:
+                raise _with_entry(exc, request.index) from None
         else:
             body = jsonio.dumps(request.resource)
     if not representation:
@@ -423,19 +427,19 @@ async def _dispatched(request: Request, dispatch: Dispatch, representation: bool
     return Entry(None, resource, response=response)
 
 
-async def _batch_entry(request: Request, dispatch: Dispatch, representation: bool) -> Entry:
-    """One batch entry's response: its own error is reported in it, not for the batch."""
+async def _batch_entry(index: int, entry: Any, base: str, dispatch: Dispatch, representation: bool) -> Entry:
+    """One batch entry's response: its own error, a malformed entry's included, is
+    reported in it, and the other entries still run (http.html#transaction)."""
     try:
-        return await _dispatched(request, dispatch, representation)
+        return await _dispatched(parse_entry(index, entry, base), dispatch, representation)
     except FhirError as exc:
-        failed = _with_entry(exc, request.index)
-        return Entry(response={"status": status_line(failed.status), "outcome": outcome_json(failed.issues)})
+        return Entry(response={"status": status_line(exc.status), "outcome": outcome_json(exc.issues)})
 
 
 async def batch(bundle: dict[str, Any], base: str, dispatch: Dispatch, representation: bool) -> bytes:
-    requests = parse_entries(bundle, base)
-    entries = [await _batch_entry(r, dispatch, representation) for r in requests]
-    return Bundle("batch-response", entries).to_bytes()
+    entries = bundle_entries(bundle)
+    responses = [await _batch_entry(index, entry, base, dispatch, representation) for index, entry in enumerate(entries)]
+    return Bundle("batch-response", responses).to_bytes()
 
 
 def check_bundle(bundle: dict[str, Any]) -> str:

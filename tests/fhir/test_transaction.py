@@ -150,34 +150,40 @@ def test_batch_entries_succeed_or_fail_independently(fhir):
     assert fhir.get(f"Patient/{existing['id']}").json()["meta"]["versionId"] == "2"
 
 
+def refusal(fhir, kind: str, *entries: dict) -> dict:
+    """The OperationOutcome refusing a bundle's last entry: a transaction's own (it fails
+    as a whole), a batch's in that entry's response (the others still run)."""
+    response = post_bundle(fhir, bundle(kind, *entries))
+    if kind == "transaction":
+        return assert_outcome(response, 400)
+    assert response.status_code == 200, response.text
+    last = response.json()["entry"][-1]["response"]
+    assert last["status"].startswith("400"), last
+    return last["outcome"]
+
+
 def test_malformed_entries_are_400_naming_the_element(fhir):
     """Numbers where strings belong, and Binary data that is not base64, are the client's
     error (400 with the element's FHIRPath), never a 500."""
     existing = created(fhir, "Patient", patient())
     path = f"Patient/{existing['id']}"
+    json_patch = "application/json-patch+json"
     for kind in ("transaction", "batch"):
         for name in ("ifMatch", "ifNoneMatch", "ifModifiedSince", "ifNoneExist"):
             for method, url in (("POST", "Patient"), ("PUT", path), ("GET", path)):
-                response = post_bundle(fhir, bundle(kind, entry(method, url, existing, **{name: 1})))
-                body = assert_outcome(response, 400, "structure")
+                body = refusal(fhir, kind, entry(method, url, existing, **{name: 1}))
                 assert body["issue"][0]["expression"] == [f"Bundle.entry[0].request.{name}"], (kind, method, body)
         for request, expression in (({"method": ["POST"], "url": "Patient"}, "method"), ({"method": "POST", "url": 5}, "url")):
-            body = assert_outcome(post_bundle(fhir, bundle(kind, {"resource": existing, "request": request})), 400)
+            body = refusal(fhir, kind, {"resource": existing, "request": request})
             assert body["issue"][0]["expression"] == [f"Bundle.entry[0].request.{expression}"]
-        body = assert_outcome(post_bundle(fhir, bundle(kind, {"resource": existing})), 400, "required")
+        body = refusal(fhir, kind, {"resource": existing})
         assert body["issue"][0]["expression"] == ["Bundle.entry[0].request"]
-        body = assert_outcome(post_bundle(fhir, bundle(kind, entry("POST", "Patient", patient(), ["urn:uuid:x"]))), 400, "structure")
+        body = refusal(fhir, kind, entry("POST", "Patient", patient(), ["urn:uuid:x"]))
         assert body["issue"][0]["expression"] == ["Bundle.entry[0].fullUrl"]
-
-    json_patch = "application/json-patch+json"
-    for content_type, data, element in ((json_patch, "###", "data"), (json_patch, 12, "data"), (json_patch, "é", "data"), (3, "W10=", "contentType")):
-        binary = {"resourceType": "Binary", "contentType": content_type, "data": data}
-        body = assert_outcome(post_bundle(fhir, bundle("transaction", entry("PATCH", path, binary))), 400)
-        assert body["issue"][0]["expression"] == [f"Bundle.entry[0].resource.{element}"]
-        response = post_bundle(fhir, bundle("batch", entry("GET", path), entry("PATCH", path, binary)))
-        assert response.status_code == 200, response.text
-        failed = response.json()["entry"][1]["response"]
-        assert failed["status"].startswith("400") and failed["outcome"]["issue"][0]["expression"] == [f"Bundle.entry[1].resource.{element}"]
+        for content_type, data, element in ((json_patch, "###", "data"), (json_patch, 12, "data"), (json_patch, "é", "data"), (3, "W10=", "contentType")):
+            binary = {"resourceType": "Binary", "contentType": content_type, "data": data}
+            body = refusal(fhir, kind, entry("GET", path), entry("PATCH", path, binary))
+            assert body["issue"][0]["expression"] == [f"Bundle.entry[1].resource.{element}"]
     assert fhir.get(path).json()["meta"]["versionId"] == "1"
 
 
@@ -259,3 +265,19 @@ def test_transaction_replaces_full_urls_in_every_link(fhir):
     assert f'href="{new}"' in stored["text"]["div"] and f"src='{new}'" in stored["text"]["div"]
     assert f"see {patient_url}" in stored["text"]["div"] and stored["note"][0]["text"] == f"from {patient_url}"
     assert fhir.get(locations[2]).json()["instantiatesUri"] == [new, "http://example.org/other"]
+
+
+def test_malformed_batch_entry_fails_alone(fhir):
+    """http.html#transaction: batch entries are processed independently, a malformed one
+    included; a transaction with the same entries fails as a whole."""
+    existing = created(fhir, "Patient", patient())
+    entries = (entry("POST", "Patient", patient()), {"resource": patient()}, entry("TRACE", "Patient"), entry("GET", f"Patient/{existing['id']}"))
+    response = post_bundle(fhir, bundle("batch", *entries))
+    assert response.status_code == 200, response.text
+    result = response.json()["entry"]
+    assert [e["response"]["status"][:3] for e in result] == ["201", "400", "400", "200"]
+    assert result[1]["response"]["outcome"]["issue"][0]["expression"] == ["Bundle.entry[1].request"]
+    assert result[2]["response"]["outcome"]["issue"][0]["expression"] == ["Bundle.entry[2].request.method"]
+    assert fhir.get(result[0]["response"]["location"]).status_code == 200
+    assert result[3]["resource"]["id"] == existing["id"]
+    assert_outcome(post_bundle(fhir, bundle("transaction", *entries)), 400, "required")
