@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pymongo.errors import ConnectionFailure
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.config import Settings
@@ -183,6 +184,16 @@ def create_app(settings: Settings, dimse: bool = True) -> FastAPI:
     return app
 
 
+def allowed_methods(request: Request) -> str:
+    """The Allow header of a 405: every method served at the path. Starlette names only
+    the first route that matches the path, and each FHIR interaction is its own route."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route.methods
+    return ", ".join(sorted(methods))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(FhirError)
     async def fhir_error(request: Request, exc: FhirError) -> Response:
@@ -190,15 +201,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        headers = dict(exc.headers or {})
         if exc.status_code == 404:
             message = f"No route for {request.method} {request.url.path}"
         elif exc.status_code == 405:
             message = f"{request.method} is not supported on {request.url.path}"
+            headers["Allow"] = allowed_methods(request)
         else:
             message = str(exc.detail)
         response = render_error(request, exc.status_code, message)
-        if exc.headers:
-            response.headers.update(exc.headers)
+        response.headers.update(headers)
         return response
 
     @app.exception_handler(RequestValidationError)

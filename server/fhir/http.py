@@ -8,6 +8,7 @@ as they are.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime, parsedate_to_datetime
@@ -34,11 +35,15 @@ class Negotiated:
     pretty: bool
 
 
+# a weight of zero in any spelling (q=0, q=0.0, q=0.000): "not acceptable" (RFC 9110 12.4.2)
+_Q_ZERO = re.compile(r"\s*[qQ]\s*=\s*0(\.0{0,3})?\s*")
+
+
 def _media_types(header: str) -> list[str]:
     types = []
     for item in header.split(","):
         media, *params = item.strip().split(";")
-        if any(p.strip().replace(" ", "") == "q=0" for p in params):
+        if any(_Q_ZERO.fullmatch(p) for p in params):
             continue
         if media.strip():
             types.append(media.strip().lower())
@@ -57,15 +62,15 @@ def negotiate(request: Request) -> Negotiated:
             406, "not-supported", f"_format={requested} is not supported; this server speaks JSON only"
         )
     accept = request.headers.get("accept", "")
-    wanted = _media_types(accept)
-    if not wanted:
+    if not accept.strip():
         return Negotiated(FHIR_JSON, pretty)
+    wanted = _media_types(accept)
     for media in wanted:
         if media in ("application/fhir+json", "application/json+fhir", "*/*", "application/*"):
             return Negotiated(FHIR_JSON, pretty)
         if media == "application/json":
             return Negotiated("application/json", pretty)
-    if all(m in _XML_FORMATS or m == "application/fhir+xml" for m in wanted):
+    if wanted and all(m in _XML_FORMATS or m == "application/fhir+xml" for m in wanted):
         raise error(406, "not-supported", "XML is not supported; ask for application/fhir+json")
     raise error(406, "not-supported", f"Cannot produce {accept}; this server speaks application/fhir+json")
 

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pymongo.asynchronous.client_session import AsyncClientSession
 
@@ -29,6 +29,8 @@ ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 MAX_CONFLICT_RETRIES = 100
 Resource = dict[str, Any]
 T = TypeVar("T")
+# An If-Match precondition: a version, "*" (any current version, RFC 7232), or none
+IfMatch = int | Literal["*"] | None
 
 
 @dataclass
@@ -103,10 +105,12 @@ def check_version_id(version: str) -> int:
     return int(version)
 
 
-def parse_etag(value: str | None, header: str) -> int | None:
-    """The version in an ETag-style precondition (`W/"3"`, `"3"` or `3`)."""
+def parse_etag(value: str | None, header: str) -> IfMatch:
+    """The version in an ETag-style precondition (`W/"3"`, `"3"` or `3`), or `*`."""
     if value is None:
         return None
+    if value.strip() == "*":
+        return "*"
     tag = value.strip().removeprefix("W/").strip('"')
     if not (tag.isascii() and tag.isdigit()) or len(tag) > 18:
         raise error(400, "value", f"{header}: {value!r} is not a version ETag like W/\"1\"")
@@ -273,12 +277,12 @@ def check_update_body(type_: str, id_: str, resource: Resource) -> None:
         )
 
 
-def check_if_match(current: StoredResource | None, if_match: int | None) -> None:
+def check_if_match(current: StoredResource | None, if_match: IfMatch) -> None:
     if if_match is None:
         return
     if current is None or current.deleted:
         raise error(412, "conflict", "If-Match given but the resource does not exist")
-    if current.version != if_match:
+    if if_match != "*" and current.version != if_match:
         raise error(
             412, "conflict", f"If-Match W/\"{if_match}\" does not match the current version {current.version}"
         )
@@ -289,7 +293,7 @@ async def update_in(
     db: FhirStore,
     validated: NewVersion,
     resource: Resource,
-    if_match: int | None,
+    if_match: IfMatch,
 ) -> Written:
     """Write a validated resource as the next version of `validated.type/id`."""
     current = await db.current(validated.type, validated.id, session)
@@ -302,7 +306,7 @@ async def update_in(
 
 
 async def update(
-    db: FhirStore, type_: str, id_: str, resource: Resource, if_match: int | None
+    db: FhirStore, type_: str, id_: str, resource: Resource, if_match: IfMatch
 ) -> Written:
     check_update_body(type_, id_, resource)
     await incoming(resource)
@@ -323,7 +327,7 @@ async def patch_in(
     type_: str,
     id_: str,
     apply: Callable[[Resource], Resource],
-    if_match: int | None,
+    if_match: IfMatch,
 ) -> Written:
     current = await db.current(type_, id_, session)
     if current is None:
@@ -346,7 +350,7 @@ async def patch(
     type_: str,
     id_: str,
     apply: Callable[[Resource], Resource],
-    if_match: int | None,
+    if_match: IfMatch,
 ) -> Written:
     check_type(type_)
     check_id(id_)
@@ -361,7 +365,7 @@ async def patch(
 
 
 async def delete_in(
-    session: AsyncClientSession, db: FhirStore, type_: str, id_: str, if_match: int | None
+    session: AsyncClientSession, db: FhirStore, type_: str, id_: str, if_match: IfMatch
 ) -> Written | None:
     """Delete logically (a tombstone version); None when there was nothing to delete."""
     current = await db.current(type_, id_, session)
@@ -373,7 +377,7 @@ async def delete_in(
     return Written.of(204, new)
 
 
-async def delete(db: FhirStore, type_: str, id_: str, if_match: int | None) -> Written | None:
+async def delete(db: FhirStore, type_: str, id_: str, if_match: IfMatch) -> Written | None:
     check_type(type_)
     check_id(id_)
 

@@ -62,6 +62,22 @@ class OperationConvertor(Convertor[str]):
 
 register_url_convertor("operation", OperationConvertor())
 
+
+class ResourceTypeConvertor(Convertor[str]):
+    """Matches what can name a resource type (UpperCamelCase), so `/{type}` routes never
+    take `metadata`, `_search` or `_history`: POST /metadata is a 405, not an unknown type."""
+
+    regex = r"[A-Z][A-Za-z0-9]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("type", ResourceTypeConvertor())
+
 ROUTES: list[Route] = []
 Handler = Callable[..., Awaitable[Response]]
 
@@ -115,8 +131,14 @@ def written_response(request: Request, written: Written, negotiated: Negotiated)
     if prefer == "minimal":
         return fhir_response(None, written.status, negotiated, headers)
     if prefer == "OperationOutcome":
-        verb = "created" if written.status == 201 else "updated"
-        return fhir_response(information(f"{written.type}/{written.id} {verb} as version {written.version}"), written.status, negotiated, headers)
+        key = f"{written.type}/{written.id}"
+        if written.status == 201:
+            text = f"{key} created as version {written.version}"
+        elif request.method == "POST":  # a conditional create that matched
+            text = f"{key} (version {written.version}) already exists and matches If-None-Exist; nothing was created"
+        else:
+            text = f"{key} updated as version {written.version}"
+        return fhir_response(information(text), written.status, negotiated, headers)
     return fhir_response(written.body, written.status, negotiated, headers)
 
 
@@ -362,17 +384,17 @@ async def operation_system(request: Request, operation: str) -> Response:
     return await invoke(request, operation)
 
 
-@operation_route("/{type}/{operation:operation}")
+@operation_route("/{type:type}/{operation:operation}")
 async def operation_type(request: Request, type: str, operation: str) -> Response:
     return await invoke(request, operation, type)
 
 
-@operation_route("/{type}/{id}/{operation:operation}")
+@operation_route("/{type:type}/{id}/{operation:operation}")
 async def operation_instance(request: Request, type: str, id: str, operation: str) -> Response:
     return await invoke(request, operation, type, id)
 
 
-@operation_route("/{type}/{id}/_history/{vid}/{operation:operation}")
+@operation_route("/{type:type}/{id}/_history/{vid}/{operation:operation}")
 async def operation_version(request: Request, type: str, id: str, vid: str, operation: str) -> Response:
     return await invoke(request, operation, type, id, vid)
 
@@ -380,12 +402,12 @@ async def operation_version(request: Request, type: str, id: str, vid: str, oper
 # --- type level ---------------------------------------------------------------------------
 
 
-@route("history-type", "type", "GET", "/{type}/_history")
+@route("history-type", "type", "GET", "/{type:type}/_history")
 async def history_type(request: Request, type: str) -> Response:
     return await history_response(request, HistoryScope(type), f"{type}/_history")
 
 
-@route("create", "type", "POST", "/{type}")
+@route("create", "type", "POST", "/{type:type}")
 async def create(request: Request, type: str) -> Response:
     negotiated = negotiate(request)
     interactions.check_type(type)
@@ -400,16 +422,18 @@ async def create(request: Request, type: str) -> Response:
 # --- instance level -----------------------------------------------------------------------
 
 
-@route("history-instance", "instance", "GET", "/{type}/{id}/_history")
+@route("history-instance", "instance", "GET", "/{type:type}/{id}/_history")
 async def history_instance(request: Request, type: str, id: str) -> Response:
     return await history_response(request, HistoryScope(type, id), f"{type}/{id}/_history")
 
 
-@route("vread", "instance", "GET", "/{type}/{id}/_history/{vid}")
+@route("vread", "instance", "GET", "/{type:type}/{id}/_history/{vid}")
 async def vread(request: Request, type: str, id: str, vid: str) -> Response:
     negotiated = negotiate(request)
     stored = await interactions.vread(store(request), type, id, vid)
-    return fhir_response(stored.body, 200, negotiated, resource_headers(request, type, id, stored.version, stored.last_updated))
+    headers = resource_headers(request, type, id, stored.version, stored.last_updated)
+    assert stored.body is not None
+    return fhir_response(search_routes.subsetted(request, type, stored.body), 200, negotiated, headers)
 
 
 def not_modified(request: Request, stored: StoredResource) -> bool:
@@ -425,17 +449,18 @@ def not_modified(request: Request, stored: StoredResource) -> bool:
     return False
 
 
-@route("read", "instance", "GET", "/{type}/{id}")
+@route("read", "instance", "GET", "/{type:type}/{id}")
 async def read(request: Request, type: str, id: str) -> Response:
     negotiated = negotiate(request)
     stored = await interactions.read(store(request), type, id)
     headers = resource_headers(request, type, id, stored.version, stored.last_updated)
     if not_modified(request, stored):
         return Response(status_code=304, headers=headers)
-    return fhir_response(stored.body, 200, negotiated, headers)
+    assert stored.body is not None
+    return fhir_response(search_routes.subsetted(request, type, stored.body), 200, negotiated, headers)
 
 
-@route("update", "instance", "PUT", "/{type}/{id}")
+@route("update", "instance", "PUT", "/{type:type}/{id}")
 async def update(request: Request, type: str, id: str) -> Response:
     negotiated = negotiate(request)
     if_match = parse_etag(request.headers.get("if-match"), "If-Match")
@@ -446,7 +471,7 @@ async def update(request: Request, type: str, id: str) -> Response:
     return written_response(request, written, negotiated)
 
 
-@route("patch", "instance", "PATCH", "/{type}/{id}")
+@route("patch", "instance", "PATCH", "/{type:type}/{id}")
 async def patch(request: Request, type: str, id: str) -> Response:
     negotiated = negotiate(request)
     if_match = parse_etag(request.headers.get("if-match"), "If-Match")
@@ -466,7 +491,7 @@ async def patch(request: Request, type: str, id: str) -> Response:
     return written_response(request, written, negotiated)
 
 
-@route("delete", "instance", "DELETE", "/{type}/{id}")
+@route("delete", "instance", "DELETE", "/{type:type}/{id}")
 async def delete(request: Request, type: str, id: str) -> Response:
     negotiate(request)
     if_match = parse_etag(request.headers.get("if-match"), "If-Match")
@@ -480,12 +505,12 @@ async def delete(request: Request, type: str, id: str) -> Response:
 # /_history and $operation routes above.
 
 
-@route("search-type", "type", "GET", "/{type}")
+@route("search-type", "type", "GET", "/{type:type}")
 async def search_type(request: Request, type: str) -> Response:
     return await search_routes.search(request, search_routes.type_scope(type))
 
 
-@route("search-type", "type", "POST", "/{type}/_search")
+@route("search-type", "type", "POST", "/{type:type}/_search")
 async def search_type_post(request: Request, type: str) -> Response:
     return await search_routes.search(request, search_routes.type_scope(type), await search_routes.form(request))
 
@@ -500,12 +525,12 @@ async def search_system_post(request: Request) -> Response:
     return await search_routes.search(request, search_routes.system_scope(), await search_routes.form(request))
 
 
-@route("search-type", "type", "GET", "/{compartment}/{id}/{type}")
+@route("search-type", "type", "GET", "/{compartment:type}/{id}/{type}")
 async def search_compartment(request: Request, compartment: str, id: str, type: str) -> Response:
     return await search_routes.search(request, search_routes.compartment_scope(compartment, id, type))
 
 
-@route("update", "instance", "PUT", "/{type}")
+@route("update", "instance", "PUT", "/{type:type}")
 async def conditional_update(request: Request, type: str) -> Response:
     negotiated = negotiate(request)
     if_match = parse_etag(request.headers.get("if-match"), "If-Match")
@@ -515,7 +540,7 @@ async def conditional_update(request: Request, type: str) -> Response:
     return written_response(request, written, negotiated)
 
 
-@route("delete", "instance", "DELETE", "/{type}")
+@route("delete", "instance", "DELETE", "/{type:type}")
 async def conditional_delete(request: Request, type: str) -> Response:
     negotiate(request)
     deleted = await conditional.delete(store(request), base(request), type, request.url.query)

@@ -15,7 +15,7 @@ fails alone.
 from __future__ import annotations
 
 import base64
-import binascii
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -25,9 +25,10 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 
 from server.fhir import interactions, jsonio
 from server.fhir.bundle import Bundle, Entry
+from server.fhir.http import parse_http_date
 from server.fhir.interactions import Written, check_id, check_type, new_id
 from server.fhir.library_checks import LibraryChecks
-from server.fhir.outcome import FhirError, Issue, error
+from server.fhir.outcome import FhirError, Issue, error, outcome_json
 from server.fhir.patch import Patcher, fhirpath_patch, json_patch
 from server.fhir.search import conditional as search_conditional
 from server.store.database import TransactionTooLarge
@@ -72,35 +73,63 @@ def _relative(url: str, base: str) -> str:
     return url.lstrip("/")
 
 
-def parse_entries(bundle: dict[str, Any], base: str) -> list[Request]:
+def _string(element: dict[str, Any], name: str, where: str) -> str | None:
+    """An optional string element of an entry: anything else is a 400 naming it, not a
+    number reaching code that strips or encodes header values."""
+    value = element.get(name)
+    if value is not None and not isinstance(value, str):
+        raise error(400, "structure", f"{where}.{name} must be a string", f"{where}.{name}")
+    return value
+
+
+def check_full_urls(entries: list[Any]) -> None:
+    """bdl-7: a fullUrl is unique in a batch or transaction (only other versions of one
+    resource may share it, which these bundles cannot carry); two POSTs under one
+    urn:uuid would otherwise make two resources for the references to it."""
+    first: dict[str, int] = {}
+    for index, entry in enumerate(entries):
+        full_url = entry.get("fullUrl") if isinstance(entry, dict) else None
+        if not isinstance(full_url, str):
+            continue
+        if full_url in first:
+            raise error(
+                400, "invariant",
+                f"Bundle.entry[{index}].fullUrl {full_url} is also the fullUrl of Bundle.entry[{first[full_url]}] (bdl-7: fullUrl must be unique)",
+                f"Bundle.entry[{index}].fullUrl",
+            )
+        first[full_url] = index
+
+
+def bundle_entries(bundle: dict[str, Any]) -> list[Any]:
+    """Bundle.entry, checked as a whole: an array, with unique fullUrls."""
     entries = bundle.get("entry", [])
     if not isinstance(entries, list):
         raise error(400, "structure", "Bundle.entry must be an array", "Bundle.entry")
-    requests = []
-    for index, entry in enumerate(entries):
-        where = f"Bundle.entry[{index}]"
-        if not isinstance(entry, dict) or not isinstance(entry.get("request"), dict):
-            raise error(400, "required", f"{where} has no request", f"{where}.request")
-        request = entry["request"]
-        method = request.get("method")
-        url = request.get("url")
-        if method not in ORDER:
-            raise error(400, "value", f"{where}.request.method {method!r} is not supported", f"{where}.request.method")
-        if not isinstance(url, str) or not url:
-            raise error(400, "required", f"{where}.request.url is missing", f"{where}.request.url")
-        resource = entry.get("resource")
-        if resource is not None and not isinstance(resource, dict):
-            raise error(400, "structure", f"{where}.resource must be a resource", f"{where}.resource")
-        if method in ("POST", "PUT", "PATCH") and resource is None:
-            raise error(400, "required", f"{where} ({method}) has no resource", f"{where}.resource")
-        requests.append(
-            Request(
-                index, method, _relative(url, base), entry.get("fullUrl"), resource,
-                request.get("ifMatch"), request.get("ifNoneMatch"),
-                request.get("ifModifiedSince"), request.get("ifNoneExist"),
-            )
-        )
-    return requests
+    check_full_urls(entries)
+    return entries
+
+
+def parse_entry(index: int, entry: Any, base: str) -> Request:
+    """One entry's request, checked (400 naming the element at fault)."""
+    where = f"Bundle.entry[{index}]"
+    if not isinstance(entry, dict) or not isinstance(entry.get("request"), dict):
+        raise error(400, "required", f"{where} has no request", f"{where}.request")
+    request = entry["request"]
+    method = _string(request, "method", f"{where}.request")
+    url = _string(request, "url", f"{where}.request")
+    if method not in ORDER:
+        raise error(400, "value", f"{where}.request.method {method!r} is not supported", f"{where}.request.method")
+    if not isinstance(url, str) or not url:
+        raise error(400, "required", f"{where}.request.url is missing", f"{where}.request.url")
+    resource = entry.get("resource")
+    if resource is not None and not isinstance(resource, dict):
+        raise error(400, "structure", f"{where}.resource must be a resource", f"{where}.resource")
+    if method in ("POST", "PUT", "PATCH") and resource is None:
+        raise error(400, "required", f"{where} ({method}) has no resource", f"{where}.resource")
+    return Request(
+        index, method, _relative(url, base), _string(entry, "fullUrl", where), resource,
+        *(_string(request, name, f"{where}.request") for name in ("ifMatch", "ifNoneMatch", "ifModifiedSince", "ifNoneExist")),
+    )
 
 
 def _with_entry(exc: FhirError, index: int) -> FhirError:
@@ -121,7 +150,6 @@ def _with_entry(exc: FhirError, index: int) -> FhirError:
 def _resolve_targets(requests: list[Request]) -> dict[str, str]:
     """Give each write its target, and map bundle-local fullUrls to `Type/id`."""
     identities: dict[str, str] = {}
-    seen: set[str] = set()
     for request in requests:
         if request.method == "GET" or request.method == "HEAD":
             continue
@@ -140,31 +168,74 @@ def _resolve_targets(requests: list[Request]) -> dict[str, str]:
             request.type, request.id = parts
             check_id(request.id)
         check_type(request.type)
-        key = f"{request.type}/{request.id}"
-        if key in seen:
-            raise error(400, "invalid", f"Bundle.entry[{request.index}]: {key} appears more than once in the transaction")
-        seen.add(key)
         if request.full_url:
-            identities[request.full_url] = key
+            identities[request.full_url] = f"{request.type}/{request.id}"
     return identities
 
 
-def rewrite_references(node: Any, identities: dict[str, str]) -> None:
-    """Replace references to bundle-local fullUrls with the resources' new `Type/id`."""
+def check_overlap(requests: list[Request]) -> None:
+    """Refuse a transaction whose writes share a target (http.html#trules), the resolved
+    targets of conditional entries included, so it runs only once those are known."""
+    seen: dict[str, int] = {}
+    for request in requests:
+        if request.method in ("GET", "HEAD") or request.id is None:
+            continue
+        key = f"{request.type}/{request.id}"
+        if key in seen:
+            raise error(
+                400, "invalid",
+                f"Bundle.entry[{request.index}]: {key} is also the target of Bundle.entry[{seen[key]}]; "
+                "a transaction may touch a resource only once",
+                f"Bundle.entry[{request.index}].request.url",
+            )
+        seen[key] = request.index
+
+
+# an `<a href>` or `<img src>` attribute in the narrative's XHTML
+_LINK_ATTRIBUTE = re.compile(r"""(\s(?:href|src)\s*=\s*)(["'])(.*?)\2""")
+
+
+def _rewritten(key: str, value: str, identities: dict[str, str]) -> str:
+    if key == "div":
+        return _LINK_ATTRIBUTE.sub(lambda m: f"{m[1]}{m[2]}{identities.get(m[3], m[3])}{m[2]}", value)
+    if value in identities:
+        return identities[value]
+    base, _, fragment = value.partition("#")
+    if key == "reference" and fragment and base in identities:
+        return f"{identities[base]}#{fragment}"
+    return value
+
+
+def rewrite_links(node: Any, identities: dict[str, str]) -> None:
+    """Replace bundle-local fullUrls with the resources' new `Type/id` wherever they are
+    links (http.html#trules): any string that is exactly one (references, and uri, url,
+    canonical, oid and uuid values, which are whole strings), a reference to a fragment
+    of one, and `<a href>` / `<img src>` values in the narrative."""
     if isinstance(node, dict):
         for key, value in node.items():
-            if key == "reference" and isinstance(value, str):
-                target = identities.get(value)
-                if target is None and "#" in value:
-                    base, _, fragment = value.partition("#")
-                    target = identities.get(base) and f"{identities[base]}#{fragment}"
-                if target:
-                    node[key] = target
+            if isinstance(value, str):
+                node[key] = _rewritten(key, value, identities)
             else:
-                rewrite_references(value, identities)
+                rewrite_links(value, identities)
     elif isinstance(node, list):
-        for item in node:
-            rewrite_references(item, identities)
+        for index, item in enumerate(node):
+            if isinstance(item, str):
+                node[index] = identities.get(item, item)
+            else:
+                rewrite_links(item, identities)
+
+
+def binary_content(resource: dict[str, Any]) -> tuple[str, bytes]:
+    """A Binary entry's contentType and decoded data (400 naming the element when malformed)."""
+    content_type, data = resource.get("contentType"), resource.get("data", "")
+    if not isinstance(content_type, str):
+        raise error(400, "required", "A Binary needs a contentType string", "Binary.contentType")
+    if not isinstance(data, str):
+        raise error(400, "structure", "Binary.data must be a base64 string", "Binary.data")
+    try:
+        return content_type, base64.b64decode(data, validate=True)
+    except ValueError:  # binascii.Error, or non-ASCII text
+        raise error(400, "invalid", "Binary.data is not base64", "Binary.data") from None
 
 
 def binary_patch(resource: dict[str, Any]) -> Patcher:
@@ -172,12 +243,9 @@ def binary_patch(resource: dict[str, Any]) -> Patcher:
     if resource.get("resourceType") == "Parameters":
         return fhirpath_patch(resource)
     if resource.get("resourceType") == "Binary":
-        if resource.get("contentType", "").split(";")[0].strip() != "application/json-patch+json":
-            raise error(400, "not-supported", "A Binary patch must have contentType application/json-patch+json")
-        try:
-            data = base64.b64decode(resource.get("data", ""), validate=True)
-        except (binascii.Error, ValueError):
-            raise error(400, "invalid", "The Binary patch data is not base64") from None
+        content_type, data = binary_content(resource)
+        if content_type.split(";")[0].strip() != "application/json-patch+json":
+            raise error(400, "not-supported", "A Binary patch must have contentType application/json-patch+json", "Binary.contentType")
         return json_patch(jsonio.parse(data))
     raise error(400, "invalid", "A PATCH entry's resource must be a Binary (JSON Patch) or Parameters")
 
@@ -187,7 +255,7 @@ class _Prepared:
     request: Request
     new: NewVersion | None = None
     patcher: Patcher | None = None
-    if_match: int | None = None
+    if_match: interactions.IfMatch = None
 
 
 async def _prepare(request: Request, checks: LibraryChecks) -> _Prepared:
@@ -217,14 +285,15 @@ async def _prepare(request: Request, checks: LibraryChecks) -> _Prepared:
 async def transaction(
     db: FhirStore, bundle: dict[str, Any], base: str, dispatch: Dispatch, representation: bool
 ) -> bytes:
-    requests = parse_entries(bundle, base)
+    requests = [parse_entry(index, entry, base) for index, entry in enumerate(bundle_entries(bundle))]
     identities = _resolve_targets(requests)
     await search_conditional.resolve_transaction(db, base, requests, identities)
+    check_overlap(requests)
     prepared: list[_Prepared] = []
     checks = LibraryChecks()
     for request in requests:
         if request.resource is not None and identities:
-            rewrite_references(request.resource, identities)
+            rewrite_links(request.resource, identities)
         if request.method in ("GET", "HEAD"):
             continue
         try:
@@ -333,29 +402,44 @@ async def _dispatched(request: Request, dispatch: Dispatch, representation: bool
     headers = _headers(request)
     if request.resource is not None:
         if request.method == "PATCH" and request.resource.get("resourceType") == "Binary":
-            content_type = request.resource.get("contentType", "application/json-patch+json")
-            headers["content-type"] = content_type
-            body = base64.b64decode(request.resource.get("data", ""))
+            try:
+                headers["content-type"], body = binary_content(request.resource)
+            except FhirError as exc:
+                raise _with_entry(exc, request.index) from None
         else:
             body = jsonio.dumps(request.resource)
     if not representation:
         headers["prefer"] = "return=minimal"
     status, response_headers, payload = await dispatch(request.method, request.url, headers, body)
     response: dict[str, Any] = {"status": status_line(status)}
-    for header, field_name in (("location", "location"), ("etag", "etag"), ("last-modified", "lastModified")):
+    for header, field_name in (("location", "location"), ("etag", "etag")):
         if header in response_headers:
             response[field_name] = response_headers[header]
-    resource = payload if payload else None
+    # lastModified is a FHIR instant, not the HTTP date of the Last-Modified header
+    last_modified = parse_http_date(response_headers.get("last-modified", ""))
+    if last_modified is not None:
+        response["lastModified"] = interactions.instant(last_modified)
+    # a HEAD has no body (servers drop it on the wire; in process it is still there)
+    resource = payload if payload and request.method != "HEAD" else None
     if status >= 400:
         response["outcome"] = jsonio.loads(payload) if payload else None
         resource = None
     return Entry(None, resource, response=response)
 
 
+async def _batch_entry(index: int, entry: Any, base: str, dispatch: Dispatch, representation: bool) -> Entry:
+    """One batch entry's response: its own error, a malformed entry's included, is
+    reported in it, and the other entries still run (http.html#transaction)."""
+    try:
+        return await _dispatched(parse_entry(index, entry, base), dispatch, representation)
+    except FhirError as exc:
+        return Entry(response={"status": status_line(exc.status), "outcome": outcome_json(exc.issues)})
+
+
 async def batch(bundle: dict[str, Any], base: str, dispatch: Dispatch, representation: bool) -> bytes:
-    requests = parse_entries(bundle, base)
-    entries = [await _dispatched(r, dispatch, representation) for r in requests]
-    return Bundle("batch-response", entries).to_bytes()
+    entries = bundle_entries(bundle)
+    responses = [await _batch_entry(index, entry, base, dispatch, representation) for index, entry in enumerate(entries)]
+    return Bundle("batch-response", responses).to_bytes()
 
 
 def check_bundle(bundle: dict[str, Any]) -> str:

@@ -189,3 +189,49 @@ def test_non_ascii_digits_are_not_numbers(fhir):
     assert_outcome(fhir.get(f"Patient/{body['id']}/_history/²"), 404)
     assert_outcome(put(fhir, f"Patient/{body['id']}", body, **{"If-Match": 'W/"²"'.encode('latin-1')}), 400)
     assert_outcome(fhir.get("_history", params={"_count": "٣"}), 400)
+
+
+def test_read_and_vread_honour_summary_and_elements(fhir):
+    """http.html#read takes _summary and _elements; the result is tagged SUBSETTED."""
+    subsetted = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}
+    body = created(fhir, "Patient", patient(gender="female", birthDate="1970-01-01", active=True,
+                                            text={"status": "generated", "div": '<div xmlns="http://www.w3.org/1999/xhtml">x</div>'},
+                                            maritalStatus={"text": "M"}))
+    for path in (f"Patient/{body['id']}", f"Patient/{body['id']}/_history/1"):
+        summary = fhir.get(path, params={"_summary": "true"}).json()
+        assert summary["gender"] == "female" and "maritalStatus" not in summary and "text" not in summary
+        assert subsetted in summary["meta"]["tag"]
+        elements = fhir.get(path, params={"_elements": "birthDate,active"}).json()
+        assert set(elements) == {"resourceType", "id", "meta", "birthDate", "active"} and subsetted in elements["meta"]["tag"]
+        data = fhir.get(path, params={"_summary": "data"}).json()
+        assert "text" not in data and data["maritalStatus"] == {"text": "M"}
+        assert set(fhir.get(path, params={"_summary": "text"}).json()) == {"resourceType", "id", "meta", "text"}
+        assert fhir.get(path, params={"_summary": "false"}).json() == body
+        assert_outcome(fhir.get(path, params={"_summary": "some"}), 400, "value")
+        assert_outcome(fhir.get(path, params={"_elements": "$where"}), 400, "value")
+    assert fhir.get(f"Patient/{body['id']}").json() == body
+
+
+def test_if_match_star_matches_any_current_version(fhir):
+    """RFC 7232 3.1: `If-Match: *` holds when the resource has a current version."""
+    body = created(fhir, "Patient", patient())
+    path = f"Patient/{body['id']}"
+    star = {"If-Match": "*"}
+    assert put(fhir, path, body, **star).json()["meta"]["versionId"] == "2"
+    patched = fhir.patch(path, content=b'[{"op":"add","path":"/active","value":true}]',
+                         headers={"Content-Type": "application/json-patch+json", **star})
+    assert patched.status_code == 200 and patched.json()["meta"]["versionId"] == "3"
+    assert fhir.delete(path, headers=star).status_code == 204
+    assert_outcome(put(fhir, path, body, **star), 412, "conflict")  # deleted: no current version
+    missing = f"star-{body['id'][:8]}"
+    assert_outcome(put(fhir, f"Patient/{missing}", {**patient(), "id": missing}, **star), 412, "conflict")
+
+
+def test_accept_with_zero_quality_is_not_acceptable(fhir):
+    """RFC 9110 12.4.2: q=0, in any spelling, means "not acceptable"."""
+    path = f"Patient/{created(fhir, 'Patient', patient())['id']}"
+    for refused in ("application/fhir+json;q=0", "application/fhir+json;q=0.0", "application/fhir+json; q=0.000", "*/*;q=0.00"):
+        assert_outcome(fhir.get(path, headers={"Accept": refused}), 406, "not-supported")
+        as_json = fhir.get(path, headers={"Accept": f"{refused}, application/json;q=0.5"})
+        assert as_json.status_code == 200 and as_json.headers["content-type"].startswith("application/json")
+    assert fhir.get(path, headers={"Accept": "application/fhir+json;q=0.01"}).status_code == 200

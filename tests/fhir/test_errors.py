@@ -58,3 +58,22 @@ def test_database_outage_is_a_503_operation_outcome(tmp_path):
             assert response.headers["Retry-After"] == "5"
         finally:
             stop_server(live)
+
+
+def test_405_lists_every_method_of_the_path(fhir):
+    """RFC 9110 15.5.6: Allow lists the methods the target supports, not one route's."""
+    body = fhir.post("Patient", content=b'{"resourceType":"Patient"}', headers=FHIR_JSON).json()
+    for method, path, allowed in (
+        ("POST", f"Patient/{body['id']}", "DELETE, GET, HEAD, PATCH, PUT"),
+        ("TRACE", "Patient", "DELETE, GET, HEAD, POST, PUT"),
+        ("DELETE", "metadata", "GET, HEAD"),
+        ("POST", "metadata", "GET, HEAD"),
+        ("PUT", "metadata", "GET, HEAD"),
+    ):
+        response = fhir.request(method, path, content=b"{}", headers=FHIR_JSON)
+        assert_outcome(response, 405, "not-supported")
+        assert response.headers["Allow"] == allowed, (method, path)
+    assert fhir.get(f"Patient/{body['id']}").status_code == 200
+    # the reserved words after the base are not resource types
+    searched = fhir.post("_search", content=b"_type=Patient&_count=1", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert searched.status_code == 200 and searched.json()["type"] == "searchset"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import uuid
 
 import orjson
@@ -147,3 +148,136 @@ def test_batch_entries_succeed_or_fail_independently(fhir):
     assert result["entry"][1]["response"]["outcome"]["resourceType"] == "OperationOutcome"
     assert result["entry"][2]["resource"]["id"] == existing["id"]
     assert fhir.get(f"Patient/{existing['id']}").json()["meta"]["versionId"] == "2"
+
+
+def refusal(fhir, kind: str, *entries: dict) -> dict:
+    """The OperationOutcome refusing a bundle's last entry: a transaction's own (it fails
+    as a whole), a batch's in that entry's response (the others still run)."""
+    response = post_bundle(fhir, bundle(kind, *entries))
+    if kind == "transaction":
+        return assert_outcome(response, 400)
+    assert response.status_code == 200, response.text
+    last = response.json()["entry"][-1]["response"]
+    assert last["status"].startswith("400"), last
+    return last["outcome"]
+
+
+def test_malformed_entries_are_400_naming_the_element(fhir):
+    """Numbers where strings belong, and Binary data that is not base64, are the client's
+    error (400 with the element's FHIRPath), never a 500."""
+    existing = created(fhir, "Patient", patient())
+    path = f"Patient/{existing['id']}"
+    json_patch = "application/json-patch+json"
+    for kind in ("transaction", "batch"):
+        for name in ("ifMatch", "ifNoneMatch", "ifModifiedSince", "ifNoneExist"):
+            for method, url in (("POST", "Patient"), ("PUT", path), ("GET", path)):
+                body = refusal(fhir, kind, entry(method, url, existing, **{name: 1}))
+                assert body["issue"][0]["expression"] == [f"Bundle.entry[0].request.{name}"], (kind, method, body)
+        for request, expression in (({"method": ["POST"], "url": "Patient"}, "method"), ({"method": "POST", "url": 5}, "url")):
+            body = refusal(fhir, kind, {"resource": existing, "request": request})
+            assert body["issue"][0]["expression"] == [f"Bundle.entry[0].request.{expression}"]
+        body = refusal(fhir, kind, {"resource": existing})
+        assert body["issue"][0]["expression"] == ["Bundle.entry[0].request"]
+        body = refusal(fhir, kind, entry("POST", "Patient", patient(), ["urn:uuid:x"]))
+        assert body["issue"][0]["expression"] == ["Bundle.entry[0].fullUrl"]
+        for content_type, data, element in ((json_patch, "###", "data"), (json_patch, 12, "data"), (json_patch, "é", "data"), (3, "W10=", "contentType")):
+            binary = {"resourceType": "Binary", "contentType": content_type, "data": data}
+            body = refusal(fhir, kind, entry("GET", path), entry("PATCH", path, binary))
+            assert body["issue"][0]["expression"] == [f"Bundle.entry[1].resource.{element}"]
+    assert fhir.get(path).json()["meta"]["versionId"] == "1"
+
+
+def test_conditional_targets_may_not_overlap_other_entries(fhir, db):
+    """http.html#trules: resolved identities of conditional entries count as overlaps."""
+    system = f"urn:overlap:{uuid.uuid4().hex}"
+    target = created(fhir, "Patient", patient(identifier=[{"system": system, "value": "1"}]))
+    path, search = f"Patient/{target['id']}", f"Patient?identifier={system}|1"
+    before = db.fhir_history.count_documents({})
+    for entries in (
+        (entry("DELETE", path), entry("PUT", search, patient(identifier=[{"system": system, "value": "1"}]))),
+        (entry("PUT", path, {**target, "active": True}), entry("DELETE", search)),
+        (entry("DELETE", search), entry("PATCH", search, {"resourceType": "Parameters", "parameter": []})),
+        (entry("POST", "Patient", patient(), ifNoneExist=f"identifier={system}|1"), entry("DELETE", path)),
+    ):
+        body = assert_outcome(post_bundle(fhir, bundle("transaction", *entries)), 400, "invalid")
+        assert body["issue"][0]["expression"] == ["Bundle.entry[1].request.url"], body
+    assert db.fhir_history.count_documents({}) == before
+    assert fhir.get(path).json()["meta"]["versionId"] == "1"
+
+
+def test_duplicate_full_urls_are_refused(fhir, db):
+    """bdl-7: two entries under one fullUrl would be two resources for one reference."""
+    full_url = f"urn:uuid:{uuid.uuid4()}"
+    before = db.fhir_history.count_documents({})
+    for kind in ("transaction", "batch"):
+        response = post_bundle(fhir, bundle(kind, entry("POST", "Patient", patient(), full_url), entry("POST", "Patient", patient(), full_url)))
+        body = assert_outcome(response, 400, "invariant")
+        assert body["issue"][0]["expression"] == ["Bundle.entry[1].fullUrl"]
+    assert db.fhir_history.count_documents({}) == before
+
+
+def test_response_last_modified_is_a_fhir_instant(fhir):
+    """Bundle.entry.response.lastModified is an instant, not the Last-Modified HTTP date."""
+    existing = created(fhir, "Patient", patient())
+    instant = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)")
+    for kind in ("batch", "transaction"):
+        response = post_bundle(fhir, bundle(kind, entry("POST", "Patient", patient()), entry("GET", f"Patient/{existing['id']}")))
+        assert response.status_code == 200, response.text
+        stamps = [e["response"]["lastModified"] for e in response.json()["entry"]]
+        assert len(stamps) == 2 and all(instant.fullmatch(s) for s in stamps), stamps
+        assert stamps[1][:19] == existing["meta"]["lastUpdated"][:19]
+
+
+def test_head_entries_have_no_resource(fhir):
+    existing = created(fhir, "Patient", patient())
+    for kind in ("batch", "transaction"):
+        response = post_bundle(fhir, bundle(kind, entry("HEAD", f"Patient/{existing['id']}"), entry("GET", f"Patient/{existing['id']}")))
+        assert response.status_code == 200, response.text
+        head, get = response.json()["entry"]
+        assert head["response"]["status"] == "200 OK" and head["response"]["etag"] == 'W/"1"' and "resource" not in head
+        assert get["resource"]["id"] == existing["id"]
+
+
+def test_transaction_replaces_full_urls_in_every_link(fhir):
+    """http.html#trules: matching links are replaced in references, uri/url/canonical
+    values and narrative <a href>/<img src>; text that merely contains one is kept."""
+    patient_url = f"urn:uuid:{uuid.uuid4()}"
+    div = (f'<div xmlns="http://www.w3.org/1999/xhtml"><a href="{patient_url}">patient</a>'
+           f"<img src='{patient_url}' alt='x'/> see {patient_url}</div>")
+    observation = {
+        "resourceType": "Observation", "status": "final", "code": {"text": "x"},
+        "text": {"status": "generated", "div": div},
+        "extension": [{"url": "http://example.org/source", "valueUri": patient_url}],
+        "identifier": [{"system": "urn:ietf:rfc:3986", "value": patient_url}],
+        "subject": {"reference": patient_url}, "note": [{"text": f"from {patient_url}"}],
+    }
+    care_plan = {"resourceType": "CarePlan", "status": "active", "intent": "plan",
+                 "subject": {"reference": patient_url}, "instantiatesUri": [patient_url, "http://example.org/other"]}
+    response = post_bundle(fhir, bundle("transaction", entry("POST", "Patient", patient(), patient_url),
+                                        entry("POST", "Observation", observation), entry("POST", "CarePlan", care_plan)))
+    assert response.status_code == 200, response.text
+    locations = [e["response"]["location"].rsplit("/_history", 1)[0] for e in response.json()["entry"]]
+    new = locations[0]
+    stored = fhir.get(locations[1]).json()
+    assert stored["subject"]["reference"] == new
+    assert stored["extension"][0]["valueUri"] == new
+    assert stored["identifier"][0]["value"] == new
+    assert f'href="{new}"' in stored["text"]["div"] and f"src='{new}'" in stored["text"]["div"]
+    assert f"see {patient_url}" in stored["text"]["div"] and stored["note"][0]["text"] == f"from {patient_url}"
+    assert fhir.get(locations[2]).json()["instantiatesUri"] == [new, "http://example.org/other"]
+
+
+def test_malformed_batch_entry_fails_alone(fhir):
+    """http.html#transaction: batch entries are processed independently, a malformed one
+    included; a transaction with the same entries fails as a whole."""
+    existing = created(fhir, "Patient", patient())
+    entries = (entry("POST", "Patient", patient()), {"resource": patient()}, entry("TRACE", "Patient"), entry("GET", f"Patient/{existing['id']}"))
+    response = post_bundle(fhir, bundle("batch", *entries))
+    assert response.status_code == 200, response.text
+    result = response.json()["entry"]
+    assert [e["response"]["status"][:3] for e in result] == ["201", "400", "400", "200"]
+    assert result[1]["response"]["outcome"]["issue"][0]["expression"] == ["Bundle.entry[1].request"]
+    assert result[2]["response"]["outcome"]["issue"][0]["expression"] == ["Bundle.entry[2].request.method"]
+    assert fhir.get(result[0]["response"]["location"]).status_code == 200
+    assert result[3]["resource"]["id"] == existing["id"]
+    assert_outcome(post_bundle(fhir, bundle("transaction", *entries)), 400, "required")

@@ -30,11 +30,15 @@ MAX_CONDITIONAL_DELETE = 1000
 
 
 def criteria_items(type_: str, criteria: str) -> list[tuple[str, str]]:
-    """The search parameters of a condition, checked (400 when empty or invalid)."""
+    """The search criteria of a condition, checked (400 when none or invalid).
+
+    Result parameters (`_count`, `_sort`, `_summary`, ...) select nothing, so they are
+    dropped: counted as criteria, `DELETE Patient?_count=1` would delete every Patient.
+    """
     items = parse_qsl(criteria.lstrip("?"), keep_blank_values=True)
-    items = [(k, v) for k, v in items if k not in ("_format", "_pretty")]
+    items = [(k, v) for k, v in items if not parsing.is_result_parameter(k)]
     if not items:
-        raise error(400, "invalid", f"A conditional {type_} interaction needs search criteria")
+        raise error(400, "invalid", f"A conditional {type_} interaction needs search criteria (result parameters like _count are not criteria)")
     parsing.parse((type_,), items, lenient=False, max_count=1)
     return items
 
@@ -92,7 +96,7 @@ async def create(db: FhirStore, base: str, type_: str, resource: Resource, crite
 
 
 async def update(
-    db: FhirStore, base: str, type_: str, resource: Resource, criteria: str, if_match: int | None
+    db: FhirStore, base: str, type_: str, resource: Resource, criteria: str, if_match: interactions.IfMatch
 ) -> Written:
     """Conditional update (`PUT Type?criteria`): the one match, or a new resource."""
     interactions.check_type(type_)

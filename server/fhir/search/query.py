@@ -37,6 +37,13 @@ TOTAL = {"none", "estimate", "accurate"}
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
 
+def is_result_parameter(name: str) -> bool:
+    """Whether `name` shapes the result (search.html 3.1.1.5) rather than selecting
+    resources: conditional interactions must not count it as a criterion."""
+    head, _, modifier = name.partition(":")
+    return name in RESULT_PARAMETERS or (head in ("_include", "_revinclude") and modifier in ("iterate", "recurse"))
+
+
 @dataclass(frozen=True)
 class Link:
     """One step of a chain: a reference parameter (by code, on each source type) and the
@@ -147,11 +154,10 @@ class Parser:
         for name, value in items:
             if len(value) > MAX_VALUE_LENGTH * 8:
                 raise error(400, "too-costly", f"The value of {name} is too long")
-            head, _, modifier = name.partition(":")
-            if head in ("_include", "_revinclude") and modifier in ("iterate", "recurse"):
-                self.include(head, value, iterate=True)
-            elif name in RESULT_PARAMETERS:
+            if name in RESULT_PARAMETERS:
                 self.result_parameter(name, value)
+            elif is_result_parameter(name):  # _include:iterate, _revinclude:iterate
+                self.include(name.partition(":")[0], value, iterate=True)
             else:
                 self.criterion(name, value)
         if len(self.query.criteria) > MAX_CRITERIA:

@@ -17,7 +17,8 @@ from server.fhir import interactions
 from server.fhir.definitions import resource_types
 from server.fhir.http import content_kind, fhir_response, negotiate, prefer_handling
 from server.fhir.outcome import error
-from server.fhir.search.service import Search, SearchRequest, compartment_types
+from server.fhir.search import query as parsing
+from server.fhir.search.service import Search, SearchRequest, compartment_types, subset
 from server.store.search import SearchStore
 
 
@@ -58,6 +59,15 @@ async def form(request: Request) -> list[tuple[str, str]]:
         return parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
     except UnicodeDecodeError:
         raise error(400, "invalid", "The form body is not UTF-8") from None
+
+
+def subsetted(request: Request, type_: str, body: bytes) -> bytes:
+    """A read's or vread's resource reduced by `_summary`/`_elements` (http.html#read),
+    parsed and applied as a search applies them to its matches (tagged SUBSETTED)."""
+    items = [(k, v) for k, v in request.query_params.multi_items() if k in ("_summary", "_elements")]
+    if not items:
+        return body
+    return subset(body, type_, parsing.parse((type_,), items, lenient=False, max_count=0), "match")
 
 
 def searcher(request: Request) -> Search:

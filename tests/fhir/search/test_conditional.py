@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from tests.fhir.helpers import FHIR_JSON
+from tests.fhir.helpers import FHIR_JSON, assert_outcome
 
 
 def _patient(system: str, value: str, **more) -> dict:
@@ -120,3 +120,34 @@ def test_transaction_conditional_reference_must_match_one(fhir):
     }
     response = fhir.post(str(fhir.base_url).rstrip("/"), json=bundle, headers=FHIR_JSON)
     assert response.status_code == 412 and "Bundle.entry[0]" in response.text
+
+
+def test_result_parameters_are_not_criteria(fhir, db):
+    """`_count`, `_sort`, `_summary`, ... select nothing: alone they are no condition (400),
+    beside a criterion they leave its matches alone."""
+    system = f"urn:rp:{uuid.uuid4().hex}"
+    bystander = fhir.post("Patient", json=_patient(f"{system}:other", "1"), headers=FHIR_JSON).json()["id"]
+    target = fhir.post("Patient", json=_patient(system, "1"), headers=FHIR_JSON).json()["id"]
+    before = db.fhir_history.count_documents({})
+    for query in ("_count=1", "_sort=_id", "_summary=count", "_total=accurate", "_elements=id",
+                  "_include=Patient:organization", "_revinclude:iterate=Observation:subject", "_format=json&_pretty=true", ""):
+        assert_outcome(fhir.delete(f"Patient?{query}"), 400, "invalid")
+        assert_outcome(fhir.put(f"Patient?{query}", json=_patient(system, "1", gender="male"), headers=FHIR_JSON), 400, "invalid")
+        assert_outcome(fhir.post("Patient", json=_patient(system, "1"), headers={"If-None-Exist": query, **FHIR_JSON}), 400, "invalid")
+    assert db.fhir_history.count_documents({}) == before
+    assert fhir.get(f"Patient/{bystander}").status_code == 200
+    deleted = fhir.delete(f"Patient?_count=1&identifier={system}|1&_sort=_id")
+    assert deleted.status_code == 204 and deleted.headers["X-Deleted-Count"] == "1"
+    assert fhir.get(f"Patient/{target}").status_code == 410
+    assert fhir.get(f"Patient/{bystander}").status_code == 200
+
+
+def test_prefer_operation_outcome_of_a_matched_conditional_create(fhir):
+    system = f"urn:oo:{uuid.uuid4().hex}"
+    headers = {"If-None-Exist": f"identifier={system}|1", "Prefer": "return=OperationOutcome", **FHIR_JSON}
+    first = fhir.post("Patient", json=_patient(system, "1"), headers=headers)
+    assert first.status_code == 201 and "created as version 1" in first.json()["issue"][0]["diagnostics"]
+    again = fhir.post("Patient", json=_patient(system, "1"), headers=headers)
+    assert again.status_code == 200
+    diagnostics = again.json()["issue"][0]["diagnostics"]
+    assert "already exists" in diagnostics and "updated" not in diagnostics, diagnostics
