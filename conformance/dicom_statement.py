@@ -96,6 +96,12 @@ def statement() -> str:
         "",
         "### 2.7 C-MOVE and C-GET SCP behaviour",
         "",
+        "The identifier holds the unique keys of its level (one value or a list of values) and",
+        "of the levels above it (one value each; they may be left out); any other key with a",
+        "value, a wildcard, or a missing key at the level is answered "
+        f"0x{dimse.IDENTIFIER_DOES_NOT_MATCH:04X} with an Error",
+        "Comment, and nothing is sent.",
+        "",
         "All instances under the matched entities are sent, in the transfer syntax they are",
         "stored in where the peer accepts it (otherwise pynetdicom converts between the",
         "uncompressed syntaxes).",

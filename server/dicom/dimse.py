@@ -69,7 +69,12 @@ QUERY_RETRIEVE = {
     "move": (PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelMove),
     "get": (PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelGet),
 }
+STUDY_ROOT = {str(root) for _, root in QUERY_RETRIEVE.values()}
 LEVELS = {"PATIENT": "patient", "STUDY": "study", "SERIES": "series", "IMAGE": "instance"}
+# The unique key of each level (PS3.4 C.6.1.1, C.6.2.1), from the top of the hierarchy down.
+UNIQUE_KEYS = {
+    "patient": "PatientID", "study": "StudyInstanceUID", "series": "SeriesInstanceUID", "instance": "SOPInstanceUID",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,10 +181,7 @@ class ApplicationEntity:
         audit.record(*admitted, outcome.status, f"C-STORE {outcome.sop or ''} {outcome.message}".strip())
         if outcome.ok:
             return SUCCESS
-        status = Dataset()
-        status.Status = outcome.status
-        status.ErrorComment = outcome.message[:64]
-        return status
+        return failure(outcome.status, outcome.message)
 
     # --- C-FIND -------------------------------------------------------------------------
 
@@ -193,7 +195,7 @@ class ApplicationEntity:
             results = self.run(self.find(level, query))
         except (qido.QueryError, ValueError) as exc:
             audit.record(*admitted, IDENTIFIER_DOES_NOT_MATCH, f"C-FIND {exc}")
-            yield IDENTIFIER_DOES_NOT_MATCH, None
+            yield failure(IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
             return
         audit.record(*admitted, SUCCESS, f"C-FIND {level} {len(results)} matches")
         for result in results:
@@ -235,9 +237,10 @@ class ApplicationEntity:
 
     # --- C-GET / C-MOVE -----------------------------------------------------------------
 
-    def matching_instances(self, identifier: Dataset) -> list[wado.Stored]:
-        """Every instance under the entities the identifier matches (any level)."""
-        _, query, _ = self.query(identifier)
+    def matching_instances(self, identifier: Dataset, model: str) -> list[wado.Stored]:
+        """Every instance under the entities the identifier's unique keys name (any level)."""
+        level, query, _ = self.query(identifier)
+        check_unique_keys(identifier, level, model in STUDY_ROOT)
         instance_query = qido.QidoQuery("instance", filters=query.filters)
 
         async def find() -> list[wado.Stored]:
@@ -260,13 +263,14 @@ class ApplicationEntity:
                 return
             yield PENDING, pydicom.dcmread(self.archive.blobs.path(item.blob))
 
-    def to_retrieve(self, event: Event, admitted: tuple[Principal, Access]) -> list[wado.Stored] | None:
-        """The instances a C-GET/C-MOVE identifier selects; None (audited) if malformed."""
+    def to_retrieve(self, event: Event, admitted: tuple[Principal, Access]) -> list[wado.Stored] | Dataset:
+        """The instances a C-GET/C-MOVE identifier selects, or (audited) the failure status
+        answering a malformed identifier."""
         try:
-            return self.matching_instances(event.identifier)
+            return self.matching_instances(event.identifier, str(event.request.AffectedSOPClassUID))
         except (qido.QueryError, ValueError) as exc:
             audit.record(*admitted, IDENTIFIER_DOES_NOT_MATCH, f"{admitted[1].interaction} {exc}")
-            return None
+            return failure(IDENTIFIER_DOES_NOT_MATCH, str(exc))
 
     def on_get(self, event: Event) -> Iterator[Any]:
         admitted = self.admitted(event, "C-GET")
@@ -274,8 +278,8 @@ class ApplicationEntity:
             yield NOT_AUTHORIZED, None
             return
         stored = self.to_retrieve(event, admitted)
-        if stored is None:
-            yield IDENTIFIER_DOES_NOT_MATCH, None
+        if isinstance(stored, Dataset):
+            yield from _refuse_retrieve(stored)
             return
         audit.record(*admitted, SUCCESS, f"C-GET {len(stored)} instances")
         yield len(stored)
@@ -293,15 +297,53 @@ class ApplicationEntity:
             yield None, None
             return
         stored = self.to_retrieve(event, admitted)
-        if stored is None:
-            yield destination.host, destination.port, {"evt_handlers": [(evt.EVT_CONN_OPEN, _nodelay)]}
-            yield IDENTIFIER_DOES_NOT_MATCH, None
-            return
-        contexts = _contexts_for(stored)
+        # pynetdicom associates with the destination before it sends any status, a failure too
+        contexts = [build_context(Verification)] if isinstance(stored, Dataset) else _contexts_for(stored)
         yield destination.host, destination.port, {"contexts": contexts, "evt_handlers": [(evt.EVT_CONN_OPEN, _nodelay)]}
+        if isinstance(stored, Dataset):
+            yield from _refuse_retrieve(stored)
+            return
         audit.record(*admitted, SUCCESS, f"C-MOVE {len(stored)} instances to {destination.title}")
         yield len(stored)
         yield from self.datasets(event, stored)
+
+
+def check_unique_keys(identifier: Dataset, level: str, study_root: bool) -> None:
+    """Refuse (QueryError) a C-MOVE/C-GET identifier that is not the unique keys of its level
+    and of the levels above (PS3.4 C.4.2.2.1, C.4.3.2.1): without this an empty or wildcard
+    key, or a key such as PatientName, would retrieve whatever it matches, up to the whole
+    archive. The level's key may be a list of values; each key above it, one value. Keys
+    above the level may be absent (they only narrow the match); other keys only empty."""
+    levels = list(UNIQUE_KEYS)[1 if study_root else 0:]
+    keys = [UNIQUE_KEYS[name] for name in levels[:levels.index(level) + 1]]
+    for element in identifier:
+        if element.tag in (0x00080052, 0x00080005) or element.tag.group == 0x0002 or element.keyword in keys:
+            continue
+        if element.value not in (None, "", b""):
+            raise qido.QueryError(f"{element.keyword or element.tag} is not a unique key of this level or above")
+    for keyword in keys:
+        element = identifier.data_element(keyword)
+        given = element is not None and element.value not in (None, "")
+        values = _match_text(element).split("\\") if given else []
+        if keyword == keys[-1] and not values or keyword != keys[-1] and len(values) > 1:
+            raise qido.QueryError(f"{keyword} must be {'given' if keyword == keys[-1] else 'a single value'}")
+        if any(not v.strip() or "*" in v or "?" in v for v in values):
+            raise qido.QueryError(f"{keyword} must be a value without wildcards")
+
+
+def failure(status: int, comment: str) -> Dataset:
+    """A failure status with its Error Comment (at most 64 characters, VR LO)."""
+    ds = Dataset()
+    ds.Status = status
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+def _refuse_retrieve(status: Dataset) -> Iterator[Any]:
+    """The yields that make pynetdicom answer a C-GET/C-MOVE with a failure and send nothing:
+    it takes a final status only after a positive number of sub-operations."""
+    yield 1
+    yield status, None
 
 
 PATIENT_TAGS = {qido.TAGS[k] for k in ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "SpecificCharacterSet")}

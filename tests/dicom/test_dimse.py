@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, generate_uid
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove
 
 from server.dicom.instance import dataset_start
 from server.store.mongod import free_port
@@ -83,32 +86,110 @@ def test_store_find_get_move(server, tmp_path, dicomweb):
         assert dataset_bytes(retrieved[sent.SOPInstanceUID]) == dataset_bytes(path)
 
 
-def test_move_to_configured_destination(mongod, tmp_path):
+@pytest.fixture(scope="module")
+def mover(mongod, tmp_path_factory):
+    """A server whose one C-MOVE destination DEST is a default dcmtk storescp (which
+    accepts the uncompressed transfer syntaxes only), and the directory it writes to."""
+    root = tmp_path_factory.mktemp("move")
     destination_port = free_port()
-    received = tmp_path / "received"
+    received = root / "received"
     received.mkdir()
     scp = subprocess.Popen(["storescp", "-aet", "DEST", "-od", str(received), "+B", str(destination_port)])
-    live = start_server(mongod.uri, tmp_path / "server", {"KUROSHIO_DICOM_REMOTE_AES": f"DEST@127.0.0.1:{destination_port}"})
+    live = start_server(mongod.uri, root / "server", {"KUROSHIO_DICOM_REMOTE_AES": f"DEST@127.0.0.1:{destination_port}"})
     try:
-        port = str(dicom_port(live))
-        study, _, paths = write_study(tmp_path, 2)
-        assert run("storescu", "-aec", "KUROSHIO", "127.0.0.1", port, *map(str, paths)).returncode == 0
-        result = run("movescu", "-aec", "KUROSHIO", "-aem", "DEST", "-S", "-k", "QueryRetrieveLevel=STUDY",
-                     "-k", f"StudyInstanceUID={study}", "127.0.0.1", port)
-        assert result.returncode == 0, result.stderr
-        deadline = time.monotonic() + 20
-        while len(list(received.iterdir())) < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert sorted(pydicom.dcmread(p).SOPInstanceUID for p in received.iterdir()) == sorted(
-            pydicom.dcmread(p).SOPInstanceUID for p in paths
-        )
-        unknown = run("movescu", "-aec", "KUROSHIO", "-aem", "NOBODY", "-S", "-k", "QueryRetrieveLevel=STUDY",
-                      "-k", f"StudyInstanceUID={study}", "127.0.0.1", port)
-        assert "Move Destination unknown" in unknown.stderr + unknown.stdout or unknown.returncode != 0
+        yield live, received
     finally:
         stop_server(live)
         scp.terminate()
         scp.wait(10)
+
+
+def received_sops(received: Path, expected: int = 0) -> set[str]:
+    """The SOP Instance UIDs storescp has written (waiting until `expected` are there)."""
+    deadline = time.monotonic() + 20
+    while len(list(received.iterdir())) < expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in received.iterdir()}
+
+
+def test_move_to_configured_destination(mover, tmp_path):
+    live, received = mover
+    port = str(dicom_port(live))
+    study, _, paths = write_study(tmp_path, 2)
+    assert run("storescu", "-aec", "KUROSHIO", "127.0.0.1", port, *map(str, paths)).returncode == 0
+    result = run("movescu", "-aec", "KUROSHIO", "-aem", "DEST", "-S", "-k", "QueryRetrieveLevel=STUDY",
+                 "-k", f"StudyInstanceUID={study}", "127.0.0.1", port)
+    assert result.returncode == 0, result.stderr
+    sent = {pydicom.dcmread(p).SOPInstanceUID for p in paths}
+    assert sent <= received_sops(received, 2)
+    unknown = run("movescu", "-aec", "KUROSHIO", "-aem", "NOBODY", "-S", "-k", "QueryRetrieveLevel=STUDY",
+                  "-k", f"StudyInstanceUID={study}", "127.0.0.1", port)
+    assert "Move Destination unknown" in unknown.stderr + unknown.stdout or unknown.returncode != 0
+
+
+def identifier(**keys: str) -> Dataset:
+    ds = Dataset()
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def c_get(port: int, query: Dataset, model: str = StudyRootQueryRetrieveInformationModelGet) -> tuple[Dataset, list[Dataset]]:
+    """A C-GET with pynetdicom (CT Image Storage, uncompressed): the final status and the
+    data sets received."""
+    received: list[Dataset] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append(event.dataset)
+        return 0x0000
+
+    ae = AE()
+    ae.add_requested_context(model)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="KUROSHIO", ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    responses = list(assoc.send_c_get(query, model))
+    assoc.release()
+    return responses[-1][0], received
+
+
+def c_move(port: int, query: Dataset, model: str = StudyRootQueryRetrieveInformationModelMove) -> Dataset:
+    """A C-MOVE to DEST with pynetdicom: the final status."""
+    ae = AE()
+    ae.add_requested_context(model)
+    assoc = ae.associate("127.0.0.1", port, ae_title="KUROSHIO")
+    assert assoc.is_established
+    responses = list(assoc.send_c_move(query, "DEST", model))
+    assoc.release()
+    return responses[-1][0]
+
+
+def test_retrieve_takes_unique_keys_only(mover, tmp_path):
+    """PS3.4 C.4.2.2.1: a C-MOVE/C-GET identifier holds the unique keys of its level and
+    the levels above; anything else is refused (0xA900 with a comment), nothing is sent."""
+    live, received = mover
+    port = dicom_port(live)
+    study, series, paths = write_study(tmp_path, 2)
+    (tmp_path / "other").mkdir()
+    other, _, other_paths = write_study(tmp_path / "other", 1)
+    assert run("storescu", "-aec", "KUROSHIO", "127.0.0.1", str(port), *map(str, paths + other_paths)).returncode == 0
+    refused = [
+        identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=""),
+        identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID="*"),
+        identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID="", PatientName="Müller*"),
+        identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=study, PatientName="Müller*"),
+        identifier(QueryRetrieveLevel="SERIES", StudyInstanceUID=study, SeriesInstanceUID=""),
+        identifier(QueryRetrieveLevel="SERIES", StudyInstanceUID=[study, other], SeriesInstanceUID=series),
+    ]
+    for query in refused:
+        status = c_move(port, query)
+        assert status.Status == 0xA900 and status.ErrorComment, query
+        status, got = c_get(port, query)
+        assert status.Status == 0xA900 and status.ErrorComment and got == [], query
+    assert received_sops(received) & {pydicom.dcmread(p).SOPInstanceUID for p in paths + other_paths} == set()
+    status, got = c_get(port, identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=[study, other], PatientName=""))
+    assert status.Status == 0x0000 and len(got) == 3
 
 
 def test_several_associations_at_once(server, tmp_path, dicomweb):
