@@ -391,6 +391,9 @@ def response_identifier(result: qido.Json, requested: list[str], level: str, ae_
         if "BulkDataURI" in element:
             chosen[tag] = {"vr": element["vr"]}
     ds = Dataset.from_json(chosen)
+    # The values are Unicode (DICOM JSON), whatever the instances' character sets were:
+    # declared as UTF-8 in every response (PS3.4 C.4.1.1.3.2), and encoded so by pydicom.
+    ds.SpecificCharacterSet = "ISO_IR 192"
     ds.QueryRetrieveLevel = {v: k for k, v in LEVELS.items()}[level]
     ds.RetrieveAETitle = ae_title
     return ds

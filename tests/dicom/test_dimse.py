@@ -220,3 +220,25 @@ def test_broken_cstore_is_refused(server, tmp_path, db):
     result = run("storescu", "-aec", "KUROSHIO", "127.0.0.1", str(dicom_port(server)), str(path))
     assert "0xa900" in (result.stdout + result.stderr).lower() or result.returncode != 0
     assert db.dicom_instances.count_documents({"_id": ds.SOPInstanceUID}) == 0
+
+
+def test_find_declares_utf8(server, tmp_path):
+    """PS3.4 C.4.1.1.3.2: responses holding non-ASCII text declare their character set
+    (names are answered in UTF-8, ISO_IR 192, whatever they were stored in)."""
+    port = str(dicom_port(server))
+    name = "Müller^Jürgen=Łukasz"
+    ds = ct_instance(patient_id="DIMSE-UTF8", patient_name=name)
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    path = tmp_path / "utf8.dcm"
+    path.write_bytes(encode(ds))
+    assert run("storescu", "-aec", "KUROSHIO", "127.0.0.1", port, str(path)).returncode == 0
+    for level, model in (("PATIENT", "-P"), ("STUDY", "-S"), ("SERIES", "-S")):
+        out = tmp_path / level
+        out.mkdir()
+        result = run("findscu", "-aec", "KUROSHIO", model, "-k", f"QueryRetrieveLevel={level}", "-k", "PatientID=DIMSE-UTF8",
+                     "-k", "PatientName", "-X", "-od", str(out), "127.0.0.1", port)
+        assert result.returncode == 0, result.stderr
+        answers = [pydicom.dcmread(p) for p in out.iterdir()]
+        assert len(answers) == 1, level
+        assert answers[0].SpecificCharacterSet == "ISO_IR 192", level
+        assert answers[0].PatientName.original_string == name.encode(), level
