@@ -9,8 +9,8 @@ without it each C-STORE waits on delayed ACKs (about 50 ms).
 
 Supported: Verification; every Storage SOP Class pydicom knows, in every transfer syntax
 pydicom knows (with SCU/SCP role selection, for C-GET); Patient Root and Study Root
-Query/Retrieve FIND, MOVE and GET at every level. C-MOVE sends to the AEs configured in
-KUROSHIO_DICOM_REMOTE_AES only.
+Query/Retrieve FIND, MOVE and GET at every level of each model. C-MOVE sends to the AEs
+configured in KUROSHIO_DICOM_REMOTE_AES only.
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ class ApplicationEntity:
             yield NOT_AUTHORIZED, None
             return
         try:
-            level, query, requested = self.query(event.identifier)
+            level, query, requested = self.query(event.identifier, str(event.request.AffectedSOPClassUID))
             results = self.run(self.find(level, query))
         except (qido.QueryError, ValueError) as exc:
             audit.record(*admitted, IDENTIFIER_DOES_NOT_MATCH, f"C-FIND {exc}")
@@ -204,11 +204,14 @@ class ApplicationEntity:
                 return
             yield PENDING, response_identifier(result, requested, level, self.ae.ae_title)
 
-    def query(self, identifier: Dataset) -> tuple[str, qido.QidoQuery, list[str]]:
-        """The query level, the QidoQuery, and the requested tags of a C-FIND/MOVE/GET identifier."""
+    def query(self, identifier: Dataset, model: str) -> tuple[str, qido.QidoQuery, list[str]]:
+        """The query level, the QidoQuery, and the requested tags of a C-FIND/MOVE/GET
+        identifier of information `model` (a SOP Class UID: Study Root has no PATIENT
+        level, PS3.4 C.6.2)."""
         raw_level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
-        if raw_level not in LEVELS:
-            raise qido.QueryError(f"QueryRetrieveLevel {raw_level!r} is not PATIENT, STUDY, SERIES or IMAGE")
+        allowed = [name for name in LEVELS if name != "PATIENT" or model not in STUDY_ROOT]
+        if raw_level not in allowed:
+            raise qido.QueryError(f"QueryRetrieveLevel {raw_level!r} is not {', '.join(allowed)}")
         level = LEVELS[raw_level]
         params: list[tuple[str, str]] = []
         requested: list[str] = []
@@ -239,7 +242,7 @@ class ApplicationEntity:
 
     def matching_instances(self, identifier: Dataset, model: str) -> list[wado.Stored]:
         """Every instance under the entities the identifier's unique keys name (any level)."""
-        level, query, _ = self.query(identifier)
+        level, query, _ = self.query(identifier, model)
         check_unique_keys(identifier, level, model in STUDY_ROOT)
         instance_query = qido.QidoQuery("instance", filters=query.filters)
 

@@ -14,7 +14,12 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, generate_uid
 from pynetdicom import AE, build_role, evt
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
 
 from server.dicom.instance import dataset_start
 from server.store.mongod import free_port
@@ -33,12 +38,12 @@ def test_echo(server):
     assert result.returncode == 0, result.stderr
 
 
-def write_study(directory: Path, count: int = 3) -> tuple[str, str, list[Path]]:
+def write_study(directory: Path, count: int = 3, patient_id: str = "DIMSE-1") -> tuple[str, str, list[Path]]:
     study, series = generate_uid(), generate_uid()
     paths = []
     for number in range(1, count + 1):
         path = directory / f"{number}.dcm"
-        path.write_bytes(encode(ct_instance(study, series, number=number, patient_id="DIMSE-1", patient_name="Müller^Jörg")))
+        path.write_bytes(encode(ct_instance(study, series, number=number, patient_id=patient_id, patient_name="Müller^Jörg")))
         paths.append(path)
     return study, series, paths
 
@@ -242,3 +247,24 @@ def test_find_declares_utf8(server, tmp_path):
         assert len(answers) == 1, level
         assert answers[0].SpecificCharacterSet == "ISO_IR 192", level
         assert answers[0].PatientName.original_string == name.encode(), level
+
+
+def test_study_root_has_no_patient_level(mover, tmp_path):
+    """PS3.4 C.6.2: Study Root levels are STUDY, SERIES and IMAGE; PATIENT is refused (0xA900)."""
+    live, received = mover
+    port = dicom_port(live)
+    # the servers share the index, not the blobs: a patient of this server only
+    _, _, paths = write_study(tmp_path, 1, patient_id="DIMSE-ROOT")
+    assert run("storescu", "-aec", "KUROSHIO", "127.0.0.1", str(port), *map(str, paths)).returncode == 0
+    query = identifier(QueryRetrieveLevel="PATIENT", PatientID="DIMSE-ROOT")
+    ae = AE()
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", port, ae_title="KUROSHIO")
+    responses = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+    assoc.release()
+    assert [status.Status for status, _ in responses] == [0xA900] and "PATIENT" in responses[0][0].ErrorComment
+    assert c_move(port, query).Status == 0xA900
+    status, got = c_get(port, query)
+    assert status.Status == 0xA900 and "PATIENT" in status.ErrorComment and got == []
+    status, got = c_get(port, query, PatientRootQueryRetrieveInformationModelGet)
+    assert status.Status == 0x0000 and len(got) == 1
