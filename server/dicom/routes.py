@@ -363,12 +363,16 @@ def _frame_wants(request: Request, stored_media: str, stored_syntax: str) -> tup
 @dicomweb("retrieve-frames", "GET", "/studies/{study}/series/{series}/instances/{sop}/frames/{frames}", first=True)
 async def retrieve_frames(request: Request, study: str, series: str, sop: str, frames: str) -> Response:
     archive = archive_of(request)
-    try:
-        numbers = wado.parse_frame_list(frames)
-    except wado.BadRequest as exc:
-        raise DicomWebError(400, str(exc)) from None
+    numbers = _frame_numbers(frames)
     table = await guarded(wado.frame_source(archive, study, series, sop))
     return await _frames_response(request, archive, table, numbers)
+
+
+def _frame_numbers(text: str) -> list[int]:
+    try:
+        return wado.parse_frame_list(text)
+    except wado.BadRequest as exc:
+        raise DicomWebError(400, str(exc)) from None
 
 
 async def _frames_response(request: Request, archive: Archive, table: FrameTable, numbers: list[int]) -> Response:
@@ -458,7 +462,7 @@ async def rendered_instance(request: Request, study: str, series: str, sop: str)
 
 @dicomweb("retrieve-rendered", "GET", "/studies/{study}/series/{series}/instances/{sop}/frames/{frame}/rendered")
 async def rendered_frame(request: Request, study: str, series: str, sop: str, frame: str) -> Response:
-    numbers = wado.parse_frame_list(frame) if frame.isdigit() else []
+    numbers = _frame_numbers(frame)
     if len(numbers) != 1:
         raise DicomWebError(400, "A rendered frame is one frame number")
     return await _rendered(request, study, series, sop, numbers[0], False)

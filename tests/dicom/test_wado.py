@@ -144,3 +144,19 @@ def test_delete_levels(http, dicomweb):
     assert http.delete(f"studies/{study}/series/{series}").status_code == 204
     assert http.get("studies", params={"StudyInstanceUID": study}).json() == []
     assert http.delete("studies/not-a-uid").status_code == 400
+
+
+def test_rendered_refusals_are_4xx(http):
+    """Malformed rendered and thumbnail requests are refused with 4xx, never a 5xx."""
+    ds = ct_instance(size=16)
+    body, content_type = multipart_body([encode(ds)])
+    assert http.post("studies", content=body, headers={"Content-Type": content_type}).status_code == 200
+    series = f"studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+    url = f"{series}/instances/{ds.SOPInstanceUID}"
+    for frame in ("0", "99999999999", "a", "1,2", "2"):
+        assert http.get(f"{url}/frames/{frame}/rendered").status_code in (400, 404), frame
+    for params in ({"viewport": "0,0"}, {"viewport": "a"}, {"viewport": "8,8,1"}, {"window": "40,0"}, {"quality": "x"}):
+        for path in (f"{url}/rendered", f"{url}/thumbnail", f"{series}/thumbnail", f"{url}/frames/1/rendered"):
+            assert http.get(path, params=params).status_code == 400, (path, params)
+    for path in ("studies/x/series/y/instances/z/rendered", "studies/x/series/y/thumbnail", "studies/1.2/series/1.3/thumbnail"):
+        assert http.get(path).status_code in (400, 404), path
