@@ -392,7 +392,8 @@ async def _frames_response(request: Request, archive: Archive, table: FrameTable
                 item = wado.frame(archive, table, number, as_stored)  # a pread from the page cache
             else:
                 item = await asyncio.to_thread(wado.frame, archive, table, number, as_stored)
-            media = item.media_type + (f"; transfer-syntax={item.transfer_syntax}" if item.transfer_syntax else "")
+            # every part has the response's `type` (RFC 2387), naming the frame's syntax
+            media = part_type + (f"; transfer-syntax={item.transfer_syntax}" if item.transfer_syntax else "")
             header = multipart.part_header(boundary, media, [("Content-Length", str(len(item.data)))])
             yield (b"\r\n" if index else b"") + header + item.data
         yield multipart.closing(boundary)

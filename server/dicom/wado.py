@@ -177,8 +177,7 @@ async def metadata(archive: Archive, base: str, study: str, series: str | None =
 @dataclass(slots=True)
 class Frame:
     data: bytes
-    media_type: str
-    transfer_syntax: str | None
+    transfer_syntax: str | None  # None: native pixel data as stored
 
 
 def parse_frame_list(text: str) -> list[int]:
@@ -226,11 +225,9 @@ def frame(archive: Archive, table: FrameTable, number: int, as_stored: bool) -> 
     syntax = UID(table.transfer_syntax)
     if not syntax.is_encapsulated or as_stored:
         data = b"".join(archive.blobs.read_range(table.blob, offset, length) for offset, length in table.ranges(number))
-        if not syntax.is_encapsulated:
-            return Frame(data, "application/octet-stream", None)
-        return Frame(data, FRAME_MEDIA_TYPES.get(str(syntax), "application/octet-stream"), str(syntax))
+        return Frame(data, str(syntax) if syntax.is_encapsulated else None)
     pixels = pixel_array(archive.blobs.path(table.blob), index=number - 1, raw=True)
-    return Frame(np.ascontiguousarray(pixels).tobytes(), "application/octet-stream", EXPLICIT_LE)
+    return Frame(np.ascontiguousarray(pixels).tobytes(), EXPLICIT_LE)
 
 
 async def bulkdata(archive: Archive, study: str, series: str, sop: str, tag: str) -> bytes:

@@ -160,3 +160,21 @@ def test_rendered_refusals_are_4xx(http):
             assert http.get(path, params=params).status_code == 400, (path, params)
     for path in ("studies/x/series/y/instances/z/rendered", "studies/x/series/y/thumbnail", "studies/1.2/series/1.3/thumbnail"):
         assert http.get(path).status_code in (400, 404), path
+
+
+def test_frame_parts_have_the_requested_media_type(http):
+    """RFC 2387 / PS3.18 8.7.3.5.3: each part has the `type` of the multipart response; a
+    compressed frame asked for as application/octet-stream with transfer-syntax=* is sent
+    as stored, labelled application/octet-stream with its transfer syntax."""
+    _, ds, url = store_file(http, get_testdata_file("MR_small_jp2klossless.dcm"))
+    syntax = ds.file_meta.TransferSyntaxUID
+    for accept, part_type in (
+        ('multipart/related; type="application/octet-stream"; transfer-syntax=*', f"application/octet-stream; transfer-syntax={syntax}"),
+        ('multipart/related; type="image/jp2"', f"image/jp2; transfer-syntax={syntax}"),
+    ):
+        response = http.get(f"{url}/frames/1", headers={"Accept": accept})
+        assert response.status_code == 200, response.text
+        assert f'type="{part_type.split(";")[0]}"' in response.headers["content-type"]
+        headers = response.content.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")
+        assert f"Content-Type: {part_type}" in headers, (accept, headers)
+        assert parts(response)[0][:4] in (b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0c")  # a JPEG 2000 codestream
