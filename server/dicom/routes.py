@@ -123,7 +123,7 @@ async def store_instances(request: Request, study: str | None = None) -> Respons
         raise DicomWebError(400, "The request contained no instances")
     stored = sum(1 for o in outcomes if o.ok)
     status = 200 if stored == len(outcomes) else 202 if stored else 409
-    return Response(qido.encode_one(stow_response(outcomes, base(request), study)), status, media_type=DICOM_JSON)
+    return Response(qido.encode_one(stow_response(outcomes, base(request))), status, media_type=DICOM_JSON)
 
 
 async def receive(request: Request, archive: Archive, boundary: str, study: str | None) -> list[Outcome]:
@@ -166,7 +166,9 @@ async def receive(request: Request, archive: Archive, boundary: str, study: str 
     return outcomes
 
 
-def stow_response(outcomes: list[Outcome], base_url: str, study: str | None) -> dict[str, Any]:
+def stow_response(outcomes: list[Outcome], base_url: str) -> dict[str, Any]:
+    """The STOW-RS response (PS3.18 10.5.3): the study's RetrieveURL only where something
+    was stored in it, and an item per instance naming it as far as it could be read."""
     referenced = []
     failed = []
     for o in outcomes:
@@ -183,7 +185,7 @@ def stow_response(outcomes: list[Outcome], base_url: str, study: str | None) -> 
             item["00081197"] = qido.element("FailureReason", o.status)
             failed.append(item)
     body: dict[str, Any] = {}
-    studies = {o.study for o in outcomes if o.ok} or ({study} if study else set())
+    studies = {o.study for o in outcomes if o.ok}
     if len(studies) == 1:
         body["00081190"] = qido.element("RetrieveURL", f"{base_url}/studies/{studies.pop()}")
     if failed:

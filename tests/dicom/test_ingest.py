@@ -210,3 +210,26 @@ def test_kill_during_stow_leaves_acknowledged_retrievable(mongod, tmp_path, db):
     finally:
         restarted.process.terminate()
         restarted.process.wait(30)
+
+
+def test_failed_items_name_the_instance(http, db):
+    """PS3.18 10.5.3: a FailedSOPSequence item names the instance once its UIDs are known
+    (here: the URL's study differs; the file meta's SOP Instance UID differs), and the
+    response's RetrieveURL names only a study where something was stored."""
+    other_study = ct_instance()
+    meta_differs = ct_instance()
+    meta_differs.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    study = generate_uid()
+    body, content_type = multipart_body([encode(other_study), encode(meta_differs)])
+    response = http.post(f"studies/{study}", content=body, headers={"Content-Type": content_type})
+    assert response.status_code == 409
+    failed = response.json()["00081198"]["Value"]
+    assert [(item["00081150"]["Value"], item["00081155"]["Value"]) for item in failed] == [
+        ([ds.SOPClassUID], [ds.SOPInstanceUID]) for ds in (other_study, meta_differs)
+    ]
+    assert "00081190" not in response.json()
+    stored = ct_instance(study=study)
+    body, content_type = multipart_body([encode(stored), encode(other_study)])
+    response = http.post(f"studies/{study}", content=body, headers={"Content-Type": content_type})
+    assert response.status_code == 202
+    assert response.json()["00081190"]["Value"][0].endswith(f"/studies/{study}")
