@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pydicom.uid import UID
 
-from server.dicom import archive, dimse, instance, levels, routes, wado, wsi, wsi_rendered
+from server.dicom import archive, dimse, instance, levels, qido, routes, wado, wsi, wsi_rendered
 
 
 def _uid_rows(uids: list[str]) -> list[str]:
@@ -93,6 +93,8 @@ def statement() -> str:
         "higher levels at lower levels) are supported. Matching as in section 4.2. Unsupported",
         "keys are returned empty. A malformed identifier, or a level the information model does",
         f"not have (C-FIND, C-MOVE, C-GET), is answered 0x{dimse.IDENTIFIER_DOES_NOT_MATCH:04X} with an Error Comment.",
+        f"A query matching more than {qido.MAX_LIMIT} studies, series or instances is answered with the",
+        f"first {qido.MAX_LIMIT} and a final 0x{dimse.OUT_OF_RESOURCES:04X} (Out of Resources) with an Error Comment.",
         "",
         "### 2.7 C-MOVE and C-GET SCP behaviour",
         "",

@@ -51,6 +51,7 @@ SUCCESS = 0x0000
 PENDING = 0xFF00
 CANCEL = 0xFE00
 NOT_AUTHORIZED = 0x0124
+OUT_OF_RESOURCES = 0xA700  # C-FIND: "Refused: Out of Resources" (PS3.4 C.4.1.1.4)
 UNABLE_TO_PROCESS = 0xC001  # C-FIND / C-MOVE / C-GET: "unable to process" (PS3.4 C.4)
 IDENTIFIER_DOES_NOT_MATCH = 0xA900
 MOVE_DESTINATION_UNKNOWN = 0xA801
@@ -192,17 +193,22 @@ class ApplicationEntity:
             return
         try:
             level, query, requested = self.query(event.identifier, str(event.request.AffectedSOPClassUID))
-            results = self.run(self.find(level, query))
+            results, complete = self.run(self.find(level, query))
         except (qido.QueryError, ValueError) as exc:
             audit.record(*admitted, IDENTIFIER_DOES_NOT_MATCH, f"C-FIND {exc}")
             yield failure(IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
             return
-        audit.record(*admitted, SUCCESS, f"C-FIND {level} {len(results)} matches")
+        audit.record(*admitted, SUCCESS if complete else OUT_OF_RESOURCES,
+                     f"C-FIND {level} {len(results)} matches{'' if complete else ' (more not sent)'}")
         for result in results:
             if event.is_cancelled:
                 yield CANCEL, None
                 return
             yield PENDING, response_identifier(result, requested, level, self.ae.ae_title)
+        if not complete:
+            # Success would say every match was sent (PS3.4 C.4.1.3.1); a final Failure
+            # ends the pending responses and says they are not all
+            yield failure(OUT_OF_RESOURCES, f"More than {qido.MAX_LIMIT} matches: narrow the query"), None
 
     def query(self, identifier: Dataset, model: str) -> tuple[str, qido.QidoQuery, list[str]]:
         """The query level, the QidoQuery, and the requested tags of a C-FIND/MOVE/GET
@@ -224,19 +230,24 @@ class ApplicationEntity:
             params.append((element.keyword or f"{element.tag:08X}", _match_text(element)))
         query_level = "study" if level == "patient" else level
         query = qido.parse(query_level, params, {})
+        query.limit = qido.MAX_LIMIT + 1  # one more than is answered: whether there are more
         return level, query, requested
 
-    async def find(self, level: str, query: qido.QidoQuery) -> list[qido.Json]:
+    async def find(self, level: str, query: qido.QidoQuery) -> tuple[list[qido.Json], bool]:
+        """The matches (of at most qido.MAX_LIMIT studies, series or instances) and whether
+        they are all there are."""
         results = await qido.search(self.archive.index, query, "")
+        complete = len(results) <= qido.MAX_LIMIT
+        results = results[:qido.MAX_LIMIT]
         if level != "patient":
-            return results
+            return results, complete
         patients: dict[tuple[str, str], qido.Json] = {}
         for study in results:
             key = tuple(_first(study.get(qido.TAGS[k])) for k in ("PatientID", "IssuerOfPatientID"))
             patient = patients.setdefault(key, {t: v for t, v in study.items() if t in PATIENT_TAGS})  # type: ignore[arg-type]
             counted = _first(patient.get("00201200")) or 0
             patient["00201200"] = {"vr": "IS", "Value": [counted + 1]}
-        return list(patients.values())
+        return list(patients.values()), complete
 
     # --- C-GET / C-MOVE -----------------------------------------------------------------
 

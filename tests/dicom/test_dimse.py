@@ -4,9 +4,12 @@ C-MOVE (to a storescp started here) returning the bytes that were sent."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import pydicom
@@ -21,7 +24,11 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from server.dicom import qido
+from server.dicom.archive import Archive
+from server.dicom.dimse import ApplicationEntity
 from server.dicom.instance import dataset_start
+from server.store.database import Store
 from server.store.mongod import free_port
 from tests.conftest import start_server, stop_server
 from tests.dicom.conftest import ct_instance, dicom_port, encode
@@ -268,3 +275,35 @@ def test_study_root_has_no_patient_level(mover, tmp_path):
     assert status.Status == 0xA900 and "PATIENT" in status.ErrorComment and got == []
     status, got = c_get(port, query, PatientRootQueryRetrieveInformationModelGet)
     assert status.Status == 0x0000 and len(got) == 1
+
+
+def test_find_past_the_limit_says_so(mongod, tmp_path, monkeypatch):
+    """A C-FIND with more matches than the server answers (qido.MAX_LIMIT, 2 here) sends
+    the ones it can and ends with 0xA700 (Out of Resources) and a comment, not Success
+    (PS3.4 C.4.1: Success says a response was sent for every match). The AE runs in this
+    process so that the limit can be lowered; its store is a real, private database."""
+    monkeypatch.setattr(qido, "MAX_LIMIT", 2)
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    database = f"kuroshio_find_{uuid.uuid4().hex[:8]}"
+    store = asyncio.run_coroutine_threadsafe(Store.open(mongod.uri, database), loop).result()
+    entity = ApplicationEntity(Archive(store, tmp_path / "blobs"), "KUROSHIO", {}, loop)
+    port = free_port()
+    entity.start("127.0.0.1", port)
+    try:
+        study, _, paths = write_study(tmp_path, 3)
+        assert run("storescu", "-aec", "KUROSHIO", "127.0.0.1", str(port), *map(str, paths)).returncode == 0
+        ae = AE()
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        assoc = ae.associate("127.0.0.1", port, ae_title="KUROSHIO")
+        for sop, expected in (("", [0xFF00, 0xFF00, 0xA700]), (pydicom.dcmread(paths[0]).SOPInstanceUID, [0xFF00, 0x0000])):
+            query = identifier(QueryRetrieveLevel="IMAGE", StudyInstanceUID=study, SOPInstanceUID=sop)
+            responses = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+            assert [status.Status for status, _ in responses] == expected
+            assert ("ErrorComment" in responses[-1][0]) == (expected[-1] == 0xA700)
+        assoc.release()
+    finally:
+        entity.stop()
+        asyncio.run_coroutine_threadsafe(store.client.drop_database(database), loop).result()
+        asyncio.run_coroutine_threadsafe(store.close(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
