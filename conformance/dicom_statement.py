@@ -191,6 +191,11 @@ def statement() -> str:
         lines += [f"| {k.keyword} | ({k.tag[:4]},{k.tag[4:]}) | {k.kind} |" for k in level.keys]
         lines += ["", "Returned by default: " + ", ".join(level.attributes + level.computed) + ".", ""]
     lines += [
+        "Series results also hold their study's attributes; instance results those of their",
+        "study unless the request's path names the study, and those of their series unless it",
+        "names the series (PS3.18 10.6.3.3; a C-FIND path names neither). The RetrieveURL and",
+        "InstanceAvailability are always the result's own.",
+        "",
         "### 4.2 Matching rules",
         "",
         "- uid: single value or a list (comma or backslash separated, or the key repeated).",

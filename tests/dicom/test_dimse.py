@@ -244,7 +244,7 @@ def test_find_declares_utf8(server, tmp_path):
     path = tmp_path / "utf8.dcm"
     path.write_bytes(encode(ds))
     assert run("storescu", "-aec", "KUROSHIO", "127.0.0.1", port, str(path)).returncode == 0
-    for level, model in (("PATIENT", "-P"), ("STUDY", "-S"), ("SERIES", "-S")):
+    for level, model in (("PATIENT", "-P"), ("STUDY", "-S"), ("SERIES", "-S"), ("IMAGE", "-S")):
         out = tmp_path / level
         out.mkdir()
         result = run("findscu", "-aec", "KUROSHIO", model, "-k", f"QueryRetrieveLevel={level}", "-k", "PatientID=DIMSE-UTF8",
