@@ -145,10 +145,11 @@ def instance_bytes(archive: Archive, stored: Stored, syntax: str) -> Iterator[by
 def transcode(data: bytes, syntax: str) -> bytes:
     ds = pydicom.dcmread(io.BytesIO(data))
     target = UID(syntax)
+    # the same instance in another encoding: pydicom would give it a new SOP Instance UID
     if ds.file_meta.TransferSyntaxUID.is_compressed:
-        ds.decompress()
+        ds.decompress(generate_instance_uid=False)
     if target.is_compressed:
-        ds.compress(target)
+        ds.compress(target, generate_instance_uid=False)
     else:
         ds.file_meta.TransferSyntaxUID = target
     out = io.BytesIO()

@@ -48,6 +48,9 @@ def test_jpeg_instance_negotiation_and_frames(http):
     assert "transfer-syntax=1.2.840.10008.1.2.1" in transcoded.headers["content-type"]
     decoded = pydicom.dcmread(io.BytesIO(parts(transcoded)[0]))
     assert decoded.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    rle = http.get(url, headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.5'})
+    for instance in (decoded, pydicom.dcmread(io.BytesIO(parts(rle)[0]))):  # the same instance, re-encoded
+        assert instance.SOPInstanceUID == instance.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
     assert decoded.pixel_array.shape[:2] == (ds.Rows, ds.Columns)
     refused = http.get(url, headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.80'})
     assert refused.status_code == 406
