@@ -125,6 +125,10 @@ def statement() -> str:
         "",
         "### 3.1 Transfer syntax negotiation (WADO-RS)",
         "",
+        "Studies, series and instances are sent as `multipart/related; type=\"application/dicom\"`;",
+        "an instance also as single-part `application/dicom` when that is the first acceptable",
+        "type (PS3.18 10.4.4). A study or series asked for as `application/dicom` only is 406.",
+        "",
         "`transfer-syntax=*` returns instances and frames as stored. Without a transfer-syntax",
         "parameter, instances are sent in Explicit VR Little Endian and frames uncompressed",
         "(`application/octet-stream`). Instances can be transcoded to: "

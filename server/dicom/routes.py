@@ -257,34 +257,49 @@ async def search_instances(request: Request, study: str, series: str) -> Respons
 # --- WADO-RS: instances ---------------------------------------------------------------------
 
 
-def _dicom_syntaxes(request: Request) -> list[str]:
-    """Acceptable transfer syntaxes for application/dicom parts (PS3.18 8.7.3.5.2: none
-    named means Explicit VR Little Endian)."""
-    syntaxes = []
+def _dicom_syntaxes(request: Request, instance: bool) -> tuple[bool, list[str]]:
+    """Whether to answer single-part application/dicom, and the acceptable transfer syntaxes
+    in that form (PS3.18 8.7.3.5.2: none named means Explicit VR Little Endian). The form is
+    the first acceptable one; single part is for an Instance resource only (10.4.4)."""
+    wanted: dict[bool, list[str]] = {}
     for media in multipart.accept(request.headers.get("accept")):
-        if media.media_type == "multipart/related" and media.part_type in (None, "application/dicom"):
-            syntaxes.append(media.transfer_syntax or wado.EXPLICIT_LE)
-        elif media.media_type in ("application/dicom", "*/*", "multipart/*"):
-            syntaxes.append(media.transfer_syntax or wado.EXPLICIT_LE)
-    if not syntaxes:
-        raise DicomWebError(406, 'Instances are sent as multipart/related; type="application/dicom"')
-    return syntaxes
+        if media.media_type in ("*/*", "multipart/*") or (
+            media.media_type == "multipart/related" and media.part_type in (None, "application/dicom")
+        ):
+            single = False
+        elif media.media_type == "application/dicom" and instance:
+            single = True
+        else:
+            continue
+        wanted.setdefault(single, []).append(media.transfer_syntax or wado.EXPLICIT_LE)
+    if not wanted:
+        raise DicomWebError(406, 'Instances are sent as multipart/related; type="application/dicom"'
+                                 + (", or one as application/dicom" if instance else ""))
+    single = next(iter(wanted))
+    return single, wanted[single]
 
 
 async def _retrieve(request: Request, study: str, series: str | None, sop: str | None) -> Response:
     archive = archive_of(request)
-    wanted = _dicom_syntaxes(request)
+    single, wanted = _dicom_syntaxes(request, sop is not None)
     stored = await guarded(wado.instances(archive, study, series, sop))
     try:
         syntax = wado.choose_syntax(stored, wanted)
     except wado.NotAcceptable as exc:
         raise DicomWebError(406, str(exc)) from None
+
+    def length(item: wado.Stored) -> list[tuple[str, str]]:
+        return [("Content-Length", str(item.size))] if syntax in ("*", item.transfer_syntax) else []
+
+    if single:
+        item = stored[0]
+        media_type = f"application/dicom; transfer-syntax={item.transfer_syntax if syntax == '*' else syntax}"
+        return StreamingResponse(_instance(archive, item, syntax), media_type=media_type, headers=dict(length(item)))
     boundary = multipart.boundary()
 
     async def bodies() -> AsyncIterator[tuple[Iterable[tuple[str, str]], AsyncIterator[bytes]]]:
         for item in stored:
-            syntax_out = item.transfer_syntax if syntax == "*" else syntax
-            yield [("Content-Length", str(item.size))] if syntax_out == item.transfer_syntax else [], _instance(archive, item, syntax)
+            yield length(item), _instance(archive, item, syntax)
 
     return StreamingResponse(
         multipart.parts(boundary, "application/dicom", bodies()),

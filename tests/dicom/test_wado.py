@@ -181,3 +181,21 @@ def test_frame_parts_have_the_requested_media_type(http):
         headers = response.content.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")
         assert f"Content-Type: {part_type}" in headers, (accept, headers)
         assert parts(response)[0][:4] in (b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0c")  # a JPEG 2000 codestream
+
+
+def test_single_part_dicom_is_for_one_instance(http):
+    """PS3.18 10.4.4: Accept: application/dicom (single part) answers an Instance resource
+    with the instance as the body; a study or series has no single-part form (406)."""
+    data, ds, url = store_file(http, get_testdata_file("MR_small_jp2klossless.dcm"))
+    study = f"studies/{ds.StudyInstanceUID}"
+    single = http.get(url, headers={"Accept": "application/dicom; transfer-syntax=*"})
+    assert single.status_code == 200, single.text
+    assert single.headers["content-type"] == f"application/dicom; transfer-syntax={ds.file_meta.TransferSyntaxUID}"
+    assert single.content == data
+    decoded = http.get(url, headers={"Accept": "application/dicom"})
+    assert decoded.headers["content-type"] == "application/dicom; transfer-syntax=1.2.840.10008.1.2.1"
+    assert pydicom.dcmread(io.BytesIO(decoded.content)).SOPInstanceUID == ds.SOPInstanceUID
+    for resource in (study, f"{study}/series/{ds.SeriesInstanceUID}"):
+        assert http.get(resource, headers={"Accept": "application/dicom"}).status_code == 406
+        either = http.get(resource, headers={"Accept": 'application/dicom, multipart/related; type="application/dicom"; transfer-syntax=*'})
+        assert either.headers["content-type"].startswith("multipart/related") and parts(either) == [data]
