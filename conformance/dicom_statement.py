@@ -134,6 +134,7 @@ def statement() -> str:
         "(`application/octet-stream`). Instances can be transcoded to: "
         + ", ".join(f"{UID(t).name} ({t})" for t in wado.TRANSCODE_TARGETS)
         + "; other requested syntaxes are answered 406 unless every instance is stored in it."
+        + " Implicit VR Little Endian is never offered (PS3.18 8.7.3): asking for it is 406."
         + f" Instances over {wado.TRANSCODE_MAX_BYTES} bytes (slide levels) are sent as stored only.",
         "Compressed frames are served in their stored media type:",
         "",

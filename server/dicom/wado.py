@@ -28,7 +28,8 @@ EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
 RLE = "1.2.840.10008.1.2.5"
 # Syntaxes any stored instance can be transcoded to (pydicom decodes, then writes these).
-TRANSCODE_TARGETS = (EXPLICIT_LE, IMPLICIT_LE, RLE)
+# Not Implicit VR Little Endian: web services shall not use it (PS3.18 8.7.3).
+TRANSCODE_TARGETS = (EXPLICIT_LE, RLE)
 # Transcoding decodes a whole instance in memory: a slide level of a few hundred MB of JPEG
 # tiles is gigabytes of pixels. Larger instances are sent as stored only (else 406).
 TRANSCODE_MAX_BYTES = 256 * 1024 * 1024
@@ -125,6 +126,8 @@ def choose_syntax(stored: list[Stored], wanted: list[str]) -> str:
     for syntax in wanted:
         if syntax == "*":
             return syntax
+        if syntax == IMPLICIT_LE:
+            continue  # not even as stored (PS3.18 8.7.3)
         if all(s.transfer_syntax == syntax for s in stored) or syntax in TRANSCODE_TARGETS and not too_large:
             return syntax
     raise NotAcceptable(

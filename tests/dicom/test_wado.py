@@ -199,3 +199,12 @@ def test_single_part_dicom_is_for_one_instance(http):
         assert http.get(resource, headers={"Accept": "application/dicom"}).status_code == 406
         either = http.get(resource, headers={"Accept": 'application/dicom, multipart/related; type="application/dicom"; transfer-syntax=*'})
         assert either.headers["content-type"].startswith("multipart/related") and parts(either) == [data]
+
+
+def test_implicit_vr_is_not_offered(http):
+    """PS3.18 8.7.3: Implicit VR Little Endian is not used by web services: asking for it
+    is 406, whether the instance would be transcoded or is stored in it."""
+    implicit = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2'}
+    for name in ("CT_small.dcm", "MR_small_implicit.dcm"):
+        _, ds, url = store_file(http, get_testdata_file(name))
+        assert http.get(url, headers=implicit).status_code == 406, (name, ds.file_meta.TransferSyntaxUID)
