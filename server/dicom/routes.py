@@ -23,6 +23,7 @@ from starlette.routing import Route
 from server.dicom import multipart, qido, wado, wsi_rendered
 from server.dicom.archive import Archive, Outcome, Prepared
 from server.dicom.frames import FrameTable
+from server.dicom.instance import CANNOT_UNDERSTAND, Refused
 from server.security.authorization import authorize
 from server.store.blobs import StagedFile
 
@@ -128,14 +129,21 @@ async def store_instances(request: Request, study: str | None = None) -> Respons
 
 async def receive(request: Request, archive: Archive, boundary: str, study: str | None) -> list[Outcome]:
     """Stream parts into staging files; prepare them in threads as each completes, and
-    index them in batches, so memory holds a chunk, never an instance."""
+    index them in batches, so memory holds a chunk, never an instance. A part whose
+    Content-Type is not application/dicom (PS3.18 10.5.1; none means the request's type)
+    is not read: it is refused as one that cannot be understood."""
     loop = asyncio.get_running_loop()
     pending: list[asyncio.Future[Prepared]] = []
     outcomes: list[Outcome] = []
-    finished: list[StagedFile] = []
-    current: list[StagedFile] = []
+    finished: list[StagedFile | Prepared] = []
+    current: list[StagedFile | Prepared] = []
 
     def begin(headers: dict[str, str]) -> Callable[[bytes], None]:
+        media, _ = multipart.parse_header_params(headers.get("content-type", "application/dicom"))
+        if media != "application/dicom":
+            refusal = Refused(CANNOT_UNDERSTAND, f"A part of type {media} is not application/dicom")
+            current.append(Prepared(refusal=refusal))
+            return lambda data: None
         staged = archive.blobs.stage()
         current.append(staged)
         return staged.write
@@ -143,25 +151,35 @@ async def receive(request: Request, archive: Archive, boundary: str, study: str 
     def end() -> None:
         finished.append(current.pop())
 
+    def prepare(item: StagedFile | Prepared) -> asyncio.Future[Prepared]:
+        if isinstance(item, StagedFile):
+            return loop.run_in_executor(None, archive.prepare, item, study)
+        refused: asyncio.Future[Prepared] = loop.create_future()
+        refused.set_result(item)
+        return refused
+
+    def discard_current() -> None:  # a part the body ended inside of
+        for item in current:
+            if isinstance(item, StagedFile):
+                item.discard()
+
     reader = multipart.PartReader(boundary, begin, end)
     try:
         async for chunk in request.stream():
             reader.feed(chunk)
-            pending += [loop.run_in_executor(None, archive.prepare, staged, study) for staged in finished]
+            pending += [prepare(item) for item in finished]
             finished.clear()
             if len(pending) >= STOW_BATCH:
                 outcomes += await archive.commit(list(await asyncio.gather(*pending)))
                 pending = []
         reader.finish()
     except (MultipartParseError, ClientDisconnect) as exc:
-        for staged in current:
-            staged.discard()
+        discard_current()
         outcomes += await archive.commit(list(await asyncio.gather(*pending)))
         if isinstance(exc, ClientDisconnect):
             raise
         raise DicomWebError(400, f"Malformed multipart body: {exc}") from None
-    for staged in current:  # a part the body ended inside of
-        staged.discard()
+    discard_current()
     outcomes += await archive.commit(list(await asyncio.gather(*pending)))
     return outcomes
 

@@ -233,3 +233,24 @@ def test_failed_items_name_the_instance(http, db):
     response = http.post(f"studies/{study}", content=body, headers={"Content-Type": content_type})
     assert response.status_code == 202
     assert response.json()["00081190"]["Value"][0].endswith(f"/studies/{study}")
+
+
+def test_parts_other_than_application_dicom_are_refused(http, db):
+    """PS3.18 10.5.1: STOW-RS parts are application/dicom; a part labelled otherwise is
+    refused (0xC000, cannot understand) and not stored, even if it holds DICOM. A part
+    without a Content-Type has the request's type."""
+    labelled_pdf, labelled_dicom, unlabelled = ct_instance(), ct_instance(), ct_instance()
+    boundary = "kuroshio-parts"
+    body = b"".join(
+        f"--{boundary}\r\n".encode() + header + b"\r\n" + encode(ds) + b"\r\n"
+        for header, ds in ((b"Content-Type: application/pdf\r\n", labelled_pdf),
+                           (b"Content-Type: application/dicom; transfer-syntax=1.2.840.10008.1.2.1\r\n", labelled_dicom),
+                           (b"", unlabelled))
+    ) + f"--{boundary}--\r\n".encode()
+    response = http.post("studies", content=body,
+                         headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+    assert response.status_code == 202, response.text
+    assert [item["00081197"]["Value"] for item in response.json()["00081198"]["Value"]] == [[0xC000]]
+    assert len(response.json()["00081199"]["Value"]) == 2
+    assert db.dicom_instances.count_documents({"_id": labelled_pdf.SOPInstanceUID}) == 0
+    assert db.dicom_instances.count_documents({"_id": {"$in": [labelled_dicom.SOPInstanceUID, unlabelled.SOPInstanceUID]}}) == 2
