@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -26,8 +26,9 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom.association import Association
 from pynetdicom.events import Event
-from pynetdicom.presentation import build_context
+from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -65,6 +66,7 @@ STORAGE_SOP_CLASSES = sorted({str(cx.abstract_syntax) for cx in AllStoragePresen
 # Explicit VR Little Endian first: pynetdicom accepts the first of ours that the peer
 # proposes, and a sender then transfers files in that syntax without converting them.
 TRANSFER_SYNTAXES = sorted(ALL_TRANSFER_SYNTAXES, key=lambda uid: uid != "1.2.840.10008.1.2.1")
+UNCOMPRESSED = (wado.EXPLICIT_LE, wado.IMPLICIT_LE)  # what every Storage SCP accepts (PS3.5 10.1)
 QUERY_RETRIEVE = {
     "find": (PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind),
     "move": (PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelMove),
@@ -262,8 +264,16 @@ class ApplicationEntity:
 
         return self.run(find())
 
-    def datasets(self, event: Event, stored: list[wado.Stored]) -> Iterator[tuple[int, Dataset | None]]:
+    def datasets(
+        self, event: Event, stored: list[wado.Stored], accepted: Callable[[], list[PresentationContext]]
+    ) -> Iterator[tuple[int, Dataset | None]]:
         """The C-STORE sub-operations' datasets, read one at a time as pynetdicom asks.
+
+        An instance goes as stored where the peer `accepted` (the presentation contexts of
+        the association that carries the sub-operations) its transfer syntax, or where
+        pynetdicom converts it (uncompressed syntaxes); otherwise, up to
+        wado.TRANSCODE_MAX_BYTES, decoded to Explicit VR Little Endian by WADO's transcoder,
+        so that a peer taking uncompressed syntaxes only still gets it.
 
         Memory is bounded by the largest instance, not the study: about three times its
         size while it is sent (the decoded dataset plus pynetdicom's encoded copies).
@@ -275,7 +285,17 @@ class ApplicationEntity:
             if event.is_cancelled:
                 yield CANCEL, None
                 return
-            yield PENDING, pydicom.dcmread(self.archive.blobs.path(item.blob))
+            yield PENDING, self.dataset(item, accepted())
+
+    def dataset(self, item: wado.Stored, accepted: list[PresentationContext]) -> Dataset:
+        """One instance as the peer takes it (see `datasets`)."""
+        path = self.archive.blobs.path(item.blob)
+        if _needs_decoding(item, accepted) and item.size <= wado.TRANSCODE_MAX_BYTES:
+            try:
+                return wado.transcoded(str(path), wado.EXPLICIT_LE)
+            except Exception as exc:  # pydicom's decoders raise many kinds of errors
+                log.warning("cannot decode %s for a C-STORE sub-operation: %s", item.sop, exc)
+        return pydicom.dcmread(path)  # a sub-operation that fails if the peer does not take it
 
     def to_retrieve(self, event: Event, admitted: tuple[Principal, Access]) -> list[wado.Stored] | Dataset:
         """The instances a C-GET/C-MOVE identifier selects, or (audited) the failure status
@@ -297,7 +317,7 @@ class ApplicationEntity:
             return
         audit.record(*admitted, SUCCESS, f"C-GET {len(stored)} instances")
         yield len(stored)
-        yield from self.datasets(event, stored)
+        yield from self.datasets(event, stored, lambda: event.assoc.accepted_contexts)
 
     def on_move(self, event: Event) -> Iterator[Any]:
         admitted = self.admitted(event, "C-MOVE")
@@ -313,13 +333,20 @@ class ApplicationEntity:
         stored = self.to_retrieve(event, admitted)
         # pynetdicom associates with the destination before it sends any status, a failure too
         contexts = [build_context(Verification)] if isinstance(stored, Dataset) else _contexts_for(stored)
-        yield destination.host, destination.port, {"contexts": contexts, "evt_handlers": [(evt.EVT_CONN_OPEN, _nodelay)]}
+        # the sub-association, recorded when the destination accepts it (before pynetdicom
+        # returns it as established and asks for the first data set)
+        sub_association: list[Association] = []
+        handlers = [
+            (evt.EVT_CONN_OPEN, _nodelay),
+            (evt.EVT_ACCEPTED, lambda accepted: sub_association.append(accepted.assoc)),
+        ]
+        yield destination.host, destination.port, {"contexts": contexts, "evt_handlers": handlers}
         if isinstance(stored, Dataset):
             yield from _refuse_retrieve(stored)
             return
         audit.record(*admitted, SUCCESS, f"C-MOVE {len(stored)} instances to {destination.title}")
         yield len(stored)
-        yield from self.datasets(event, stored)
+        yield from self.datasets(event, stored, lambda: sub_association[0].accepted_contexts)
 
 
 def check_unique_keys(identifier: Dataset, level: str, study_root: bool) -> None:
@@ -363,13 +390,30 @@ def _refuse_retrieve(status: Dataset) -> Iterator[Any]:
 PATIENT_TAGS = {qido.TAGS[k] for k in ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "SpecificCharacterSet")}
 
 
-def _contexts_for(stored: list[wado.Stored]) -> list[Any]:
-    """Presentation contexts for a C-MOVE sub-association: each SOP class with the syntaxes
-    its instances are stored in plus the uncompressed ones (PS3.8 allows 128 contexts)."""
-    syntaxes: dict[str, set[str]] = {}
+def _contexts_for(stored: list[wado.Stored]) -> list[PresentationContext]:
+    """Presentation contexts for a C-MOVE sub-association: each SOP class with the
+    uncompressed syntaxes and, in a context of its own, the other syntaxes its instances
+    are stored in, so that a peer can take either (one context with all of them would let
+    it accept only one). At most 128 (PS3.8)."""
+    stored_syntaxes: dict[str, set[str]] = {}
     for item in stored:
-        syntaxes.setdefault(item.sop_class, {wado.EXPLICIT_LE, wado.IMPLICIT_LE}).add(item.transfer_syntax)
-    return [build_context(sop_class, sorted(ts)) for sop_class, ts in sorted(syntaxes.items())[:128]]
+        stored_syntaxes.setdefault(item.sop_class, set()).add(item.transfer_syntax)
+    contexts = []
+    for sop_class, syntaxes in sorted(stored_syntaxes.items()):
+        contexts.append(build_context(sop_class, list(UNCOMPRESSED)))
+        if syntaxes - set(UNCOMPRESSED):
+            contexts.append(build_context(sop_class, sorted(syntaxes - set(UNCOMPRESSED))))
+    return contexts[:128]
+
+
+def _needs_decoding(item: wado.Stored, accepted: list[PresentationContext]) -> bool:
+    """Whether no accepted context takes the instance as stored or by pynetdicom's own
+    conversion (which joins the uncompressed syntaxes only)."""
+    if not UID(item.transfer_syntax).is_compressed:
+        return False
+    return not any(
+        cx.abstract_syntax == item.sop_class and item.transfer_syntax in cx.transfer_syntax for cx in accepted
+    )
 
 
 def _vr(tag: str) -> str:

@@ -146,7 +146,17 @@ def instance_bytes(archive: Archive, stored: Stored, syntax: str) -> Iterator[by
 
 
 def transcode(data: bytes, syntax: str) -> bytes:
-    ds = pydicom.dcmread(io.BytesIO(data))
+    ds = transcoded(io.BytesIO(data), syntax)
+    target = UID(syntax)
+    out = io.BytesIO()
+    ds.save_as(out, implicit_vr=target.is_implicit_VR, little_endian=target.is_little_endian, enforce_file_format=True)
+    return out.getvalue()
+
+
+def transcoded(source: str | io.BytesIO, syntax: str) -> pydicom.Dataset:
+    """The instance in `source` (a path or bytes) as a data set re-encoded in `syntax`
+    (also what C-GET/C-MOVE send to a peer that does not take the stored syntax)."""
+    ds = pydicom.dcmread(source)
     target = UID(syntax)
     # the same instance in another encoding: pydicom would give it a new SOP Instance UID
     if ds.file_meta.TransferSyntaxUID.is_compressed:
@@ -155,9 +165,7 @@ def transcode(data: bytes, syntax: str) -> bytes:
         ds.compress(target, generate_instance_uid=False)
     else:
         ds.file_meta.TransferSyntaxUID = target
-    out = io.BytesIO()
-    ds.save_as(out, implicit_vr=target.is_implicit_VR, little_endian=target.is_little_endian, enforce_file_format=True)
-    return out.getvalue()
+    return ds
 
 
 # --- metadata -----------------------------------------------------------------------------

@@ -12,8 +12,11 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
+import numpy as np
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, generate_uid
 from pynetdicom import AE, build_role, evt
@@ -31,7 +34,7 @@ from server.dicom.instance import dataset_start
 from server.store.database import Store
 from server.store.mongod import free_port
 from tests.conftest import start_server, stop_server
-from tests.dicom.conftest import ct_instance, dicom_port, encode
+from tests.dicom.conftest import ct_instance, dicom_port, encode, multipart_body
 
 pytestmark = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk is installed by scripts/test")
 
@@ -116,12 +119,15 @@ def mover(mongod, tmp_path_factory):
         scp.wait(10)
 
 
-def received_sops(received: Path, expected: int = 0) -> set[str]:
-    """The SOP Instance UIDs storescp has written (waiting until `expected` are there)."""
+def received_sops(received: Path, awaited: set[str] = frozenset()) -> set[str]:
+    """The SOP Instance UIDs storescp has written (its file names are MODALITY.UID),
+    waiting up to 20 s for the `awaited` ones."""
     deadline = time.monotonic() + 20
-    while len(list(received.iterdir())) < expected and time.monotonic() < deadline:
+    while True:
+        sops = {path.name.partition(".")[2] for path in received.iterdir()}
+        if awaited <= sops or time.monotonic() > deadline:
+            return sops
         time.sleep(0.2)
-    return {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in received.iterdir()}
 
 
 def test_move_to_configured_destination(mover, tmp_path):
@@ -133,7 +139,7 @@ def test_move_to_configured_destination(mover, tmp_path):
                  "-k", f"StudyInstanceUID={study}", "127.0.0.1", port)
     assert result.returncode == 0, result.stderr
     sent = {pydicom.dcmread(p).SOPInstanceUID for p in paths}
-    assert sent <= received_sops(received, 2)
+    assert sent <= received_sops(received, sent)
     unknown = run("movescu", "-aec", "KUROSHIO", "-aem", "NOBODY", "-S", "-k", "QueryRetrieveLevel=STUDY",
                   "-k", f"StudyInstanceUID={study}", "127.0.0.1", port)
     assert "Move Destination unknown" in unknown.stderr + unknown.stdout or unknown.returncode != 0
@@ -307,3 +313,30 @@ def test_find_past_the_limit_says_so(mongod, tmp_path, monkeypatch):
         asyncio.run_coroutine_threadsafe(store.client.drop_database(database), loop).result()
         asyncio.run_coroutine_threadsafe(store.close(), loop).result()
         loop.call_soon_threadsafe(loop.stop)
+
+
+def test_compressed_instances_reach_peers_that_take_uncompressed_only(mover, tmp_path):
+    """A JPEG 2000 instance retrieved by C-MOVE to a default storescp and by a default
+    getscu (both accept uncompressed syntaxes only) arrives decoded: same SOP Instance UID,
+    same pixels, an uncompressed transfer syntax."""
+    live, received = mover
+    ds = pydicom.dcmread(get_testdata_file("MR_small_jp2klossless.dcm"))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    body, content_type = multipart_body([encode(ds)])
+    assert httpx.post(f"{live.base_url}/dicomweb/studies", content=body, headers={"Content-Type": content_type}).status_code == 200
+    port = str(dicom_port(live))
+    keys = ["-S", "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={ds.StudyInstanceUID}"]
+    result = run("movescu", "-aec", "KUROSHIO", "-aem", "DEST", *keys, "127.0.0.1", port)
+    assert result.returncode == 0 and "Warning" not in result.stderr, result.stderr
+    assert ds.SOPInstanceUID in received_sops(received, {ds.SOPInstanceUID})
+    moved = next(p for p in received.iterdir() if p.name.endswith(ds.SOPInstanceUID))
+    got = tmp_path / "get"
+    got.mkdir()
+    result = run("getscu", "-aec", "KUROSHIO", *keys, "-od", str(got), "127.0.0.1", port)
+    assert result.returncode == 0, result.stderr
+    for path in (moved, *got.iterdir()):
+        arrived = pydicom.dcmread(path)
+        assert arrived.SOPInstanceUID == ds.SOPInstanceUID
+        assert not arrived.file_meta.TransferSyntaxUID.is_compressed
+        assert np.array_equal(arrived.pixel_array, ds.pixel_array)
