@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pydicom.uid import UID
 
-from server.dicom import archive, dimse, instance, levels, routes, wado, wsi, wsi_rendered
+from server.dicom import archive, dimse, instance, levels, qido, routes, wado, wsi, wsi_rendered
 
 
 def _uid_rows(uids: list[str]) -> list[str]:
@@ -89,25 +89,38 @@ def statement() -> str:
         "",
         "### 2.6 C-FIND SCP behaviour",
         "",
-        "Levels PATIENT, STUDY, SERIES, IMAGE; relational queries (keys of higher levels at",
-        "lower levels) are supported. Matching as in section 4.2. Unsupported keys are returned",
-        "empty. A malformed identifier is answered "
-        f"0x{dimse.IDENTIFIER_DOES_NOT_MATCH:04X}.",
+        "Levels PATIENT (Patient Root only), STUDY, SERIES, IMAGE; relational queries (keys of",
+        "higher levels at lower levels) are supported. Matching as in section 4.2. Unsupported",
+        "keys are returned empty. A malformed identifier, or a level the information model does",
+        f"not have (C-FIND, C-MOVE, C-GET), is answered 0x{dimse.IDENTIFIER_DOES_NOT_MATCH:04X} with an Error Comment.",
+        f"A query matching more than {qido.MAX_LIMIT} studies, series or instances is answered with the",
+        f"first {qido.MAX_LIMIT} and a final 0x{dimse.OUT_OF_RESOURCES:04X} (Out of Resources) with an Error Comment.",
         "",
         "### 2.7 C-MOVE and C-GET SCP behaviour",
         "",
+        "The identifier holds the unique keys of its level (one value or a list of values) and",
+        "of the levels above it (one value each; they may be left out); any other key with a",
+        "value, a wildcard, or a missing key at the level is answered "
+        f"0x{dimse.IDENTIFIER_DOES_NOT_MATCH:04X} with an Error",
+        "Comment, and nothing is sent.",
+        "",
         "All instances under the matched entities are sent, in the transfer syntax they are",
-        "stored in where the peer accepts it (otherwise pynetdicom converts between the",
-        "uncompressed syntaxes).",
+        "stored in where the peer accepts it, otherwise in an uncompressed one: pynetdicom",
+        "converts between the uncompressed syntaxes, and compressed instances (up to",
+        f"{wado.TRANSCODE_MAX_BYTES} bytes) are decoded to Explicit VR Little Endian. C-MOVE",
+        "proposes for each SOP class a context with the uncompressed syntaxes and, if its",
+        "instances are stored in others, one with those.",
         "",
         "## 3 DICOMweb services",
         "",
         "Base URL: `<server>/dicomweb`. Errors answer the HTTP status with a `Warning: 299`",
         "header and a text body. STOW-RS accepts `multipart/related; type=\"application/dicom\"`",
         "(PS3.10 files with preamble) only; `application/dicom+json` with bulk data parts is",
-        "answered 415. Responses are 200 (all stored), 202 (some failed) or 409 (none stored),",
-        "with ReferencedSOPSequence and FailedSOPSequence (FailureReason as in 2.5). Delete is an",
-        "extension; PS3.18 defines none.",
+        "answered 415. A part with another Content-Type is not read and fails with "
+        f"0x{instance.CANNOT_UNDERSTAND:04X}",
+        "(a part without one has the request's type). Responses are 200 (all stored), 202",
+        "(some failed) or 409 (none stored), with ReferencedSOPSequence and FailedSOPSequence",
+        "(FailureReason as in 2.5). Delete is an extension; PS3.18 defines none.",
         "",
         "| Interaction | Method | Path |",
         "| --- | --- | --- |",
@@ -117,11 +130,16 @@ def statement() -> str:
         "",
         "### 3.1 Transfer syntax negotiation (WADO-RS)",
         "",
+        "Studies, series and instances are sent as `multipart/related; type=\"application/dicom\"`;",
+        "an instance also as single-part `application/dicom` when that is the first acceptable",
+        "type (PS3.18 10.4.4). A study or series asked for as `application/dicom` only is 406.",
+        "",
         "`transfer-syntax=*` returns instances and frames as stored. Without a transfer-syntax",
         "parameter, instances are sent in Explicit VR Little Endian and frames uncompressed",
         "(`application/octet-stream`). Instances can be transcoded to: "
         + ", ".join(f"{UID(t).name} ({t})" for t in wado.TRANSCODE_TARGETS)
         + "; other requested syntaxes are answered 406 unless every instance is stored in it."
+        + " Implicit VR Little Endian is never offered (PS3.18 8.7.3): asking for it is 406."
         + f" Instances over {wado.TRANSCODE_MAX_BYTES} bytes (slide levels) are sent as stored only.",
         "Compressed frames are served in their stored media type:",
         "",
@@ -183,6 +201,11 @@ def statement() -> str:
         lines += [f"| {k.keyword} | ({k.tag[:4]},{k.tag[4:]}) | {k.kind} |" for k in level.keys]
         lines += ["", "Returned by default: " + ", ".join(level.attributes + level.computed) + ".", ""]
     lines += [
+        "Series results also hold their study's attributes; instance results those of their",
+        "study unless the request's path names the study, and those of their series unless it",
+        "names the series (PS3.18 10.6.3.3; a C-FIND path names neither). The RetrieveURL and",
+        "InstanceAvailability are always the result's own.",
+        "",
         "### 4.2 Matching rules",
         "",
         "- uid: single value or a list (comma or backslash separated, or the key repeated).",
@@ -198,7 +221,8 @@ def statement() -> str:
         "## 5 Character sets",
         "",
         "All character sets pydicom decodes are accepted and stored as received; DICOM JSON is",
-        "UTF-8.",
+        "UTF-8. C-FIND responses are encoded in UTF-8 and declare Specific Character Set",
+        "ISO_IR 192.",
         "",
         "## 6 Security",
         "",
@@ -215,8 +239,10 @@ def statement() -> str:
         "  retrievable by frame.",
         "- A SOP Instance UID stored with another data set is refused (0x0111); replace an",
         "  instance by deleting it first.",
-        "- C-MOVE sub-associations propose at most 128 presentation contexts (one per SOP",
-        "  class) and send each instance in its stored transfer syntax or an uncompressed one.",
+        "- C-MOVE sub-associations propose at most 128 presentation contexts (one or two per",
+        "  SOP class) and send each instance in its stored transfer syntax or an uncompressed",
+        "  one; a compressed instance over the transcoding limit that the peer does not accept",
+        "  as stored fails as a sub-operation.",
         "- Regions of TILED_SPARSE instances whose tiles are not on the tile grid are not",
         "  rendered (406); their frames are served. Rendered whole slide images show the middle",
         "  focal plane and the first optical path only.",

@@ -107,6 +107,7 @@ class Archive:
                     raise Refused(
                         DOES_NOT_MATCH_SOP_CLASS,
                         f"The instance belongs to study {parsed.study}, not {expected_study} named in the request",
+                        parsed,
                     )
                 key = BlobKey(parsed.study, parsed.series, parsed.sop, staged.digest(parsed.dataset_start))
                 record = record_of(parsed, key, staged.size)
@@ -115,7 +116,7 @@ class Archive:
             directories = self.blobs.place(staged, key)
             return Prepared(parsed, key, record, directories=directories)
         except Refused as refusal:
-            return Prepared(refusal=refusal)
+            return Prepared(refusal.parsed, refusal=refusal)
         except OSError as exc:
             log.error("cannot store an instance: %s", exc)
             return Prepared(refusal=Refused(OUT_OF_RESOURCES, "The server could not write the instance"))

@@ -9,8 +9,8 @@ without it each C-STORE waits on delayed ACKs (about 50 ms).
 
 Supported: Verification; every Storage SOP Class pydicom knows, in every transfer syntax
 pydicom knows (with SCU/SCP role selection, for C-GET); Patient Root and Study Root
-Query/Retrieve FIND, MOVE and GET at every level. C-MOVE sends to the AEs configured in
-KUROSHIO_DICOM_REMOTE_AES only.
+Query/Retrieve FIND, MOVE and GET at every level of each model. C-MOVE sends to the AEs
+configured in KUROSHIO_DICOM_REMOTE_AES only.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -26,8 +26,9 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom.association import Association
 from pynetdicom.events import Event
-from pynetdicom.presentation import build_context
+from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -51,6 +52,7 @@ SUCCESS = 0x0000
 PENDING = 0xFF00
 CANCEL = 0xFE00
 NOT_AUTHORIZED = 0x0124
+OUT_OF_RESOURCES = 0xA700  # C-FIND: "Refused: Out of Resources" (PS3.4 C.4.1.1.4)
 UNABLE_TO_PROCESS = 0xC001  # C-FIND / C-MOVE / C-GET: "unable to process" (PS3.4 C.4)
 IDENTIFIER_DOES_NOT_MATCH = 0xA900
 MOVE_DESTINATION_UNKNOWN = 0xA801
@@ -64,12 +66,18 @@ STORAGE_SOP_CLASSES = sorted({str(cx.abstract_syntax) for cx in AllStoragePresen
 # Explicit VR Little Endian first: pynetdicom accepts the first of ours that the peer
 # proposes, and a sender then transfers files in that syntax without converting them.
 TRANSFER_SYNTAXES = sorted(ALL_TRANSFER_SYNTAXES, key=lambda uid: uid != "1.2.840.10008.1.2.1")
+UNCOMPRESSED = (wado.EXPLICIT_LE, wado.IMPLICIT_LE)  # what every Storage SCP accepts (PS3.5 10.1)
 QUERY_RETRIEVE = {
     "find": (PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind),
     "move": (PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelMove),
     "get": (PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelGet),
 }
+STUDY_ROOT = {str(root) for _, root in QUERY_RETRIEVE.values()}
 LEVELS = {"PATIENT": "patient", "STUDY": "study", "SERIES": "series", "IMAGE": "instance"}
+# The unique key of each level (PS3.4 C.6.1.1, C.6.2.1), from the top of the hierarchy down.
+UNIQUE_KEYS = {
+    "patient": "PatientID", "study": "StudyInstanceUID", "series": "SeriesInstanceUID", "instance": "SOPInstanceUID",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,10 +184,7 @@ class ApplicationEntity:
         audit.record(*admitted, outcome.status, f"C-STORE {outcome.sop or ''} {outcome.message}".strip())
         if outcome.ok:
             return SUCCESS
-        status = Dataset()
-        status.Status = outcome.status
-        status.ErrorComment = outcome.message[:64]
-        return status
+        return failure(outcome.status, outcome.message)
 
     # --- C-FIND -------------------------------------------------------------------------
 
@@ -189,24 +194,32 @@ class ApplicationEntity:
             yield NOT_AUTHORIZED, None
             return
         try:
-            level, query, requested = self.query(event.identifier)
-            results = self.run(self.find(level, query))
+            level, query, requested = self.query(event.identifier, str(event.request.AffectedSOPClassUID))
+            results, complete = self.run(self.find(level, query))
         except (qido.QueryError, ValueError) as exc:
             audit.record(*admitted, IDENTIFIER_DOES_NOT_MATCH, f"C-FIND {exc}")
-            yield IDENTIFIER_DOES_NOT_MATCH, None
+            yield failure(IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
             return
-        audit.record(*admitted, SUCCESS, f"C-FIND {level} {len(results)} matches")
+        audit.record(*admitted, SUCCESS if complete else OUT_OF_RESOURCES,
+                     f"C-FIND {level} {len(results)} matches{'' if complete else ' (more not sent)'}")
         for result in results:
             if event.is_cancelled:
                 yield CANCEL, None
                 return
             yield PENDING, response_identifier(result, requested, level, self.ae.ae_title)
+        if not complete:
+            # Success would say every match was sent (PS3.4 C.4.1.3.1); a final Failure
+            # ends the pending responses and says they are not all
+            yield failure(OUT_OF_RESOURCES, f"More than {qido.MAX_LIMIT} matches: narrow the query"), None
 
-    def query(self, identifier: Dataset) -> tuple[str, qido.QidoQuery, list[str]]:
-        """The query level, the QidoQuery, and the requested tags of a C-FIND/MOVE/GET identifier."""
+    def query(self, identifier: Dataset, model: str) -> tuple[str, qido.QidoQuery, list[str]]:
+        """The query level, the QidoQuery, and the requested tags of a C-FIND/MOVE/GET
+        identifier of information `model` (a SOP Class UID: Study Root has no PATIENT
+        level, PS3.4 C.6.2)."""
         raw_level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
-        if raw_level not in LEVELS:
-            raise qido.QueryError(f"QueryRetrieveLevel {raw_level!r} is not PATIENT, STUDY, SERIES or IMAGE")
+        allowed = [name for name in LEVELS if name != "PATIENT" or model not in STUDY_ROOT]
+        if raw_level not in allowed:
+            raise qido.QueryError(f"QueryRetrieveLevel {raw_level!r} is not {', '.join(allowed)}")
         level = LEVELS[raw_level]
         params: list[tuple[str, str]] = []
         requested: list[str] = []
@@ -219,25 +232,31 @@ class ApplicationEntity:
             params.append((element.keyword or f"{element.tag:08X}", _match_text(element)))
         query_level = "study" if level == "patient" else level
         query = qido.parse(query_level, params, {})
+        query.limit = qido.MAX_LIMIT + 1  # one more than is answered: whether there are more
         return level, query, requested
 
-    async def find(self, level: str, query: qido.QidoQuery) -> list[qido.Json]:
+    async def find(self, level: str, query: qido.QidoQuery) -> tuple[list[qido.Json], bool]:
+        """The matches (of at most qido.MAX_LIMIT studies, series or instances) and whether
+        they are all there are."""
         results = await qido.search(self.archive.index, query, "")
+        complete = len(results) <= qido.MAX_LIMIT
+        results = results[:qido.MAX_LIMIT]
         if level != "patient":
-            return results
+            return results, complete
         patients: dict[tuple[str, str], qido.Json] = {}
         for study in results:
             key = tuple(_first(study.get(qido.TAGS[k])) for k in ("PatientID", "IssuerOfPatientID"))
             patient = patients.setdefault(key, {t: v for t, v in study.items() if t in PATIENT_TAGS})  # type: ignore[arg-type]
             counted = _first(patient.get("00201200")) or 0
             patient["00201200"] = {"vr": "IS", "Value": [counted + 1]}
-        return list(patients.values())
+        return list(patients.values()), complete
 
     # --- C-GET / C-MOVE -----------------------------------------------------------------
 
-    def matching_instances(self, identifier: Dataset) -> list[wado.Stored]:
-        """Every instance under the entities the identifier matches (any level)."""
-        _, query, _ = self.query(identifier)
+    def matching_instances(self, identifier: Dataset, model: str) -> list[wado.Stored]:
+        """Every instance under the entities the identifier's unique keys name (any level)."""
+        level, query, _ = self.query(identifier, model)
+        check_unique_keys(identifier, level, model in STUDY_ROOT)
         instance_query = qido.QidoQuery("instance", filters=query.filters)
 
         async def find() -> list[wado.Stored]:
@@ -245,8 +264,16 @@ class ApplicationEntity:
 
         return self.run(find())
 
-    def datasets(self, event: Event, stored: list[wado.Stored]) -> Iterator[tuple[int, Dataset | None]]:
+    def datasets(
+        self, event: Event, stored: list[wado.Stored], accepted: Callable[[], list[PresentationContext]]
+    ) -> Iterator[tuple[int, Dataset | None]]:
         """The C-STORE sub-operations' datasets, read one at a time as pynetdicom asks.
+
+        An instance goes as stored where the peer `accepted` (the presentation contexts of
+        the association that carries the sub-operations) its transfer syntax, or where
+        pynetdicom converts it (uncompressed syntaxes); otherwise, up to
+        wado.TRANSCODE_MAX_BYTES, decoded to Explicit VR Little Endian by WADO's transcoder,
+        so that a peer taking uncompressed syntaxes only still gets it.
 
         Memory is bounded by the largest instance, not the study: about three times its
         size while it is sent (the decoded dataset plus pynetdicom's encoded copies).
@@ -258,15 +285,26 @@ class ApplicationEntity:
             if event.is_cancelled:
                 yield CANCEL, None
                 return
-            yield PENDING, pydicom.dcmread(self.archive.blobs.path(item.blob))
+            yield PENDING, self.dataset(item, accepted())
 
-    def to_retrieve(self, event: Event, admitted: tuple[Principal, Access]) -> list[wado.Stored] | None:
-        """The instances a C-GET/C-MOVE identifier selects; None (audited) if malformed."""
+    def dataset(self, item: wado.Stored, accepted: list[PresentationContext]) -> Dataset:
+        """One instance as the peer takes it (see `datasets`)."""
+        path = self.archive.blobs.path(item.blob)
+        if _needs_decoding(item, accepted) and item.size <= wado.TRANSCODE_MAX_BYTES:
+            try:
+                return wado.transcoded(str(path), wado.EXPLICIT_LE)
+            except Exception as exc:  # pydicom's decoders raise many kinds of errors
+                log.warning("cannot decode %s for a C-STORE sub-operation: %s", item.sop, exc)
+        return pydicom.dcmread(path)  # a sub-operation that fails if the peer does not take it
+
+    def to_retrieve(self, event: Event, admitted: tuple[Principal, Access]) -> list[wado.Stored] | Dataset:
+        """The instances a C-GET/C-MOVE identifier selects, or (audited) the failure status
+        answering a malformed identifier."""
         try:
-            return self.matching_instances(event.identifier)
+            return self.matching_instances(event.identifier, str(event.request.AffectedSOPClassUID))
         except (qido.QueryError, ValueError) as exc:
             audit.record(*admitted, IDENTIFIER_DOES_NOT_MATCH, f"{admitted[1].interaction} {exc}")
-            return None
+            return failure(IDENTIFIER_DOES_NOT_MATCH, str(exc))
 
     def on_get(self, event: Event) -> Iterator[Any]:
         admitted = self.admitted(event, "C-GET")
@@ -274,12 +312,12 @@ class ApplicationEntity:
             yield NOT_AUTHORIZED, None
             return
         stored = self.to_retrieve(event, admitted)
-        if stored is None:
-            yield IDENTIFIER_DOES_NOT_MATCH, None
+        if isinstance(stored, Dataset):
+            yield from _refuse_retrieve(stored)
             return
         audit.record(*admitted, SUCCESS, f"C-GET {len(stored)} instances")
         yield len(stored)
-        yield from self.datasets(event, stored)
+        yield from self.datasets(event, stored, lambda: event.assoc.accepted_contexts)
 
     def on_move(self, event: Event) -> Iterator[Any]:
         admitted = self.admitted(event, "C-MOVE")
@@ -293,27 +331,89 @@ class ApplicationEntity:
             yield None, None
             return
         stored = self.to_retrieve(event, admitted)
-        if stored is None:
-            yield destination.host, destination.port, {"evt_handlers": [(evt.EVT_CONN_OPEN, _nodelay)]}
-            yield IDENTIFIER_DOES_NOT_MATCH, None
+        # pynetdicom associates with the destination before it sends any status, a failure too
+        contexts = [build_context(Verification)] if isinstance(stored, Dataset) else _contexts_for(stored)
+        # the sub-association, recorded when the destination accepts it (before pynetdicom
+        # returns it as established and asks for the first data set)
+        sub_association: list[Association] = []
+        handlers = [
+            (evt.EVT_CONN_OPEN, _nodelay),
+            (evt.EVT_ACCEPTED, lambda accepted: sub_association.append(accepted.assoc)),
+        ]
+        yield destination.host, destination.port, {"contexts": contexts, "evt_handlers": handlers}
+        if isinstance(stored, Dataset):
+            yield from _refuse_retrieve(stored)
             return
-        contexts = _contexts_for(stored)
-        yield destination.host, destination.port, {"contexts": contexts, "evt_handlers": [(evt.EVT_CONN_OPEN, _nodelay)]}
         audit.record(*admitted, SUCCESS, f"C-MOVE {len(stored)} instances to {destination.title}")
         yield len(stored)
-        yield from self.datasets(event, stored)
+        yield from self.datasets(event, stored, lambda: sub_association[0].accepted_contexts)
+
+
+def check_unique_keys(identifier: Dataset, level: str, study_root: bool) -> None:
+    """Refuse (QueryError) a C-MOVE/C-GET identifier that is not the unique keys of its level
+    and of the levels above (PS3.4 C.4.2.2.1, C.4.3.2.1): without this an empty or wildcard
+    key, or a key such as PatientName, would retrieve whatever it matches, up to the whole
+    archive. The level's key may be a list of values; each key above it, one value. Keys
+    above the level may be absent (they only narrow the match); other keys only empty."""
+    levels = list(UNIQUE_KEYS)[1 if study_root else 0:]
+    keys = [UNIQUE_KEYS[name] for name in levels[:levels.index(level) + 1]]
+    for element in identifier:
+        if element.tag in (0x00080052, 0x00080005) or element.tag.group == 0x0002 or element.keyword in keys:
+            continue
+        if element.value not in (None, "", b""):
+            raise qido.QueryError(f"{element.keyword or element.tag} is not a unique key of this level or above")
+    for keyword in keys:
+        element = identifier.data_element(keyword)
+        given = element is not None and element.value not in (None, "")
+        values = _match_text(element).split("\\") if given else []
+        if keyword == keys[-1] and not values or keyword != keys[-1] and len(values) > 1:
+            raise qido.QueryError(f"{keyword} must be {'given' if keyword == keys[-1] else 'a single value'}")
+        if any(not v.strip() or "*" in v or "?" in v for v in values):
+            raise qido.QueryError(f"{keyword} must be a value without wildcards")
+
+
+def failure(status: int, comment: str) -> Dataset:
+    """A failure status with its Error Comment (at most 64 characters, VR LO)."""
+    ds = Dataset()
+    ds.Status = status
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+def _refuse_retrieve(status: Dataset) -> Iterator[Any]:
+    """The yields that make pynetdicom answer a C-GET/C-MOVE with a failure and send nothing:
+    it takes a final status only after a positive number of sub-operations."""
+    yield 1
+    yield status, None
 
 
 PATIENT_TAGS = {qido.TAGS[k] for k in ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "SpecificCharacterSet")}
 
 
-def _contexts_for(stored: list[wado.Stored]) -> list[Any]:
-    """Presentation contexts for a C-MOVE sub-association: each SOP class with the syntaxes
-    its instances are stored in plus the uncompressed ones (PS3.8 allows 128 contexts)."""
-    syntaxes: dict[str, set[str]] = {}
+def _contexts_for(stored: list[wado.Stored]) -> list[PresentationContext]:
+    """Presentation contexts for a C-MOVE sub-association: each SOP class with the
+    uncompressed syntaxes and, in a context of its own, the other syntaxes its instances
+    are stored in, so that a peer can take either (one context with all of them would let
+    it accept only one). At most 128 (PS3.8)."""
+    stored_syntaxes: dict[str, set[str]] = {}
     for item in stored:
-        syntaxes.setdefault(item.sop_class, {wado.EXPLICIT_LE, wado.IMPLICIT_LE}).add(item.transfer_syntax)
-    return [build_context(sop_class, sorted(ts)) for sop_class, ts in sorted(syntaxes.items())[:128]]
+        stored_syntaxes.setdefault(item.sop_class, set()).add(item.transfer_syntax)
+    contexts = []
+    for sop_class, syntaxes in sorted(stored_syntaxes.items()):
+        contexts.append(build_context(sop_class, list(UNCOMPRESSED)))
+        if syntaxes - set(UNCOMPRESSED):
+            contexts.append(build_context(sop_class, sorted(syntaxes - set(UNCOMPRESSED))))
+    return contexts[:128]
+
+
+def _needs_decoding(item: wado.Stored, accepted: list[PresentationContext]) -> bool:
+    """Whether no accepted context takes the instance as stored or by pynetdicom's own
+    conversion (which joins the uncompressed syntaxes only)."""
+    if not UID(item.transfer_syntax).is_compressed:
+        return False
+    return not any(
+        cx.abstract_syntax == item.sop_class and item.transfer_syntax in cx.transfer_syntax for cx in accepted
+    )
 
 
 def _vr(tag: str) -> str:
@@ -349,6 +449,9 @@ def response_identifier(result: qido.Json, requested: list[str], level: str, ae_
         if "BulkDataURI" in element:
             chosen[tag] = {"vr": element["vr"]}
     ds = Dataset.from_json(chosen)
+    # The values are Unicode (DICOM JSON), whatever the instances' character sets were:
+    # declared as UTF-8 in every response (PS3.4 C.4.1.1.3.2), and encoded so by pydicom.
+    ds.SpecificCharacterSet = "ISO_IR 192"
     ds.QueryRetrieveLevel = {v: k for k, v in LEVELS.items()}[level]
     ds.RetrieveAETitle = ae_title
     return ds

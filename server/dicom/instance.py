@@ -43,11 +43,14 @@ Json = dict[str, Any]
 
 
 class Refused(Exception):
-    """The instance cannot be stored; `reason` is the DICOM failure status."""
+    """The instance cannot be stored; `reason` is the DICOM failure status, and `parsed`
+    the instance when the refusal came after its UIDs were read and validated (a failure
+    report names the instance then, PS3.18 10.5.3)."""
 
-    def __init__(self, reason: int, message: str) -> None:
+    def __init__(self, reason: int, message: str, parsed: ParsedInstance | None = None) -> None:
         super().__init__(message)
         self.reason = reason
+        self.parsed = parsed
 
 
 @dataclass(slots=True)
@@ -216,9 +219,9 @@ def _check_identity(ds: pydicom.Dataset, parsed: ParsedInstance) -> None:
             raise Refused(DOES_NOT_MATCH_SOP_CLASS, f"{name} {value!r} is not a valid UID")
     meta = ds.file_meta
     if str(meta.get("MediaStorageSOPInstanceUID", parsed.sop)).strip("\0 ") != parsed.sop:
-        raise Refused(DOES_NOT_MATCH_SOP_CLASS, "MediaStorageSOPInstanceUID differs from SOPInstanceUID")
+        raise Refused(DOES_NOT_MATCH_SOP_CLASS, "MediaStorageSOPInstanceUID differs from SOPInstanceUID", parsed)
     if str(meta.get("MediaStorageSOPClassUID", parsed.sop_class)).strip("\0 ") != parsed.sop_class:
-        raise Refused(DOES_NOT_MATCH_SOP_CLASS, "MediaStorageSOPClassUID differs from SOPClassUID")
+        raise Refused(DOES_NOT_MATCH_SOP_CLASS, "MediaStorageSOPClassUID differs from SOPClassUID", parsed)
 
 
 # --- pixel data ---------------------------------------------------------------------------

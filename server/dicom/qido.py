@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +107,7 @@ def normalize(level: Level, attributes: Json) -> Json:
 class QidoQuery:
     level: str
     filters: dict[str, Json] = field(default_factory=dict)  # level -> MongoDB filter on k.*
+    scope: dict[str, str] = field(default_factory=dict)  # the UIDs in the path (StudyInstanceUID, ...)
     include: set[str] = field(default_factory=set)  # tags to add to the default return set
     include_all: bool = False
     fuzzy: bool = False
@@ -117,7 +118,7 @@ class QidoQuery:
 
 def parse(level: str, params: Iterable[tuple[str, str]], scope: dict[str, str]) -> QidoQuery:
     """Build a query at `level` from request parameters; `scope` holds the UIDs in the path."""
-    query = QidoQuery(level)
+    query = QidoQuery(level, scope=dict(scope))
     params = _uid_lists(list(params))
     for name, value in params:
         if name == "fuzzymatching":
@@ -327,7 +328,7 @@ async def search(index: DicomIndex, query: QidoQuery, base: str) -> list[Json]:
     docs = await index.find(level, mongo_filter, projection, query.offset, query.limit, _ORDER[level])
     if not docs:
         return []
-    # Higher-level attributes (PS3.18 10.6.3.3: returned for queries not scoped to a study).
+    # Higher-level attributes (PS3.18 10.6.3.3: returned for the levels the path does not fix).
     parents: dict[str, dict[str, Json]] = {}
     if level in ("series", "instance"):
         ids = list({d["st"] for d in docs})
@@ -340,15 +341,15 @@ async def search(index: DicomIndex, query: QidoQuery, base: str) -> list[Json]:
         if level == "study":
             results.append(attributes_of(doc, STUDY, query, _study_computed(doc, base)))
         elif level == "series":
-            study = parents["study"].get(doc["st"], {})
-            extra = dict(study.get("j", {}))
+            extra = _parent(parents["study"].get(doc["st"]), _study_computed, base)
             extra[TAGS["StudyInstanceUID"]] = element("StudyInstanceUID", doc["st"])
             results.append(attributes_of(doc, SERIES, query, _series_computed(doc, base), extra))
         else:
             extra = {}
-            if query.include_all:
-                extra.update(parents["study"].get(doc["st"], {}).get("j", {}))
-                extra.update(parents["series"].get(doc["se"], {}).get("j", {}))
+            if query.include_all or "StudyInstanceUID" not in query.scope:  # Table 10.6.3-3
+                extra.update(_parent(parents["study"].get(doc["st"]), _study_computed, base))
+            if query.include_all or "SeriesInstanceUID" not in query.scope:  # Table 10.6.3-4
+                extra.update(_parent(parents["series"].get(doc["se"]), _series_computed, base))
             extra[TAGS["StudyInstanceUID"]] = element("StudyInstanceUID", doc["st"])
             extra[TAGS["SeriesInstanceUID"]] = element("SeriesInstanceUID", doc["se"])
             series_doc = parents["series"].get(doc["se"], {})
@@ -357,6 +358,18 @@ async def search(index: DicomIndex, query: QidoQuery, base: str) -> list[Json]:
                 extra[TAGS["Modality"]] = modality
             results.append(attributes_of(doc, INSTANCE, query, _instance_computed(doc, base), extra))
     return results
+
+
+def _parent(doc: Json | None, computed: Callable[[Json, str], Json], base: str) -> Json:
+    """A higher level's attributes in a lower level's result: the stored ones and the
+    computed ones (counts, ModalitiesInStudy) but its own RetrieveURL and availability."""
+    if doc is None:
+        return {}
+    attributes = dict(doc.get("j", {}))
+    for keyword, value in computed(doc, base).items():
+        if keyword not in ("RetrieveURL", "InstanceAvailability"):
+            attributes[TAGS[keyword]] = value
+    return attributes
 
 
 def _study_computed(doc: Json, base: str) -> Json:

@@ -23,6 +23,7 @@ from starlette.routing import Route
 from server.dicom import multipart, qido, wado, wsi_rendered
 from server.dicom.archive import Archive, Outcome, Prepared
 from server.dicom.frames import FrameTable
+from server.dicom.instance import CANNOT_UNDERSTAND, Refused
 from server.security.authorization import authorize
 from server.store.blobs import StagedFile
 
@@ -123,19 +124,26 @@ async def store_instances(request: Request, study: str | None = None) -> Respons
         raise DicomWebError(400, "The request contained no instances")
     stored = sum(1 for o in outcomes if o.ok)
     status = 200 if stored == len(outcomes) else 202 if stored else 409
-    return Response(qido.encode_one(stow_response(outcomes, base(request), study)), status, media_type=DICOM_JSON)
+    return Response(qido.encode_one(stow_response(outcomes, base(request))), status, media_type=DICOM_JSON)
 
 
 async def receive(request: Request, archive: Archive, boundary: str, study: str | None) -> list[Outcome]:
     """Stream parts into staging files; prepare them in threads as each completes, and
-    index them in batches, so memory holds a chunk, never an instance."""
+    index them in batches, so memory holds a chunk, never an instance. A part whose
+    Content-Type is not application/dicom (PS3.18 10.5.1; none means the request's type)
+    is not read: it is refused as one that cannot be understood."""
     loop = asyncio.get_running_loop()
     pending: list[asyncio.Future[Prepared]] = []
     outcomes: list[Outcome] = []
-    finished: list[StagedFile] = []
-    current: list[StagedFile] = []
+    finished: list[StagedFile | Prepared] = []
+    current: list[StagedFile | Prepared] = []
 
     def begin(headers: dict[str, str]) -> Callable[[bytes], None]:
+        media, _ = multipart.parse_header_params(headers.get("content-type", "application/dicom"))
+        if media != "application/dicom":
+            refusal = Refused(CANNOT_UNDERSTAND, f"A part of type {media} is not application/dicom")
+            current.append(Prepared(refusal=refusal))
+            return lambda data: None
         staged = archive.blobs.stage()
         current.append(staged)
         return staged.write
@@ -143,30 +151,42 @@ async def receive(request: Request, archive: Archive, boundary: str, study: str 
     def end() -> None:
         finished.append(current.pop())
 
+    def prepare(item: StagedFile | Prepared) -> asyncio.Future[Prepared]:
+        if isinstance(item, StagedFile):
+            return loop.run_in_executor(None, archive.prepare, item, study)
+        refused: asyncio.Future[Prepared] = loop.create_future()
+        refused.set_result(item)
+        return refused
+
+    def discard_current() -> None:  # a part the body ended inside of
+        for item in current:
+            if isinstance(item, StagedFile):
+                item.discard()
+
     reader = multipart.PartReader(boundary, begin, end)
     try:
         async for chunk in request.stream():
             reader.feed(chunk)
-            pending += [loop.run_in_executor(None, archive.prepare, staged, study) for staged in finished]
+            pending += [prepare(item) for item in finished]
             finished.clear()
             if len(pending) >= STOW_BATCH:
                 outcomes += await archive.commit(list(await asyncio.gather(*pending)))
                 pending = []
         reader.finish()
     except (MultipartParseError, ClientDisconnect) as exc:
-        for staged in current:
-            staged.discard()
+        discard_current()
         outcomes += await archive.commit(list(await asyncio.gather(*pending)))
         if isinstance(exc, ClientDisconnect):
             raise
         raise DicomWebError(400, f"Malformed multipart body: {exc}") from None
-    for staged in current:  # a part the body ended inside of
-        staged.discard()
+    discard_current()
     outcomes += await archive.commit(list(await asyncio.gather(*pending)))
     return outcomes
 
 
-def stow_response(outcomes: list[Outcome], base_url: str, study: str | None) -> dict[str, Any]:
+def stow_response(outcomes: list[Outcome], base_url: str) -> dict[str, Any]:
+    """The STOW-RS response (PS3.18 10.5.3): the study's RetrieveURL only where something
+    was stored in it, and an item per instance naming it as far as it could be read."""
     referenced = []
     failed = []
     for o in outcomes:
@@ -183,7 +203,7 @@ def stow_response(outcomes: list[Outcome], base_url: str, study: str | None) -> 
             item["00081197"] = qido.element("FailureReason", o.status)
             failed.append(item)
     body: dict[str, Any] = {}
-    studies = {o.study for o in outcomes if o.ok} or ({study} if study else set())
+    studies = {o.study for o in outcomes if o.ok}
     if len(studies) == 1:
         body["00081190"] = qido.element("RetrieveURL", f"{base_url}/studies/{studies.pop()}")
     if failed:
@@ -255,34 +275,49 @@ async def search_instances(request: Request, study: str, series: str) -> Respons
 # --- WADO-RS: instances ---------------------------------------------------------------------
 
 
-def _dicom_syntaxes(request: Request) -> list[str]:
-    """Acceptable transfer syntaxes for application/dicom parts (PS3.18 8.7.3.5.2: none
-    named means Explicit VR Little Endian)."""
-    syntaxes = []
+def _dicom_syntaxes(request: Request, instance: bool) -> tuple[bool, list[str]]:
+    """Whether to answer single-part application/dicom, and the acceptable transfer syntaxes
+    in that form (PS3.18 8.7.3.5.2: none named means Explicit VR Little Endian). The form is
+    the first acceptable one; single part is for an Instance resource only (10.4.4)."""
+    wanted: dict[bool, list[str]] = {}
     for media in multipart.accept(request.headers.get("accept")):
-        if media.media_type == "multipart/related" and media.part_type in (None, "application/dicom"):
-            syntaxes.append(media.transfer_syntax or wado.EXPLICIT_LE)
-        elif media.media_type in ("application/dicom", "*/*", "multipart/*"):
-            syntaxes.append(media.transfer_syntax or wado.EXPLICIT_LE)
-    if not syntaxes:
-        raise DicomWebError(406, 'Instances are sent as multipart/related; type="application/dicom"')
-    return syntaxes
+        if media.media_type in ("*/*", "multipart/*") or (
+            media.media_type == "multipart/related" and media.part_type in (None, "application/dicom")
+        ):
+            single = False
+        elif media.media_type == "application/dicom" and instance:
+            single = True
+        else:
+            continue
+        wanted.setdefault(single, []).append(media.transfer_syntax or wado.EXPLICIT_LE)
+    if not wanted:
+        raise DicomWebError(406, 'Instances are sent as multipart/related; type="application/dicom"'
+                                 + (", or one as application/dicom" if instance else ""))
+    single = next(iter(wanted))
+    return single, wanted[single]
 
 
 async def _retrieve(request: Request, study: str, series: str | None, sop: str | None) -> Response:
     archive = archive_of(request)
-    wanted = _dicom_syntaxes(request)
+    single, wanted = _dicom_syntaxes(request, sop is not None)
     stored = await guarded(wado.instances(archive, study, series, sop))
     try:
         syntax = wado.choose_syntax(stored, wanted)
     except wado.NotAcceptable as exc:
         raise DicomWebError(406, str(exc)) from None
+
+    def length(item: wado.Stored) -> list[tuple[str, str]]:
+        return [("Content-Length", str(item.size))] if syntax in ("*", item.transfer_syntax) else []
+
+    if single:
+        item = stored[0]
+        media_type = f"application/dicom; transfer-syntax={item.transfer_syntax if syntax == '*' else syntax}"
+        return StreamingResponse(_instance(archive, item, syntax), media_type=media_type, headers=dict(length(item)))
     boundary = multipart.boundary()
 
     async def bodies() -> AsyncIterator[tuple[Iterable[tuple[str, str]], AsyncIterator[bytes]]]:
         for item in stored:
-            syntax_out = item.transfer_syntax if syntax == "*" else syntax
-            yield [("Content-Length", str(item.size))] if syntax_out == item.transfer_syntax else [], _instance(archive, item, syntax)
+            yield length(item), _instance(archive, item, syntax)
 
     return StreamingResponse(
         multipart.parts(boundary, "application/dicom", bodies()),
@@ -363,12 +398,16 @@ def _frame_wants(request: Request, stored_media: str, stored_syntax: str) -> tup
 @dicomweb("retrieve-frames", "GET", "/studies/{study}/series/{series}/instances/{sop}/frames/{frames}", first=True)
 async def retrieve_frames(request: Request, study: str, series: str, sop: str, frames: str) -> Response:
     archive = archive_of(request)
-    try:
-        numbers = wado.parse_frame_list(frames)
-    except wado.BadRequest as exc:
-        raise DicomWebError(400, str(exc)) from None
+    numbers = _frame_numbers(frames)
     table = await guarded(wado.frame_source(archive, study, series, sop))
     return await _frames_response(request, archive, table, numbers)
+
+
+def _frame_numbers(text: str) -> list[int]:
+    try:
+        return wado.parse_frame_list(text)
+    except wado.BadRequest as exc:
+        raise DicomWebError(400, str(exc)) from None
 
 
 async def _frames_response(request: Request, archive: Archive, table: FrameTable, numbers: list[int]) -> Response:
@@ -388,7 +427,8 @@ async def _frames_response(request: Request, archive: Archive, table: FrameTable
                 item = wado.frame(archive, table, number, as_stored)  # a pread from the page cache
             else:
                 item = await asyncio.to_thread(wado.frame, archive, table, number, as_stored)
-            media = item.media_type + (f"; transfer-syntax={item.transfer_syntax}" if item.transfer_syntax else "")
+            # every part has the response's `type` (RFC 2387), naming the frame's syntax
+            media = part_type + (f"; transfer-syntax={item.transfer_syntax}" if item.transfer_syntax else "")
             header = multipart.part_header(boundary, media, [("Content-Length", str(len(item.data)))])
             yield (b"\r\n" if index else b"") + header + item.data
         yield multipart.closing(boundary)
@@ -458,7 +498,7 @@ async def rendered_instance(request: Request, study: str, series: str, sop: str)
 
 @dicomweb("retrieve-rendered", "GET", "/studies/{study}/series/{series}/instances/{sop}/frames/{frame}/rendered")
 async def rendered_frame(request: Request, study: str, series: str, sop: str, frame: str) -> Response:
-    numbers = wado.parse_frame_list(frame) if frame.isdigit() else []
+    numbers = _frame_numbers(frame)
     if len(numbers) != 1:
         raise DicomWebError(400, "A rendered frame is one frame number")
     return await _rendered(request, study, series, sop, numbers[0], False)

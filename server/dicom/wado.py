@@ -28,7 +28,8 @@ EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
 RLE = "1.2.840.10008.1.2.5"
 # Syntaxes any stored instance can be transcoded to (pydicom decodes, then writes these).
-TRANSCODE_TARGETS = (EXPLICIT_LE, IMPLICIT_LE, RLE)
+# Not Implicit VR Little Endian: web services shall not use it (PS3.18 8.7.3).
+TRANSCODE_TARGETS = (EXPLICIT_LE, RLE)
 # Transcoding decodes a whole instance in memory: a slide level of a few hundred MB of JPEG
 # tiles is gigabytes of pixels. Larger instances are sent as stored only (else 406).
 TRANSCODE_MAX_BYTES = 256 * 1024 * 1024
@@ -125,6 +126,8 @@ def choose_syntax(stored: list[Stored], wanted: list[str]) -> str:
     for syntax in wanted:
         if syntax == "*":
             return syntax
+        if syntax == IMPLICIT_LE:
+            continue  # not even as stored (PS3.18 8.7.3)
         if all(s.transfer_syntax == syntax for s in stored) or syntax in TRANSCODE_TARGETS and not too_large:
             return syntax
     raise NotAcceptable(
@@ -143,17 +146,26 @@ def instance_bytes(archive: Archive, stored: Stored, syntax: str) -> Iterator[by
 
 
 def transcode(data: bytes, syntax: str) -> bytes:
-    ds = pydicom.dcmread(io.BytesIO(data))
+    ds = transcoded(io.BytesIO(data), syntax)
     target = UID(syntax)
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
-        ds.decompress()
-    if target.is_compressed:
-        ds.compress(target)
-    else:
-        ds.file_meta.TransferSyntaxUID = target
     out = io.BytesIO()
     ds.save_as(out, implicit_vr=target.is_implicit_VR, little_endian=target.is_little_endian, enforce_file_format=True)
     return out.getvalue()
+
+
+def transcoded(source: str | io.BytesIO, syntax: str) -> pydicom.Dataset:
+    """The instance in `source` (a path or bytes) as a data set re-encoded in `syntax`
+    (also what C-GET/C-MOVE send to a peer that does not take the stored syntax)."""
+    ds = pydicom.dcmread(source)
+    target = UID(syntax)
+    # the same instance in another encoding: pydicom would give it a new SOP Instance UID
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        ds.decompress(generate_instance_uid=False)
+    if target.is_compressed:
+        ds.compress(target, generate_instance_uid=False)
+    else:
+        ds.file_meta.TransferSyntaxUID = target
+    return ds
 
 
 # --- metadata -----------------------------------------------------------------------------
@@ -177,8 +189,7 @@ async def metadata(archive: Archive, base: str, study: str, series: str | None =
 @dataclass(slots=True)
 class Frame:
     data: bytes
-    media_type: str
-    transfer_syntax: str | None
+    transfer_syntax: str | None  # None: native pixel data as stored
 
 
 def parse_frame_list(text: str) -> list[int]:
@@ -226,11 +237,9 @@ def frame(archive: Archive, table: FrameTable, number: int, as_stored: bool) -> 
     syntax = UID(table.transfer_syntax)
     if not syntax.is_encapsulated or as_stored:
         data = b"".join(archive.blobs.read_range(table.blob, offset, length) for offset, length in table.ranges(number))
-        if not syntax.is_encapsulated:
-            return Frame(data, "application/octet-stream", None)
-        return Frame(data, FRAME_MEDIA_TYPES.get(str(syntax), "application/octet-stream"), str(syntax))
+        return Frame(data, str(syntax) if syntax.is_encapsulated else None)
     pixels = pixel_array(archive.blobs.path(table.blob), index=number - 1, raw=True)
-    return Frame(np.ascontiguousarray(pixels).tobytes(), "application/octet-stream", EXPLICIT_LE)
+    return Frame(np.ascontiguousarray(pixels).tobytes(), EXPLICIT_LE)
 
 
 async def bulkdata(archive: Archive, study: str, series: str, sop: str, tag: str) -> bytes:

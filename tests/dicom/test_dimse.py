@@ -4,19 +4,37 @@ C-MOVE (to a storescp started here) returning the bytes that were sent."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
+import threading
 import time
+import uuid
 from pathlib import Path
 
+import httpx
+import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, generate_uid
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
 
+from server.dicom import qido
+from server.dicom.archive import Archive
+from server.dicom.dimse import ApplicationEntity
 from server.dicom.instance import dataset_start
+from server.store.database import Store
 from server.store.mongod import free_port
 from tests.conftest import start_server, stop_server
-from tests.dicom.conftest import ct_instance, dicom_port, encode
+from tests.dicom.conftest import ct_instance, dicom_port, encode, multipart_body
 
 pytestmark = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk is installed by scripts/test")
 
@@ -30,12 +48,12 @@ def test_echo(server):
     assert result.returncode == 0, result.stderr
 
 
-def write_study(directory: Path, count: int = 3) -> tuple[str, str, list[Path]]:
+def write_study(directory: Path, count: int = 3, patient_id: str = "DIMSE-1") -> tuple[str, str, list[Path]]:
     study, series = generate_uid(), generate_uid()
     paths = []
     for number in range(1, count + 1):
         path = directory / f"{number}.dcm"
-        path.write_bytes(encode(ct_instance(study, series, number=number, patient_id="DIMSE-1", patient_name="Müller^Jörg")))
+        path.write_bytes(encode(ct_instance(study, series, number=number, patient_id=patient_id, patient_name="Müller^Jörg")))
         paths.append(path)
     return study, series, paths
 
@@ -83,32 +101,113 @@ def test_store_find_get_move(server, tmp_path, dicomweb):
         assert dataset_bytes(retrieved[sent.SOPInstanceUID]) == dataset_bytes(path)
 
 
-def test_move_to_configured_destination(mongod, tmp_path):
+@pytest.fixture(scope="module")
+def mover(mongod, tmp_path_factory):
+    """A server whose one C-MOVE destination DEST is a default dcmtk storescp (which
+    accepts the uncompressed transfer syntaxes only), and the directory it writes to."""
+    root = tmp_path_factory.mktemp("move")
     destination_port = free_port()
-    received = tmp_path / "received"
+    received = root / "received"
     received.mkdir()
     scp = subprocess.Popen(["storescp", "-aet", "DEST", "-od", str(received), "+B", str(destination_port)])
-    live = start_server(mongod.uri, tmp_path / "server", {"KUROSHIO_DICOM_REMOTE_AES": f"DEST@127.0.0.1:{destination_port}"})
+    live = start_server(mongod.uri, root / "server", {"KUROSHIO_DICOM_REMOTE_AES": f"DEST@127.0.0.1:{destination_port}"})
     try:
-        port = str(dicom_port(live))
-        study, _, paths = write_study(tmp_path, 2)
-        assert run("storescu", "-aec", "KUROSHIO", "127.0.0.1", port, *map(str, paths)).returncode == 0
-        result = run("movescu", "-aec", "KUROSHIO", "-aem", "DEST", "-S", "-k", "QueryRetrieveLevel=STUDY",
-                     "-k", f"StudyInstanceUID={study}", "127.0.0.1", port)
-        assert result.returncode == 0, result.stderr
-        deadline = time.monotonic() + 20
-        while len(list(received.iterdir())) < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert sorted(pydicom.dcmread(p).SOPInstanceUID for p in received.iterdir()) == sorted(
-            pydicom.dcmread(p).SOPInstanceUID for p in paths
-        )
-        unknown = run("movescu", "-aec", "KUROSHIO", "-aem", "NOBODY", "-S", "-k", "QueryRetrieveLevel=STUDY",
-                      "-k", f"StudyInstanceUID={study}", "127.0.0.1", port)
-        assert "Move Destination unknown" in unknown.stderr + unknown.stdout or unknown.returncode != 0
+        yield live, received
     finally:
         stop_server(live)
         scp.terminate()
         scp.wait(10)
+
+
+def received_sops(received: Path, awaited: set[str] = frozenset()) -> set[str]:
+    """The SOP Instance UIDs storescp has written (its file names are MODALITY.UID),
+    waiting up to 20 s for the `awaited` ones."""
+    deadline = time.monotonic() + 20
+    while True:
+        sops = {path.name.partition(".")[2] for path in received.iterdir()}
+        if awaited <= sops or time.monotonic() > deadline:
+            return sops
+        time.sleep(0.2)
+
+
+def test_move_to_configured_destination(mover, tmp_path):
+    live, received = mover
+    port = str(dicom_port(live))
+    study, _, paths = write_study(tmp_path, 2)
+    assert run("storescu", "-aec", "KUROSHIO", "127.0.0.1", port, *map(str, paths)).returncode == 0
+    result = run("movescu", "-aec", "KUROSHIO", "-aem", "DEST", "-S", "-k", "QueryRetrieveLevel=STUDY",
+                 "-k", f"StudyInstanceUID={study}", "127.0.0.1", port)
+    assert result.returncode == 0, result.stderr
+    sent = {pydicom.dcmread(p).SOPInstanceUID for p in paths}
+    assert sent <= received_sops(received, sent)
+    unknown = run("movescu", "-aec", "KUROSHIO", "-aem", "NOBODY", "-S", "-k", "QueryRetrieveLevel=STUDY",
+                  "-k", f"StudyInstanceUID={study}", "127.0.0.1", port)
+    assert "Move Destination unknown" in unknown.stderr + unknown.stdout or unknown.returncode != 0
+
+
+def identifier(**keys: str) -> Dataset:
+    ds = Dataset()
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def c_get(port: int, query: Dataset, model: str = StudyRootQueryRetrieveInformationModelGet) -> tuple[Dataset, list[Dataset]]:
+    """A C-GET with pynetdicom (CT Image Storage, uncompressed): the final status and the
+    data sets received."""
+    received: list[Dataset] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append(event.dataset)
+        return 0x0000
+
+    ae = AE()
+    ae.add_requested_context(model)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="KUROSHIO", ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    responses = list(assoc.send_c_get(query, model))
+    assoc.release()
+    return responses[-1][0], received
+
+
+def c_move(port: int, query: Dataset, model: str = StudyRootQueryRetrieveInformationModelMove) -> Dataset:
+    """A C-MOVE to DEST with pynetdicom: the final status."""
+    ae = AE()
+    ae.add_requested_context(model)
+    assoc = ae.associate("127.0.0.1", port, ae_title="KUROSHIO")
+    assert assoc.is_established
+    responses = list(assoc.send_c_move(query, "DEST", model))
+    assoc.release()
+    return responses[-1][0]
+
+
+def test_retrieve_takes_unique_keys_only(mover, tmp_path):
+    """PS3.4 C.4.2.2.1: a C-MOVE/C-GET identifier holds the unique keys of its level and
+    the levels above; anything else is refused (0xA900 with a comment), nothing is sent."""
+    live, received = mover
+    port = dicom_port(live)
+    study, series, paths = write_study(tmp_path, 2)
+    (tmp_path / "other").mkdir()
+    other, _, other_paths = write_study(tmp_path / "other", 1)
+    assert run("storescu", "-aec", "KUROSHIO", "127.0.0.1", str(port), *map(str, paths + other_paths)).returncode == 0
+    refused = [
+        identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=""),
+        identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID="*"),
+        identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID="", PatientName="Müller*"),
+        identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=study, PatientName="Müller*"),
+        identifier(QueryRetrieveLevel="SERIES", StudyInstanceUID=study, SeriesInstanceUID=""),
+        identifier(QueryRetrieveLevel="SERIES", StudyInstanceUID=[study, other], SeriesInstanceUID=series),
+    ]
+    for query in refused:
+        status = c_move(port, query)
+        assert status.Status == 0xA900 and status.ErrorComment, query
+        status, got = c_get(port, query)
+        assert status.Status == 0xA900 and status.ErrorComment and got == [], query
+    assert received_sops(received) & {pydicom.dcmread(p).SOPInstanceUID for p in paths + other_paths} == set()
+    status, got = c_get(port, identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=[study, other], PatientName=""))
+    assert status.Status == 0x0000 and len(got) == 3
 
 
 def test_several_associations_at_once(server, tmp_path, dicomweb):
@@ -139,3 +238,105 @@ def test_broken_cstore_is_refused(server, tmp_path, db):
     result = run("storescu", "-aec", "KUROSHIO", "127.0.0.1", str(dicom_port(server)), str(path))
     assert "0xa900" in (result.stdout + result.stderr).lower() or result.returncode != 0
     assert db.dicom_instances.count_documents({"_id": ds.SOPInstanceUID}) == 0
+
+
+def test_find_declares_utf8(server, tmp_path):
+    """PS3.4 C.4.1.1.3.2: responses holding non-ASCII text declare their character set
+    (names are answered in UTF-8, ISO_IR 192, whatever they were stored in)."""
+    port = str(dicom_port(server))
+    name = "Müller^Jürgen=Łukasz"
+    ds = ct_instance(patient_id="DIMSE-UTF8", patient_name=name)
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    path = tmp_path / "utf8.dcm"
+    path.write_bytes(encode(ds))
+    assert run("storescu", "-aec", "KUROSHIO", "127.0.0.1", port, str(path)).returncode == 0
+    for level, model in (("PATIENT", "-P"), ("STUDY", "-S"), ("SERIES", "-S"), ("IMAGE", "-S")):
+        out = tmp_path / level
+        out.mkdir()
+        result = run("findscu", "-aec", "KUROSHIO", model, "-k", f"QueryRetrieveLevel={level}", "-k", "PatientID=DIMSE-UTF8",
+                     "-k", "PatientName", "-X", "-od", str(out), "127.0.0.1", port)
+        assert result.returncode == 0, result.stderr
+        answers = [pydicom.dcmread(p) for p in out.iterdir()]
+        assert len(answers) == 1, level
+        assert answers[0].SpecificCharacterSet == "ISO_IR 192", level
+        assert answers[0].PatientName.original_string == name.encode(), level
+
+
+def test_study_root_has_no_patient_level(mover, tmp_path):
+    """PS3.4 C.6.2: Study Root levels are STUDY, SERIES and IMAGE; PATIENT is refused (0xA900)."""
+    live, received = mover
+    port = dicom_port(live)
+    # the servers share the index, not the blobs: a patient of this server only
+    _, _, paths = write_study(tmp_path, 1, patient_id="DIMSE-ROOT")
+    assert run("storescu", "-aec", "KUROSHIO", "127.0.0.1", str(port), *map(str, paths)).returncode == 0
+    query = identifier(QueryRetrieveLevel="PATIENT", PatientID="DIMSE-ROOT")
+    ae = AE()
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", port, ae_title="KUROSHIO")
+    responses = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+    assoc.release()
+    assert [status.Status for status, _ in responses] == [0xA900] and "PATIENT" in responses[0][0].ErrorComment
+    assert c_move(port, query).Status == 0xA900
+    status, got = c_get(port, query)
+    assert status.Status == 0xA900 and "PATIENT" in status.ErrorComment and got == []
+    status, got = c_get(port, query, PatientRootQueryRetrieveInformationModelGet)
+    assert status.Status == 0x0000 and len(got) == 1
+
+
+def test_find_past_the_limit_says_so(mongod, tmp_path, monkeypatch):
+    """A C-FIND with more matches than the server answers (qido.MAX_LIMIT, 2 here) sends
+    the ones it can and ends with 0xA700 (Out of Resources) and a comment, not Success
+    (PS3.4 C.4.1: Success says a response was sent for every match). The AE runs in this
+    process so that the limit can be lowered; its store is a real, private database."""
+    monkeypatch.setattr(qido, "MAX_LIMIT", 2)
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    database = f"kuroshio_find_{uuid.uuid4().hex[:8]}"
+    store = asyncio.run_coroutine_threadsafe(Store.open(mongod.uri, database), loop).result()
+    entity = ApplicationEntity(Archive(store, tmp_path / "blobs"), "KUROSHIO", {}, loop)
+    port = free_port()
+    entity.start("127.0.0.1", port)
+    try:
+        study, _, paths = write_study(tmp_path, 3)
+        assert run("storescu", "-aec", "KUROSHIO", "127.0.0.1", str(port), *map(str, paths)).returncode == 0
+        ae = AE()
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        assoc = ae.associate("127.0.0.1", port, ae_title="KUROSHIO")
+        for sop, expected in (("", [0xFF00, 0xFF00, 0xA700]), (pydicom.dcmread(paths[0]).SOPInstanceUID, [0xFF00, 0x0000])):
+            query = identifier(QueryRetrieveLevel="IMAGE", StudyInstanceUID=study, SOPInstanceUID=sop)
+            responses = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+            assert [status.Status for status, _ in responses] == expected
+            assert ("ErrorComment" in responses[-1][0]) == (expected[-1] == 0xA700)
+        assoc.release()
+    finally:
+        entity.stop()
+        asyncio.run_coroutine_threadsafe(store.client.drop_database(database), loop).result()
+        asyncio.run_coroutine_threadsafe(store.close(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+
+
+def test_compressed_instances_reach_peers_that_take_uncompressed_only(mover, tmp_path):
+    """A JPEG 2000 instance retrieved by C-MOVE to a default storescp and by a default
+    getscu (both accept uncompressed syntaxes only) arrives decoded: same SOP Instance UID,
+    same pixels, an uncompressed transfer syntax."""
+    live, received = mover
+    ds = pydicom.dcmread(get_testdata_file("MR_small_jp2klossless.dcm"))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    body, content_type = multipart_body([encode(ds)])
+    assert httpx.post(f"{live.base_url}/dicomweb/studies", content=body, headers={"Content-Type": content_type}).status_code == 200
+    port = str(dicom_port(live))
+    keys = ["-S", "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={ds.StudyInstanceUID}"]
+    result = run("movescu", "-aec", "KUROSHIO", "-aem", "DEST", *keys, "127.0.0.1", port)
+    assert result.returncode == 0 and "Warning" not in result.stderr, result.stderr
+    assert ds.SOPInstanceUID in received_sops(received, {ds.SOPInstanceUID})
+    moved = next(p for p in received.iterdir() if p.name.endswith(ds.SOPInstanceUID))
+    got = tmp_path / "get"
+    got.mkdir()
+    result = run("getscu", "-aec", "KUROSHIO", *keys, "-od", str(got), "127.0.0.1", port)
+    assert result.returncode == 0, result.stderr
+    for path in (moved, *got.iterdir()):
+        arrived = pydicom.dcmread(path)
+        assert arrived.SOPInstanceUID == ds.SOPInstanceUID
+        assert not arrived.file_meta.TransferSyntaxUID.is_compressed
+        assert np.array_equal(arrived.pixel_array, ds.pixel_array)

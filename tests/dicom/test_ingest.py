@@ -210,3 +210,47 @@ def test_kill_during_stow_leaves_acknowledged_retrievable(mongod, tmp_path, db):
     finally:
         restarted.process.terminate()
         restarted.process.wait(30)
+
+
+def test_failed_items_name_the_instance(http, db):
+    """PS3.18 10.5.3: a FailedSOPSequence item names the instance once its UIDs are known
+    (here: the URL's study differs; the file meta's SOP Instance UID differs), and the
+    response's RetrieveURL names only a study where something was stored."""
+    other_study = ct_instance()
+    meta_differs = ct_instance()
+    meta_differs.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    study = generate_uid()
+    body, content_type = multipart_body([encode(other_study), encode(meta_differs)])
+    response = http.post(f"studies/{study}", content=body, headers={"Content-Type": content_type})
+    assert response.status_code == 409
+    failed = response.json()["00081198"]["Value"]
+    assert [(item["00081150"]["Value"], item["00081155"]["Value"]) for item in failed] == [
+        ([ds.SOPClassUID], [ds.SOPInstanceUID]) for ds in (other_study, meta_differs)
+    ]
+    assert "00081190" not in response.json()
+    stored = ct_instance(study=study)
+    body, content_type = multipart_body([encode(stored), encode(other_study)])
+    response = http.post(f"studies/{study}", content=body, headers={"Content-Type": content_type})
+    assert response.status_code == 202
+    assert response.json()["00081190"]["Value"][0].endswith(f"/studies/{study}")
+
+
+def test_parts_other_than_application_dicom_are_refused(http, db):
+    """PS3.18 10.5.1: STOW-RS parts are application/dicom; a part labelled otherwise is
+    refused (0xC000, cannot understand) and not stored, even if it holds DICOM. A part
+    without a Content-Type has the request's type."""
+    labelled_pdf, labelled_dicom, unlabelled = ct_instance(), ct_instance(), ct_instance()
+    boundary = "kuroshio-parts"
+    body = b"".join(
+        f"--{boundary}\r\n".encode() + header + b"\r\n" + encode(ds) + b"\r\n"
+        for header, ds in ((b"Content-Type: application/pdf\r\n", labelled_pdf),
+                           (b"Content-Type: application/dicom; transfer-syntax=1.2.840.10008.1.2.1\r\n", labelled_dicom),
+                           (b"", unlabelled))
+    ) + f"--{boundary}--\r\n".encode()
+    response = http.post("studies", content=body,
+                         headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+    assert response.status_code == 202, response.text
+    assert [item["00081197"]["Value"] for item in response.json()["00081198"]["Value"]] == [[0xC000]]
+    assert len(response.json()["00081199"]["Value"]) == 2
+    assert db.dicom_instances.count_documents({"_id": labelled_pdf.SOPInstanceUID}) == 0
+    assert db.dicom_instances.count_documents({"_id": {"$in": [labelled_dicom.SOPInstanceUID, unlabelled.SOPInstanceUID]}}) == 2

@@ -107,3 +107,21 @@ def test_malformed_queries_are_400(http, params):
 def test_qido_content_negotiation(http):
     assert http.get("studies", headers={"Accept": "application/dicom+xml"}).status_code == 406
     assert http.get("studies", headers={"Accept": "application/json"}).status_code == 200
+
+
+def test_instance_searches_return_higher_level_attributes(http, corpus):
+    """PS3.18 10.6.3.3.3: a search of all instances returns the study- and series-level
+    attributes (Tables 10.6.3-3, -4), one of a study's instances the series-level ones."""
+    tag, (a, _, _) = corpus
+    study_tags = {"00100010": "PatientName", "00100020": "PatientID", "00080020": "StudyDate", "00080050": "AccessionNumber",
+                  "00200010": "StudyID", "00201206": "NumberOfStudyRelatedSeries", "00201208": "NumberOfStudyRelatedInstances"}
+    series_tags = {"00200011": "SeriesNumber", "00080060": "Modality", "00201209": "NumberOfSeriesRelatedInstances"}
+    everywhere = http.get("instances", params={"PatientID": f"Q{tag}-1"}, headers=JSON).json()
+    assert len(everywhere) == 2
+    for tag_, keyword in (study_tags | series_tags).items():
+        assert everywhere[0].get(tag_, {}).get("Value"), keyword
+    assert everywhere[0]["00100010"]["Value"][0]["Alphabetic"] == "Müller^Jörg"
+    assert everywhere[0]["00081190"]["Value"][0].endswith(everywhere[0]["00080018"]["Value"][0])  # its own RetrieveURL
+    in_study = http.get(f"studies/{a}/instances", headers=JSON).json()
+    for tag_, keyword in series_tags.items():
+        assert in_study[0].get(tag_, {}).get("Value"), keyword

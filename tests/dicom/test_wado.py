@@ -48,6 +48,9 @@ def test_jpeg_instance_negotiation_and_frames(http):
     assert "transfer-syntax=1.2.840.10008.1.2.1" in transcoded.headers["content-type"]
     decoded = pydicom.dcmread(io.BytesIO(parts(transcoded)[0]))
     assert decoded.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    rle = http.get(url, headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.5'})
+    for instance in (decoded, pydicom.dcmread(io.BytesIO(parts(rle)[0]))):  # the same instance, re-encoded
+        assert instance.SOPInstanceUID == instance.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
     assert decoded.pixel_array.shape[:2] == (ds.Rows, ds.Columns)
     refused = http.get(url, headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.80'})
     assert refused.status_code == 406
@@ -144,3 +147,64 @@ def test_delete_levels(http, dicomweb):
     assert http.delete(f"studies/{study}/series/{series}").status_code == 204
     assert http.get("studies", params={"StudyInstanceUID": study}).json() == []
     assert http.delete("studies/not-a-uid").status_code == 400
+
+
+def test_rendered_refusals_are_4xx(http):
+    """Malformed rendered and thumbnail requests are refused with 4xx, never a 5xx."""
+    ds = ct_instance(size=16)
+    body, content_type = multipart_body([encode(ds)])
+    assert http.post("studies", content=body, headers={"Content-Type": content_type}).status_code == 200
+    series = f"studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+    url = f"{series}/instances/{ds.SOPInstanceUID}"
+    for frame in ("0", "99999999999", "a", "1,2", "2"):
+        assert http.get(f"{url}/frames/{frame}/rendered").status_code in (400, 404), frame
+    for params in ({"viewport": "0,0"}, {"viewport": "a"}, {"viewport": "8,8,1"}, {"window": "40,0"}, {"quality": "x"}):
+        for path in (f"{url}/rendered", f"{url}/thumbnail", f"{series}/thumbnail", f"{url}/frames/1/rendered"):
+            assert http.get(path, params=params).status_code == 400, (path, params)
+    for path in ("studies/x/series/y/instances/z/rendered", "studies/x/series/y/thumbnail", "studies/1.2/series/1.3/thumbnail"):
+        assert http.get(path).status_code in (400, 404), path
+
+
+def test_frame_parts_have_the_requested_media_type(http):
+    """RFC 2387 / PS3.18 8.7.3.5.3: each part has the `type` of the multipart response; a
+    compressed frame asked for as application/octet-stream with transfer-syntax=* is sent
+    as stored, labelled application/octet-stream with its transfer syntax."""
+    _, ds, url = store_file(http, get_testdata_file("MR_small_jp2klossless.dcm"))
+    syntax = ds.file_meta.TransferSyntaxUID
+    for accept, part_type in (
+        ('multipart/related; type="application/octet-stream"; transfer-syntax=*', f"application/octet-stream; transfer-syntax={syntax}"),
+        ('multipart/related; type="image/jp2"', f"image/jp2; transfer-syntax={syntax}"),
+    ):
+        response = http.get(f"{url}/frames/1", headers={"Accept": accept})
+        assert response.status_code == 200, response.text
+        assert f'type="{part_type.split(";")[0]}"' in response.headers["content-type"]
+        headers = response.content.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")
+        assert f"Content-Type: {part_type}" in headers, (accept, headers)
+        assert parts(response)[0][:4] in (b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0c")  # a JPEG 2000 codestream
+
+
+def test_single_part_dicom_is_for_one_instance(http):
+    """PS3.18 10.4.4: Accept: application/dicom (single part) answers an Instance resource
+    with the instance as the body; a study or series has no single-part form (406)."""
+    data, ds, url = store_file(http, get_testdata_file("MR_small_jp2klossless.dcm"))
+    study = f"studies/{ds.StudyInstanceUID}"
+    single = http.get(url, headers={"Accept": "application/dicom; transfer-syntax=*"})
+    assert single.status_code == 200, single.text
+    assert single.headers["content-type"] == f"application/dicom; transfer-syntax={ds.file_meta.TransferSyntaxUID}"
+    assert single.content == data
+    decoded = http.get(url, headers={"Accept": "application/dicom"})
+    assert decoded.headers["content-type"] == "application/dicom; transfer-syntax=1.2.840.10008.1.2.1"
+    assert pydicom.dcmread(io.BytesIO(decoded.content)).SOPInstanceUID == ds.SOPInstanceUID
+    for resource in (study, f"{study}/series/{ds.SeriesInstanceUID}"):
+        assert http.get(resource, headers={"Accept": "application/dicom"}).status_code == 406
+        either = http.get(resource, headers={"Accept": 'application/dicom, multipart/related; type="application/dicom"; transfer-syntax=*'})
+        assert either.headers["content-type"].startswith("multipart/related") and parts(either) == [data]
+
+
+def test_implicit_vr_is_not_offered(http):
+    """PS3.18 8.7.3: Implicit VR Little Endian is not used by web services: asking for it
+    is 406, whether the instance would be transcoded or is stored in it."""
+    implicit = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2'}
+    for name in ("CT_small.dcm", "MR_small_implicit.dcm"):
+        _, ds, url = store_file(http, get_testdata_file(name))
+        assert http.get(url, headers=implicit).status_code == 406, (name, ds.file_meta.TransferSyntaxUID)
