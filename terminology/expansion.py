@@ -155,6 +155,10 @@ class Expander:
                 concept = found.get(item.get("code"))
                 if concept is None and not cs.case_sensitive:
                     concept = await cs.find(item.get("code", ""))
+                if concept is None and cs.content != "complete" and isinstance(item.get("code"), str):
+                    # a fragment (a LOINC subset, say) does not hold every code of its
+                    # system: a code the value set names is taken as named, not dropped
+                    concept = Concept(item["code"], item.get("display"))
                 if concept is None or not criteria_accepts(criteria, _with_designations(concept, item)):
                     continue
                 entry = Entry(cs, concept, item.get("display"), item.get("designation", []), item.get("extension", []))

@@ -116,6 +116,25 @@ def test_in_on_a_code_element_whose_system_is_implicit(fhir, data):
     assert found(fhir, data, "Patient", **{"gender:not-in": female}) == {"male"}
 
 
+def test_in_takes_the_named_codes_of_a_fragment(fhir, loaded):
+    """A value set naming codes of a code system the server holds only a fragment of (the
+    SNOMED CT Global Patient Set, say) keeps the codes the fragment lacks; of a complete
+    code system, a code it does not have is not a code, and is left out."""
+    tag = uuid.uuid4().hex
+    for content in ("fragment", "complete"):
+        system = f"http://example.org/fhir/CodeSystem/{content}-{tag}"
+        created(fhir, "CodeSystem", {"resourceType": "CodeSystem", "url": system, "status": "active",
+                                     "content": content, "concept": [{"code": "A", "display": "A"}]})
+        value_set = created(fhir, "ValueSet", {
+            "resourceType": "ValueSet", "url": f"{system}/vs", "status": "active",
+            "compose": {"include": [{"system": system, "concept": [{"code": "A"}, {"code": "B"}]}]},
+        })
+        ids = {created(fhir, "Observation", coded("Observation", system, code, tag))["id"]: code for code in "ABC"}
+        data = {"tag": tag, "ids": ids}
+        expected = {"A", "B"} if content == "fragment" else {"A"}
+        assert found(fhir, data, "Observation", **{"code:in": value_set["url"], "code": f"{system}|"}) == expected
+
+
 def test_below_and_above_follow_the_hierarchy(fhir, data):
     assert found(fhir, data, "Condition", **{"code:below": f"{SNOMED}|73211009"}) == {"diabetes", "type-1", "type-2"}
     assert found(fhir, data, "Condition", **{"code:below": f"{SNOMED}|64572001"}) == {
