@@ -119,7 +119,7 @@ class StagedFile:
         self.path.unlink(missing_ok=True)
 
 
-def _digest(path: Path, start: int, content: "hashlib._Hash") -> str:
+def _digest(path: Path, start: int, content: hashlib._Hash) -> str:
     with open(path, "rb", buffering=0) as handle:
         handle.seek(start)
         while chunk := handle.read(CHUNK):

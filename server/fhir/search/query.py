@@ -37,11 +37,16 @@ TOTAL = {"none", "estimate", "accurate"}
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
 
+def _iterated_include(name: str) -> str | None:
+    """`_include` or `_revinclude` for `_include:iterate` (or `:recurse`) and the like."""
+    head, _, modifier = name.partition(":")
+    return head if head in ("_include", "_revinclude") and modifier in ("iterate", "recurse") else None
+
+
 def is_result_parameter(name: str) -> bool:
     """Whether `name` shapes the result (search.html 3.1.1.5) rather than selecting
     resources: conditional interactions must not count it as a criterion."""
-    head, _, modifier = name.partition(":")
-    return name in RESULT_PARAMETERS or (head in ("_include", "_revinclude") and modifier in ("iterate", "recurse"))
+    return name in RESULT_PARAMETERS or _iterated_include(name) is not None
 
 
 @dataclass(frozen=True)
@@ -154,10 +159,10 @@ class Parser:
         for name, value in items:
             if len(value) > MAX_VALUE_LENGTH * 8:
                 raise error(400, "too-costly", f"The value of {name} is too long")
-            if name in RESULT_PARAMETERS:
+            if (included := _iterated_include(name)) is not None:
+                self.include(included, value, iterate=True)
+            elif name in RESULT_PARAMETERS:
                 self.result_parameter(name, value)
-            elif is_result_parameter(name):  # _include:iterate, _revinclude:iterate
-                self.include(name.partition(":")[0], value, iterate=True)
             else:
                 self.criterion(name, value)
         if len(self.query.criteria) > MAX_CRITERIA:
