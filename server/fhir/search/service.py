@@ -244,15 +244,15 @@ class Search:
         return Bundle("searchset", entries, total, links).to_bytes()
 
     async def total(self, condition: dict[str, Any], query: SearchQuery, summary_count: bool) -> int | None:
-        """Bundle.total: exact for `_summary=count` and `_total=accurate`. By default (and
-        for `estimate`) only where counting reads the index keys alone (key terms, no
-        ranges or text) and on the first page, when at most COUNT_LIMIT resources match,
-        else left out: a search does not pay for counting what it does not return."""
-        if query.total == "none" and not summary_count:
-            return None
+        """Bundle.total past a full first page: exact for `_summary=count` and
+        `_total=accurate`; for `_total=estimate` only where counting reads the index keys
+        alone (key terms, no ranges or text), on the first page, when at most COUNT_LIMIT
+        resources match; else (and by default) left out. Counting cost a page query as
+        much again (walking up to COUNT_LIMIT index keys, then often discarding the
+        number), so a search pays for it only when the client asks."""
         if summary_count or query.total == "accurate":
             return await self.db.count(condition)
-        if query.cursor is not None or not index_only(condition):
+        if query.total != "estimate" or query.cursor is not None or not index_only(condition):
             return None
         total = await self.db.count_keys(condition, COUNT_LIMIT + 1)
         return total if total <= COUNT_LIMIT else None

@@ -266,7 +266,9 @@ def test_paging_is_stable_while_data_changes(fhir, dataset):
 
 def test_total_summary_and_elements(fhir, dataset):
     assert "total" not in search(fhir, dataset, "Patient?_total=none")
-    first = search(fhir, dataset, "Patient?_count=1")  # by default: counted on the first page
+    assert search(fhir, dataset, "Patient")["total"] == 3  # by default: when one page holds all
+    assert "total" not in search(fhir, dataset, "Patient?_count=1")  # else only when asked
+    first = search(fhir, dataset, "Patient?_count=1&_total=estimate")  # counted on the first page
     assert first["total"] == 3
     following = fhir.get(next(link["url"] for link in first["link"] if link["relation"] == "next")).json()
     assert "total" not in following
