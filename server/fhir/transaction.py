@@ -1,11 +1,14 @@
 """Batch and transaction Bundles posted to the base (http.html#transaction).
 
-A transaction is atomic: every write runs in one MongoDB transaction, so any failure
+A transaction is atomic: every entry runs in one MongoDB transaction, so any failure
 leaves nothing behind and is answered with a single OperationOutcome. It follows the
 spec's processing order (DELETE, POST, PUT/PATCH, then GET), gives every POSTed
 `urn:uuid:` fullUrl its new id, and rewrites the references that used it before anything
 is validated or stored. Validation happens before the database transaction opens, so the
-transaction is short. GET entries run after the commit and see its writes.
+transaction is short. GET (and HEAD) entries run last inside the database transaction,
+dispatched in process with its session: they see its uncommitted writes, a GET that fails
+(4xx or 5xx; a 304 is not a failure) fails the transaction, and their answers are those of
+the attempt that commits (MongoDB re-runs the whole body after a transient error).
 
 A batch is a list of independent requests: each entry is dispatched through the server's
 own HTTP routes (in process), so it behaves exactly like the same request sent alone, and
@@ -28,14 +31,17 @@ from server.fhir.bundle import Bundle, Entry
 from server.fhir.http import parse_http_date
 from server.fhir.interactions import Written, check_id, check_type, new_id
 from server.fhir.library_checks import LibraryChecks
-from server.fhir.outcome import FhirError, Issue, error, outcome_json
+from server.fhir.outcome import FhirError, Issue, error, issues_of, outcome_json
 from server.fhir.patch import Patcher, fhirpath_patch, json_patch
 from server.fhir.search import conditional as search_conditional
 from server.store.database import TransactionTooLarge
 from server.store.fhir import FhirStore, NewVersion
 
-# (method, relative url with query, headers, body) -> (status, headers, body)
-Dispatch = Callable[[str, str, dict[str, str], bytes | None], Awaitable[tuple[int, dict[str, str], bytes]]]
+# (method, relative url with query, headers, body, the session of the transaction whose
+# GET entry it is, else None) -> (status, headers, body)
+Dispatch = Callable[
+    [str, str, dict[str, str], bytes | None, AsyncClientSession | None], Awaitable[tuple[int, dict[str, str], bytes]]
+]
 
 ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
 
@@ -132,14 +138,19 @@ def parse_entry(index: int, entry: Any, base: str) -> Request:
     )
 
 
-def _with_entry(exc: FhirError, index: int) -> FhirError:
-    """Point an entry's errors at the entry (Bundle.entry[i].resource...)."""
+def _with_entry(exc: FhirError, index: int, element: str | None = None) -> FhirError:
+    """Point an entry's errors at the entry (Bundle.entry[i].resource...), or all at one
+    `element` of it (a GET's at its request.url, whose expressions name query parameters,
+    not elements of a resource)."""
     issues = []
     for issue in exc.issues:
-        expressions = tuple(
-            f"Bundle.entry[{index}].resource" + e[e.index(".") :] if "." in e else f"Bundle.entry[{index}]"
-            for e in issue.expression
-        ) or (f"Bundle.entry[{index}]",)
+        if element is not None:
+            expressions: tuple[str, ...] = (f"Bundle.entry[{index}].{element}",)
+        else:
+            expressions = tuple(
+                f"Bundle.entry[{index}].resource" + e[e.index(".") :] if "." in e else f"Bundle.entry[{index}]"
+                for e in issue.expression
+            ) or (f"Bundle.entry[{index}]",)
         issues.append(Issue(issue.code, f"Bundle.entry[{index}]: {issue.diagnostics}", issue.severity, expressions))
     return FhirError(exc.status, issues, exc.headers)
 
@@ -305,8 +316,9 @@ async def transaction(
 
     creates = [p for p in prepared if p.request.method == "POST"]
     others = sorted((p for p in prepared if p.request.method != "POST"), key=lambda p: ORDER[p.request.method])
+    reads = [r for r in requests if r.method in ("GET", "HEAD")]
 
-    async def body(session: AsyncClientSession) -> dict[int, Written | None]:
+    async def body(session: AsyncClientSession) -> tuple[dict[int, Written | None], dict[int, Entry]]:
         results: dict[int, Written | None] = {}
         for item in others:
             if item.request.method != "DELETE":
@@ -325,10 +337,13 @@ async def transaction(
         for item in others:
             if item.request.method != "DELETE":
                 results[item.request.index] = await _write(session, db, item)
-        return results
+        # GETs last, in this attempt: MongoDB re-runs the body after a transient error,
+        # and only the answers of the attempt that commits may be returned.
+        answered = {request.index: await _read_in(session, request, dispatch) for request in reads}
+        return results, answered
 
     try:
-        written = await interactions.retry_on_conflict(lambda: db.store.transaction(body))
+        written, answered = await interactions.retry_on_conflict(lambda: db.store.transaction(body))
     except TransactionTooLarge as exc:
         raise error(
             413, "too-costly",
@@ -336,14 +351,23 @@ async def transaction(
             f"transaction ({str(exc).split(':', 1)[0]}); nothing was written. Send it as "
             "several smaller transactions, or as a batch if the entries are independent.",
         ) from None
-    entries: list[Entry] = []
-    for request in requests:
-        if request.method in ("GET", "HEAD"):
-            entries.append(await _dispatched(request, dispatch))
-            continue
-        result = written.get(request.index)
-        entries.append(_write_entry(request, result, base, representation))
+    entries = [
+        answered[r.index] if r.index in answered else _write_entry(r, written.get(r.index), base, representation)
+        for r in requests
+    ]
     return Bundle("transaction-response", entries).to_bytes()
+
+
+async def _read_in(session: AsyncClientSession, request: Request, dispatch: Dispatch) -> Entry:
+    """A GET or HEAD entry, run in the transaction after its writes; its failure (>= 400)
+    is the transaction's, pointed at the entry's request.url."""
+    entry = await _dispatched(request, dispatch, session=session)
+    assert entry.response is not None
+    status = int(entry.response["status"].split(" ", 1)[0])
+    if status >= 400:
+        issues = issues_of(entry.response.get("outcome"), f"{request.method} {request.url} answered {status}")
+        raise _with_entry(FhirError(status, issues), request.index, "request.url")
+    return entry
 
 
 async def _write(session: AsyncClientSession, db: FhirStore, item: _Prepared) -> Written | None:
@@ -397,7 +421,9 @@ def _headers(request: Request) -> dict[str, str]:
     return headers
 
 
-async def _dispatched(request: Request, dispatch: Dispatch, representation: bool = True) -> Entry:
+async def _dispatched(
+    request: Request, dispatch: Dispatch, representation: bool = True, session: AsyncClientSession | None = None
+) -> Entry:
     body = None
     headers = _headers(request)
     if request.resource is not None:
@@ -410,7 +436,7 @@ async def _dispatched(request: Request, dispatch: Dispatch, representation: bool
             body = jsonio.dumps(request.resource)
     if not representation:
         headers["prefer"] = "return=minimal"
-    status, response_headers, payload = await dispatch(request.method, request.url, headers, body)
+    status, response_headers, payload = await dispatch(request.method, request.url, headers, body, session)
     response: dict[str, Any] = {"status": status_line(status)}
     for header, field_name in (("location", "location"), ("etag", "etag")):
         if header in response_headers:
