@@ -13,6 +13,11 @@ the attempt that commits (MongoDB re-runs the whole body after a transient error
 A batch is a list of independent requests: each entry is dispatched through the server's
 own HTTP routes (in process), so it behaves exactly like the same request sent alone, and
 fails alone.
+
+The Bundle itself is validated as a resource too (`envelope_issues`), without its entries'
+resources, which are validated entry by entry: a problem with Bundle's own elements
+refuses the whole Bundle, one with an entry's other elements (fullUrl, request, ...) fails
+that entry, which in a transaction fails it all.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any
 
 from pymongo.asynchronous.client_session import AsyncClientSession
 
-from server.fhir import interactions, jsonio
+from server.fhir import interactions, jsonio, r4validator
 from server.fhir.bundle import Bundle, Entry
 from server.fhir.http import parse_http_date
 from server.fhir.interactions import Written, check_id, check_type, new_id
@@ -113,6 +118,49 @@ def bundle_entries(bundle: dict[str, Any]) -> list[Any]:
         raise error(400, "structure", "Bundle.entry must be an array", "Bundle.entry")
     check_full_urls(entries)
     return entries
+
+
+# What stands for each entry.resource while the envelope is validated: a resource with no
+# required element, so the envelope's issues are the Bundle's and the entries' own.
+_PLACEHOLDER: dict[str, Any] = {"resourceType": "Parameters"}
+_ENTRY = re.compile(r"Bundle\.entry\[(\d+)\]")
+
+
+@dataclass
+class EnvelopeIssues:
+    """The R4 validator's issues with a Bundle's envelope: with the Bundle's own elements,
+    and by entry index with the elements of each entry other than its resource."""
+
+    bundle: list[Issue]
+    entries: dict[int, list[Issue]]
+
+    def all(self) -> list[Issue]:
+        return self.bundle + [issue for index in sorted(self.entries) for issue in self.entries[index]]
+
+
+def envelope_issues(bundle: dict[str, Any]) -> EnvelopeIssues:
+    """Validate the Bundle as R4 defines it, each entry.resource replaced by a placeholder:
+    the resources are validated per entry (a batch's bad resource fails its entry alone,
+    and is not reported twice). The copy has the Bundle's shape, so the issues' expressions
+    are those of the Bundle sent. An empty `entry` array, which R4 JSON forbids, is taken
+    as no entries, as before (an empty batch harms no one)."""
+    envelope = dict(bundle)
+    entries = bundle.get("entry")
+    if entries == []:
+        del envelope["entry"]
+    elif isinstance(entries, list):
+        envelope["entry"] = [
+            {**item, "resource": _PLACEHOLDER} if isinstance(item, dict) and "resource" in item else item
+            for item in entries
+        ]
+    found = EnvelopeIssues([], {})
+    for issue in r4validator.validate(envelope).issues:
+        match = next((m for m in map(_ENTRY.match, issue.expression) if m is not None), None)
+        if match is None:
+            found.bundle.append(issue)
+        else:
+            found.entries.setdefault(int(match[1]), []).append(issue)
+    return found
 
 
 def parse_entry(index: int, entry: Any, base: str) -> Request:
@@ -297,6 +345,9 @@ async def transaction(
     db: FhirStore, bundle: dict[str, Any], base: str, dispatch: Dispatch, representation: bool
 ) -> bytes:
     requests = [parse_entry(index, entry, base) for index, entry in enumerate(bundle_entries(bundle))]
+    envelope = envelope_issues(bundle).all()
+    if envelope:
+        raise FhirError(400, envelope)
     identities = _resolve_targets(requests)
     await search_conditional.resolve_transaction(db, base, requests, identities)
     check_overlap(requests)
@@ -453,18 +504,30 @@ async def _dispatched(
     return Entry(None, resource, response=response)
 
 
-async def _batch_entry(index: int, entry: Any, base: str, dispatch: Dispatch, representation: bool) -> Entry:
-    """One batch entry's response: its own error, a malformed entry's included, is
-    reported in it, and the other entries still run (http.html#transaction)."""
+async def _batch_entry(
+    index: int, entry: Any, base: str, dispatch: Dispatch, representation: bool, envelope: list[Issue]
+) -> Entry:
+    """One batch entry's response: its own error, a malformed entry's included (its
+    `envelope` issues), is reported in it, and the other entries still run
+    (http.html#transaction)."""
     try:
-        return await _dispatched(parse_entry(index, entry, base), dispatch, representation)
+        request = parse_entry(index, entry, base)
+        if envelope:
+            raise FhirError(400, envelope)
+        return await _dispatched(request, dispatch, representation)
     except FhirError as exc:
         return Entry(response={"status": status_line(exc.status), "outcome": outcome_json(exc.issues)})
 
 
 async def batch(bundle: dict[str, Any], base: str, dispatch: Dispatch, representation: bool) -> bytes:
     entries = bundle_entries(bundle)
-    responses = [await _batch_entry(index, entry, base, dispatch, representation) for index, entry in enumerate(entries)]
+    envelope = envelope_issues(bundle)
+    if envelope.bundle:
+        raise FhirError(400, envelope.bundle)
+    responses = [
+        await _batch_entry(index, entry, base, dispatch, representation, envelope.entries.get(index, []))
+        for index, entry in enumerate(entries)
+    ]
     return Bundle("batch-response", responses).to_bytes()
 
 

@@ -381,3 +381,48 @@ def test_concurrent_transactions_get_what_they_wrote(fhir, server):
         assert get["response"]["etag"] == put["response"]["etag"]
         versions.append(int(put["response"]["etag"][3:-1]))
     assert sorted(versions) == list(range(2, 10))
+
+
+def test_bundle_envelope_is_validated(fhir):
+    """The Bundle is validated as a resource, not only its entries' resources: an unknown
+    or malformed Bundle element refuses the whole batch or transaction with a 400 naming
+    it, and nothing is written."""
+    marker = f"envelope-{uuid.uuid4().hex}"
+    for kind in ("transaction", "batch"):
+        for envelope, expression in (
+            ({"bogus": 1}, "Bundle.bogus"),
+            ({"timestamp": "yesterday"}, "Bundle.timestamp"),
+            ({"identifier": [{"system": "urn:x", "value": "1"}]}, "Bundle.identifier"),
+            ({"link": [{"relation": "self"}]}, "Bundle.link[0].url"),
+        ):
+            body = {"resourceType": "Bundle", "type": kind, **envelope, "entry": [entry("POST", "Patient", patient(marker))]}
+            outcome = assert_outcome(post_bundle(fhir, orjson.dumps(body)), 400)
+            assert [i["expression"] for i in outcome["issue"]] == [[expression]], (kind, outcome)
+    assert family_count(fhir, marker) == 0
+
+
+def test_bundle_entry_envelope_is_validated(fhir):
+    """An entry's own elements (fullUrl, request, search, ...) are validated too: a bad one
+    fails a transaction as a whole, and in a batch that entry alone. Its resource is
+    validated once, as the entry's, not again as part of the Bundle (a batch's entry
+    answers as the same request sent alone, naming `Patient.bogus`)."""
+    marker = f"entry-envelope-{uuid.uuid4().hex}"
+    good = entry("POST", "Patient", patient(marker))
+    for bad, expression in (
+        ({**entry("POST", "Patient", patient(marker)), "bogus": True}, "Bundle.entry[1].bogus"),
+        (entry("POST", "Patient", patient(marker), bogus="x"), "Bundle.entry[1].request.bogus"),
+        (entry("POST", "Patient", patient(marker), full_url="urn:uuid:not a uri"), "Bundle.entry[1].fullUrl"),
+        ({**entry("POST", "Patient", patient(marker)), "search": {"mode": "sometimes"}}, "Bundle.entry[1].search.mode"),
+        (entry("GET", "Patient", _count=5), "Bundle.entry[1].request._count"),
+        (entry("POST", "Patient", {"resourceType": "Patient", "bogus": 1}), "Bundle.entry[1].resource.bogus"),
+    ):
+        in_batch = "Patient.bogus" if ".resource." in expression else expression
+        outcome = assert_outcome(post_bundle(fhir, bundle("transaction", good, bad)), 400)
+        assert [i["expression"] for i in outcome["issue"]] == [[expression]], outcome
+        response = post_bundle(fhir, bundle("batch", good, bad))
+        assert response.status_code == 200, response.text
+        first, second = response.json()["entry"]
+        assert first["response"]["status"] == "201 Created"
+        assert second["response"]["status"].startswith("400"), second
+        assert [i["expression"] for i in second["response"]["outcome"]["issue"]] == [[in_batch]], second
+    assert family_count(fhir, marker) == 6
