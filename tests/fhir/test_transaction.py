@@ -426,3 +426,22 @@ def test_bundle_entry_envelope_is_validated(fhir):
         assert second["response"]["status"].startswith("400"), second
         assert [i["expression"] for i in second["response"]["outcome"]["issue"]] == [[in_batch]], second
     assert family_count(fhir, marker) == 6
+
+
+def test_transaction_search_counts_inside_the_transaction(fhir):
+    """A GET entry's search past a full first page counts inside the transaction (MongoDB
+    refuses the `count` command there) and counts its uncommitted matches."""
+    system = f"urn:tx-count:{uuid.uuid4().hex}"
+    same = patient(identifier=[{"system": system, "value": "1"}])
+    response = post_bundle(
+        fhir,
+        bundle(
+            "transaction",
+            entry("POST", "Patient", same), entry("POST", "Patient", same),
+            entry("GET", f"Patient?identifier={system}|1&_count=1&_total=estimate"),
+            entry("GET", f"Patient?identifier={system}|1&_count=1&_total=accurate"),
+        ),
+    )
+    assert response.status_code == 200, response.text
+    for searched in response.json()["entry"][2:]:
+        assert searched["resource"]["total"] == 2 and len(searched["resource"]["entry"]) == 1, searched
