@@ -14,6 +14,7 @@ from datetime import datetime
 from email.utils import format_datetime, parsedate_to_datetime
 from typing import Any
 
+from pymongo.asynchronous.client_session import AsyncClientSession
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -27,6 +28,19 @@ FORM = "application/x-www-form-urlencoded"
 
 _JSON_FORMATS = {"json", "application/json", "application/fhir+json", "application/json+fhir"}
 _XML_FORMATS = {"xml", "text/xml", "application/xml", "application/fhir+xml", "application/xml+fhir"}
+
+
+# The key of the ASGI scope's state under which a GET entry of a transaction Bundle,
+# dispatched in process (routes.asgi_dispatch), carries the session of the transaction,
+# so that read, vread, history and search see its uncommitted writes. Only the server sets
+# scope state; a client cannot.
+TRANSACTION_SESSION = "fhir_transaction_session"
+
+
+def transaction_session(request: Request) -> AsyncClientSession | None:
+    """The session of the transaction this request is a GET entry of, else None."""
+    session: AsyncClientSession | None = request.scope.get("state", {}).get(TRANSACTION_SESSION)
+    return session
 
 
 @dataclass(frozen=True, slots=True)

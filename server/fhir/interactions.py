@@ -5,7 +5,8 @@ Each write runs in one MongoDB transaction that reads the current version, check
 preconditions (If-Match), and writes the new version with compare-and-set; concurrent
 writers to the same resource are serialized by MongoDB's write-conflict detection and the
 loser re-runs from its read, so versions have no gaps and no write is lost. The `*_in`
-variants do the same work inside a caller's transaction (transaction bundles).
+variants do the same work inside a caller's transaction (transaction bundles), and read,
+vread and history take the session of one to see its writes (a transaction's GETs).
 """
 
 from __future__ import annotations
@@ -232,10 +233,11 @@ async def create(db: FhirStore, type_: str, resource: Resource) -> Written:
 # --- read ---------------------------------------------------------------------------------
 
 
-async def read(db: FhirStore, type_: str, id_: str) -> StoredResource:
+async def read(db: FhirStore, type_: str, id_: str, session: AsyncClientSession | None = None) -> StoredResource:
+    """The current version (with `session`, as that session's transaction sees it)."""
     check_type(type_)
     check_id(id_)
-    current = await db.current(type_, id_)
+    current = await db.current(type_, id_, session)
     if current is None:
         raise not_found(type_, id_)
     if current.deleted:
@@ -251,10 +253,12 @@ def gone(resource: StoredResource) -> FhirError:
     )
 
 
-async def vread(db: FhirStore, type_: str, id_: str, version: str) -> StoredResource:
+async def vread(
+    db: FhirStore, type_: str, id_: str, version: str, session: AsyncClientSession | None = None
+) -> StoredResource:
     check_type(type_)
     check_id(id_)
-    stored = await db.version(type_, id_, check_version_id(version))
+    stored = await db.version(type_, id_, check_version_id(version), session)
     if stored is None:
         raise error(404, "not-found", f"{type_}/{id_} has no version {version}")
     if stored.deleted:
@@ -402,15 +406,16 @@ async def history(
     after: tuple[datetime, str] | None,
     count: int,
     with_total: bool,
+    session: AsyncClientSession | None = None,
 ) -> HistoryPage:
     if scope.type is not None:
         check_type(scope.type)
     if scope.id is not None:
         check_id(scope.id)
-    rows = await db.history_page(scope, after, count + 1)
-    total = await db.history_count(scope) if with_total else None
+    rows = await db.history_page(scope, after, count + 1, session)
+    total = await db.history_count(scope, session) if with_total else None
     if scope.id is not None and not rows and after is None and not total:
         assert scope.type is not None
-        if await db.current(scope.type, scope.id) is None:
+        if await db.current(scope.type, scope.id, session) is None:
             raise not_found(scope.type, scope.id)
     return HistoryPage(rows[:count], total, len(rows) > count)

@@ -8,11 +8,12 @@ holds the FHIRPath of the offending element where there is one, as the spec asks
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, get_args
 
 import orjson
 
 Severity = Literal["fatal", "error", "warning", "information"]
+SEVERITIES: frozenset[str] = frozenset(get_args(Severity))
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +50,23 @@ def error(status: int, code: str, diagnostics: str, *expression: str) -> FhirErr
 
 def not_found(type_: str, id_: str) -> FhirError:
     return error(404, "not-found", f"{type_}/{id_} is not known")
+
+
+def issues_of(outcome: Any, fallback: str) -> list[Issue]:
+    """The issues of an OperationOutcome in JSON (an answer of this server's, dispatched in
+    process), or one issue saying `fallback` when it holds none."""
+    found = outcome.get("issue") if isinstance(outcome, dict) else None
+    issues = [
+        Issue(
+            str(item.get("code", "processing")),
+            str(item.get("diagnostics", "")),
+            item["severity"] if item.get("severity") in SEVERITIES else "error",
+            tuple(e for e in item.get("expression", ()) if isinstance(e, str)),
+        )
+        for item in (found if isinstance(found, list) else ())
+        if isinstance(item, dict)
+    ]
+    return issues or [Issue("processing", fallback)]
 
 
 def outcome_json(issues: list[Issue]) -> dict[str, object]:

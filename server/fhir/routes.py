@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import unquote, urlencode
 
 import orjson
+from pymongo.asynchronous.client_session import AsyncClientSession
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import Response
@@ -29,6 +30,7 @@ from server.config import Settings
 from server.fhir import capability, interactions, jsonio, transaction
 from server.fhir.bundle import Bundle, Entry
 from server.fhir.http import (
+    TRANSACTION_SESSION,
     Negotiated,
     content_kind,
     fhir_response,
@@ -38,6 +40,7 @@ from server.fhir.http import (
     parse_http_date,
     prefer_return,
     resource_body,
+    transaction_session,
 )
 from server.fhir.interactions import Written, parse_etag
 from server.fhir.operations import OperationCall, lookup, parameters_from_query
@@ -168,9 +171,15 @@ def build_capability_statement(settings_: Settings, started: datetime) -> bytes:
 
 
 async def asgi_dispatch(
-    request: Request, method: str, url: str, headers: dict[str, str], body: bytes | None
+    request: Request,
+    method: str,
+    url: str,
+    headers: dict[str, str],
+    body: bytes | None,
+    session: AsyncClientSession | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
-    """Send one request through this application in process (batch entries, GETs)."""
+    """Send one request through this application in process (batch entries, GETs); with
+    `session`, a transaction's GET entry, which reads inside that transaction."""
     path, _, query = url.partition("?")
     authorization = request.headers.get("authorization")
     if authorization:
@@ -191,7 +200,7 @@ async def asgi_dispatch(
         "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
         "client": request.scope.get("client"),
         "server": request.scope.get("server"),
-        "state": {},
+        "state": {} if session is None else {TRANSACTION_SESSION: session},
     }
     sent = False
     status = 500
@@ -227,8 +236,10 @@ async def batch_or_transaction(request: Request) -> Response:
     kind = transaction.check_bundle(bundle)
     representation = prefer_return(request) == "representation" and "prefer" in request.headers
 
-    async def dispatch(method: str, url: str, headers: dict[str, str], body: bytes | None) -> tuple[int, dict[str, str], bytes]:
-        return await asgi_dispatch(request, method, url, headers, body)
+    async def dispatch(
+        method: str, url: str, headers: dict[str, str], body: bytes | None, session: AsyncClientSession | None
+    ) -> tuple[int, dict[str, str], bytes]:
+        return await asgi_dispatch(request, method, url, headers, body, session)
 
     if kind == "transaction":
         result = await transaction.transaction(store(request), bundle, base(request), dispatch, representation)
@@ -305,7 +316,9 @@ async def history_response(request: Request, scope: HistoryScope, path: str) -> 
     count = parse_count(request)
     cursor = request.query_params.get("_cursor")
     after = decode_cursor(cursor) if cursor else None
-    page = await interactions.history(store(request), scope, after, count, with_total=scope.id is not None)
+    page = await interactions.history(
+        store(request), scope, after, count, with_total=scope.id is not None, session=transaction_session(request)
+    )
     fhir_base = base(request)
     entries = []
     for entry in page.entries:
@@ -430,7 +443,7 @@ async def history_instance(request: Request, type: str, id: str) -> Response:
 @route("vread", "instance", "GET", "/{type:type}/{id}/_history/{vid}")
 async def vread(request: Request, type: str, id: str, vid: str) -> Response:
     negotiated = negotiate(request)
-    stored = await interactions.vread(store(request), type, id, vid)
+    stored = await interactions.vread(store(request), type, id, vid, transaction_session(request))
     headers = resource_headers(request, type, id, stored.version, stored.last_updated)
     assert stored.body is not None
     return fhir_response(search_routes.subsetted(request, type, stored.body), 200, negotiated, headers)
@@ -452,7 +465,7 @@ def not_modified(request: Request, stored: StoredResource) -> bool:
 @route("read", "instance", "GET", "/{type:type}/{id}")
 async def read(request: Request, type: str, id: str) -> Response:
     negotiated = negotiate(request)
-    stored = await interactions.read(store(request), type, id)
+    stored = await interactions.read(store(request), type, id, transaction_session(request))
     headers = resource_headers(request, type, id, stored.version, stored.last_updated)
     if not_modified(request, stored):
         return Response(status_code=304, headers=headers)

@@ -1,15 +1,23 @@
 """Batch and transaction Bundles posted to the base (http.html#transaction).
 
-A transaction is atomic: every write runs in one MongoDB transaction, so any failure
+A transaction is atomic: every entry runs in one MongoDB transaction, so any failure
 leaves nothing behind and is answered with a single OperationOutcome. It follows the
 spec's processing order (DELETE, POST, PUT/PATCH, then GET), gives every POSTed
 `urn:uuid:` fullUrl its new id, and rewrites the references that used it before anything
 is validated or stored. Validation happens before the database transaction opens, so the
-transaction is short. GET entries run after the commit and see its writes.
+transaction is short. GET (and HEAD) entries run last inside the database transaction,
+dispatched in process with its session: they see its uncommitted writes, a GET that fails
+(4xx or 5xx; a 304 is not a failure) fails the transaction, and their answers are those of
+the attempt that commits (MongoDB re-runs the whole body after a transient error).
 
 A batch is a list of independent requests: each entry is dispatched through the server's
 own HTTP routes (in process), so it behaves exactly like the same request sent alone, and
 fails alone.
+
+The Bundle itself is validated as a resource too (`envelope_issues`), without its entries'
+resources, which are validated entry by entry: a problem with Bundle's own elements
+refuses the whole Bundle, one with an entry's other elements (fullUrl, request, ...) fails
+that entry, which in a transaction fails it all.
 """
 
 from __future__ import annotations
@@ -23,19 +31,22 @@ from typing import Any
 
 from pymongo.asynchronous.client_session import AsyncClientSession
 
-from server.fhir import interactions, jsonio
+from server.fhir import interactions, jsonio, r4validator
 from server.fhir.bundle import Bundle, Entry
 from server.fhir.http import parse_http_date
 from server.fhir.interactions import Written, check_id, check_type, new_id
 from server.fhir.library_checks import LibraryChecks
-from server.fhir.outcome import FhirError, Issue, error, outcome_json
+from server.fhir.outcome import FhirError, Issue, error, issues_of, outcome_json
 from server.fhir.patch import Patcher, fhirpath_patch, json_patch
 from server.fhir.search import conditional as search_conditional
 from server.store.database import TransactionTooLarge
 from server.store.fhir import FhirStore, NewVersion
 
-# (method, relative url with query, headers, body) -> (status, headers, body)
-Dispatch = Callable[[str, str, dict[str, str], bytes | None], Awaitable[tuple[int, dict[str, str], bytes]]]
+# (method, relative url with query, headers, body, the session of the transaction whose
+# GET entry it is, else None) -> (status, headers, body)
+Dispatch = Callable[
+    [str, str, dict[str, str], bytes | None, AsyncClientSession | None], Awaitable[tuple[int, dict[str, str], bytes]]
+]
 
 ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
 
@@ -109,6 +120,49 @@ def bundle_entries(bundle: dict[str, Any]) -> list[Any]:
     return entries
 
 
+# What stands for each entry.resource while the envelope is validated: a resource with no
+# required element, so the envelope's issues are the Bundle's and the entries' own.
+_PLACEHOLDER: dict[str, Any] = {"resourceType": "Parameters"}
+_ENTRY = re.compile(r"Bundle\.entry\[(\d+)\]")
+
+
+@dataclass
+class EnvelopeIssues:
+    """The R4 validator's issues with a Bundle's envelope: with the Bundle's own elements,
+    and by entry index with the elements of each entry other than its resource."""
+
+    bundle: list[Issue]
+    entries: dict[int, list[Issue]]
+
+    def all(self) -> list[Issue]:
+        return self.bundle + [issue for index in sorted(self.entries) for issue in self.entries[index]]
+
+
+def envelope_issues(bundle: dict[str, Any]) -> EnvelopeIssues:
+    """Validate the Bundle as R4 defines it, each entry.resource replaced by a placeholder:
+    the resources are validated per entry (a batch's bad resource fails its entry alone,
+    and is not reported twice). The copy has the Bundle's shape, so the issues' expressions
+    are those of the Bundle sent. An empty `entry` array, which R4 JSON forbids, is taken
+    as no entries, as before (an empty batch harms no one)."""
+    envelope = dict(bundle)
+    entries = bundle.get("entry")
+    if entries == []:
+        del envelope["entry"]
+    elif isinstance(entries, list):
+        envelope["entry"] = [
+            {**item, "resource": _PLACEHOLDER} if isinstance(item, dict) and "resource" in item else item
+            for item in entries
+        ]
+    found = EnvelopeIssues([], {})
+    for issue in r4validator.validate(envelope).issues:
+        match = next((m for m in map(_ENTRY.match, issue.expression) if m is not None), None)
+        if match is None:
+            found.bundle.append(issue)
+        else:
+            found.entries.setdefault(int(match[1]), []).append(issue)
+    return found
+
+
 def parse_entry(index: int, entry: Any, base: str) -> Request:
     """One entry's request, checked (400 naming the element at fault)."""
     where = f"Bundle.entry[{index}]"
@@ -132,14 +186,19 @@ def parse_entry(index: int, entry: Any, base: str) -> Request:
     )
 
 
-def _with_entry(exc: FhirError, index: int) -> FhirError:
-    """Point an entry's errors at the entry (Bundle.entry[i].resource...)."""
+def _with_entry(exc: FhirError, index: int, element: str | None = None) -> FhirError:
+    """Point an entry's errors at the entry (Bundle.entry[i].resource...), or all at one
+    `element` of it (a GET's at its request.url, whose expressions name query parameters,
+    not elements of a resource)."""
     issues = []
     for issue in exc.issues:
-        expressions = tuple(
-            f"Bundle.entry[{index}].resource" + e[e.index(".") :] if "." in e else f"Bundle.entry[{index}]"
-            for e in issue.expression
-        ) or (f"Bundle.entry[{index}]",)
+        if element is not None:
+            expressions: tuple[str, ...] = (f"Bundle.entry[{index}].{element}",)
+        else:
+            expressions = tuple(
+                f"Bundle.entry[{index}].resource" + e[e.index(".") :] if "." in e else f"Bundle.entry[{index}]"
+                for e in issue.expression
+            ) or (f"Bundle.entry[{index}]",)
         issues.append(Issue(issue.code, f"Bundle.entry[{index}]: {issue.diagnostics}", issue.severity, expressions))
     return FhirError(exc.status, issues, exc.headers)
 
@@ -286,6 +345,9 @@ async def transaction(
     db: FhirStore, bundle: dict[str, Any], base: str, dispatch: Dispatch, representation: bool
 ) -> bytes:
     requests = [parse_entry(index, entry, base) for index, entry in enumerate(bundle_entries(bundle))]
+    envelope = envelope_issues(bundle).all()
+    if envelope:
+        raise FhirError(400, envelope)
     identities = _resolve_targets(requests)
     await search_conditional.resolve_transaction(db, base, requests, identities)
     check_overlap(requests)
@@ -305,8 +367,9 @@ async def transaction(
 
     creates = [p for p in prepared if p.request.method == "POST"]
     others = sorted((p for p in prepared if p.request.method != "POST"), key=lambda p: ORDER[p.request.method])
+    reads = [r for r in requests if r.method in ("GET", "HEAD")]
 
-    async def body(session: AsyncClientSession) -> dict[int, Written | None]:
+    async def body(session: AsyncClientSession) -> tuple[dict[int, Written | None], dict[int, Entry]]:
         results: dict[int, Written | None] = {}
         for item in others:
             if item.request.method != "DELETE":
@@ -325,10 +388,13 @@ async def transaction(
         for item in others:
             if item.request.method != "DELETE":
                 results[item.request.index] = await _write(session, db, item)
-        return results
+        # GETs last, in this attempt: MongoDB re-runs the body after a transient error,
+        # and only the answers of the attempt that commits may be returned.
+        answered = {request.index: await _read_in(session, request, dispatch) for request in reads}
+        return results, answered
 
     try:
-        written = await interactions.retry_on_conflict(lambda: db.store.transaction(body))
+        written, answered = await interactions.retry_on_conflict(lambda: db.store.transaction(body))
     except TransactionTooLarge as exc:
         raise error(
             413, "too-costly",
@@ -336,14 +402,23 @@ async def transaction(
             f"transaction ({str(exc).split(':', 1)[0]}); nothing was written. Send it as "
             "several smaller transactions, or as a batch if the entries are independent.",
         ) from None
-    entries: list[Entry] = []
-    for request in requests:
-        if request.method in ("GET", "HEAD"):
-            entries.append(await _dispatched(request, dispatch))
-            continue
-        result = written.get(request.index)
-        entries.append(_write_entry(request, result, base, representation))
+    entries = [
+        answered[r.index] if r.index in answered else _write_entry(r, written.get(r.index), base, representation)
+        for r in requests
+    ]
     return Bundle("transaction-response", entries).to_bytes()
+
+
+async def _read_in(session: AsyncClientSession, request: Request, dispatch: Dispatch) -> Entry:
+    """A GET or HEAD entry, run in the transaction after its writes; its failure (>= 400)
+    is the transaction's, pointed at the entry's request.url."""
+    entry = await _dispatched(request, dispatch, session=session)
+    assert entry.response is not None
+    status = int(entry.response["status"].split(" ", 1)[0])
+    if status >= 400:
+        issues = issues_of(entry.response.get("outcome"), f"{request.method} {request.url} answered {status}")
+        raise _with_entry(FhirError(status, issues), request.index, "request.url")
+    return entry
 
 
 async def _write(session: AsyncClientSession, db: FhirStore, item: _Prepared) -> Written | None:
@@ -397,7 +472,9 @@ def _headers(request: Request) -> dict[str, str]:
     return headers
 
 
-async def _dispatched(request: Request, dispatch: Dispatch, representation: bool = True) -> Entry:
+async def _dispatched(
+    request: Request, dispatch: Dispatch, representation: bool = True, session: AsyncClientSession | None = None
+) -> Entry:
     body = None
     headers = _headers(request)
     if request.resource is not None:
@@ -410,7 +487,7 @@ async def _dispatched(request: Request, dispatch: Dispatch, representation: bool
             body = jsonio.dumps(request.resource)
     if not representation:
         headers["prefer"] = "return=minimal"
-    status, response_headers, payload = await dispatch(request.method, request.url, headers, body)
+    status, response_headers, payload = await dispatch(request.method, request.url, headers, body, session)
     response: dict[str, Any] = {"status": status_line(status)}
     for header, field_name in (("location", "location"), ("etag", "etag")):
         if header in response_headers:
@@ -427,18 +504,30 @@ async def _dispatched(request: Request, dispatch: Dispatch, representation: bool
     return Entry(None, resource, response=response)
 
 
-async def _batch_entry(index: int, entry: Any, base: str, dispatch: Dispatch, representation: bool) -> Entry:
-    """One batch entry's response: its own error, a malformed entry's included, is
-    reported in it, and the other entries still run (http.html#transaction)."""
+async def _batch_entry(
+    index: int, entry: Any, base: str, dispatch: Dispatch, representation: bool, envelope: list[Issue]
+) -> Entry:
+    """One batch entry's response: its own error, a malformed entry's included (its
+    `envelope` issues), is reported in it, and the other entries still run
+    (http.html#transaction)."""
     try:
-        return await _dispatched(parse_entry(index, entry, base), dispatch, representation)
+        request = parse_entry(index, entry, base)
+        if envelope:
+            raise FhirError(400, envelope)
+        return await _dispatched(request, dispatch, representation)
     except FhirError as exc:
         return Entry(response={"status": status_line(exc.status), "outcome": outcome_json(exc.issues)})
 
 
 async def batch(bundle: dict[str, Any], base: str, dispatch: Dispatch, representation: bool) -> bytes:
     entries = bundle_entries(bundle)
-    responses = [await _batch_entry(index, entry, base, dispatch, representation) for index, entry in enumerate(entries)]
+    envelope = envelope_issues(bundle)
+    if envelope.bundle:
+        raise FhirError(400, envelope.bundle)
+    responses = [
+        await _batch_entry(index, entry, base, dispatch, representation, envelope.entries.get(index, []))
+        for index, entry in enumerate(entries)
+    ]
     return Bundle("batch-response", responses).to_bytes()
 
 

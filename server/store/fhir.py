@@ -190,9 +190,11 @@ class FhirStore:
         doc = await find_first(self.resources, {"_id": f"{type_}/{id_}"}, _CURRENT_FIELDS, session)
         return await self.complete(_from_current(type_, id_, doc), doc, session) if doc else None
 
-    async def version(self, type_: str, id_: str, version: int) -> StoredResource | None:
-        doc = await find_first(self.history, {"_id": f"{type_}/{id_}/{version}"})
-        return await self.complete(_from_history(doc), doc) if doc else None
+    async def version(
+        self, type_: str, id_: str, version: int, session: AsyncClientSession | None = None
+    ) -> StoredResource | None:
+        doc = await find_first(self.history, {"_id": f"{type_}/{id_}/{version}"}, None, session)
+        return await self.complete(_from_history(doc), doc, session) if doc else None
 
     async def write(
         self, session: AsyncClientSession, new: NewVersion, expected_version: int | None
@@ -301,6 +303,7 @@ class FhirStore:
         scope: HistoryScope,
         after_key: tuple[datetime, str] | None,
         limit: int,
+        session: AsyncClientSession | None = None,
     ) -> list[StoredResource]:
         """Versions newest first, resuming strictly after `after_key` (a keyset cursor)."""
         query = scope.filter()
@@ -308,12 +311,12 @@ class FhirStore:
             ts, key = after_key
             query["$or"] = [{"ts": {"$lt": ts}}, {"ts": ts, "_id": {"$lt": key}}]
         cursor = self.history.find(
-            query, sort=[("ts", DESCENDING), ("_id", DESCENDING)], limit=limit
+            query, sort=[("ts", DESCENDING), ("_id", DESCENDING)], limit=limit, session=session
         )
-        return [await self.complete(_from_history(doc), doc) async for doc in cursor]
+        return [await self.complete(_from_history(doc), doc, session) async for doc in cursor]
 
-    async def history_count(self, scope: HistoryScope) -> int:
-        return await self.history.count_documents(scope.filter())
+    async def history_count(self, scope: HistoryScope, session: AsyncClientSession | None = None) -> int:
+        return await self.history.count_documents(scope.filter(), session=session)
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,11 +53,20 @@ class QueryTooCostly(Exception):
 
 
 class SearchStore:
-    def __init__(self, store: Store, max_time_ms: int = 30_000) -> None:
+    """The search queries, run on committed data, or with `session` inside that session's
+    transaction, so that a GET entry of a transaction Bundle sees the transaction's
+    writes (`in_session`)."""
+
+    def __init__(self, store: Store, max_time_ms: int = 30_000, session: AsyncClientSession | None = None) -> None:
         self.store = store
         self.resources = store[RESOURCES]
         self.conditional = store[CONDITIONAL]
         self.max_time_ms = max_time_ms
+        self.session = session
+
+    def in_session(self, session: AsyncClientSession) -> SearchStore:
+        """The same queries inside `session`'s transaction."""
+        return SearchStore(self.store, self.max_time_ms, session)
 
     async def page(self, query: Filter, sort: Sort, limit: int, with_keys: bool = False) -> list[dict[str, Any]]:
         """Matching current documents (body, the keys of `sort`, and with_keys the terms),
@@ -68,7 +77,7 @@ class SearchStore:
         try:
             cursor = self.resources.find(
                 query, fields, sort=sort, limit=limit,
-                max_time_ms=self.max_time_ms, allow_disk_use=True,
+                max_time_ms=self.max_time_ms, allow_disk_use=True, session=self.session,
             )
             return await cursor.to_list()
         except OperationFailure as exc:
@@ -80,7 +89,7 @@ class SearchStore:
         if limit is not None:
             options["limit"] = limit
         try:
-            return await self.resources.count_documents(query, **options)
+            return await self.resources.count_documents(query, session=self.session, **options)
         except OperationFailure as exc:
             raise _too_costly(exc) from None
 
@@ -88,7 +97,10 @@ class SearchStore:
         """How many documents match, up to `limit`, by the `count` command: on a query of
         index fields it counts index keys alone (COUNT_SCAN), where `count_documents`
         fetches every document it counts. On a sharded cluster it may also count orphaned
-        documents of a migrating chunk, so it serves estimates, not `_total=accurate`."""
+        documents of a migrating chunk, so it serves estimates, not `_total=accurate`.
+        In a transaction, where MongoDB refuses `count`, it counts as `count` does."""
+        if self.session is not None:
+            return await self.count(query, limit)
         command = {"count": self.resources.name, "query": query, "limit": limit, "maxTimeMS": self.max_time_ms}
         try:
             reply = await self.resources.database.command(command, codec_options=self.resources.codec_options)
@@ -97,9 +109,11 @@ class SearchStore:
         return int(reply["n"])
 
     async def ids(self, query: Filter, limit: int, session: AsyncClientSession | None = None) -> list[str]:
-        """`Type/id` of up to `limit` matching resources."""
+        """`Type/id` of up to `limit` matching resources (in `session`, else the store's)."""
         try:
-            cursor = self.resources.find(query, {"_id": 1}, limit=limit, session=session, max_time_ms=self.max_time_ms)
+            cursor = self.resources.find(
+                query, {"_id": 1}, limit=limit, session=session or self.session, max_time_ms=self.max_time_ms
+            )
             return [doc["_id"] async for doc in cursor]
         except OperationFailure as exc:
             raise _too_costly(exc) from None
@@ -107,7 +121,7 @@ class SearchStore:
     async def keys(self, query: Filter, limit: int) -> list[list[str]]:
         """The `s.k` terms of up to `limit` matching resources (reverse chaining)."""
         try:
-            cursor = self.resources.find(query, {"s.k": 1}, limit=limit, max_time_ms=self.max_time_ms)
+            cursor = self.resources.find(query, {"s.k": 1}, limit=limit, max_time_ms=self.max_time_ms, session=self.session)
             return [doc.get("s", {}).get("k", []) async for doc in cursor]
         except OperationFailure as exc:
             raise _too_costly(exc) from None
@@ -116,11 +130,12 @@ class SearchStore:
         """Current, not deleted documents by `Type/id` (includes)."""
         if not keys:
             return []
-        cursor = self.resources.find({"_id": {"$in": keys}, "deleted": False}, _INCLUDE_FIELDS)
+        cursor = self.resources.find({"_id": {"$in": keys}, "deleted": False}, _INCLUDE_FIELDS, session=self.session)
         return [doc async for doc in cursor]
 
     async def explain(self, query: Filter, sort: Sort, limit: int) -> dict[str, Any]:
-        """The query planner's winning plan for a search (the `__explain` switch)."""
+        """The query planner's winning plan for a search (the `__explain` switch), on
+        committed data: MongoDB does not explain inside a transaction."""
         command = {
             "explain": {"find": RESOURCES.name, "filter": query, "sort": dict(sort), "limit": limit},
             "verbosity": "executionStats",

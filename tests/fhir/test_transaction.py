@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
 import uuid
 
+import httpx
 import orjson
 
 from tests.fhir.helpers import FHIR_JSON, assert_outcome, created, patient
@@ -65,7 +67,7 @@ def test_transaction_processing_order_and_all_methods(fhir):
         fhir,
         bundle(
             "transaction",
-            entry("GET", f"Patient/{doomed['id']}"),
+            entry("GET", f"Patient/{existing['id']}"),
             entry("PUT", f"Patient/{client_id}", {**patient(), "id": client_id}),
             entry("PATCH", f"Patient/{existing['id']}", {"resourceType": "Binary", "contentType": "application/json-patch+json", "data": json_patch}),
             entry("DELETE", f"Patient/{doomed['id']}"),
@@ -73,8 +75,9 @@ def test_transaction_processing_order_and_all_methods(fhir):
     )
     assert response.status_code == 200, response.text
     result = response.json()["entry"]
-    # GET runs last: it sees the DELETE, though it comes first in the bundle.
-    assert result[0]["response"]["status"].startswith("410")
+    # GET runs last: it sees the PATCH, though it comes first in the bundle.
+    assert result[0]["response"]["status"] == "200 OK"
+    assert result[0]["resource"]["active"] is True and result[0]["response"]["etag"] == 'W/"2"'
     assert result[1]["response"]["status"] == "201 Created"
     assert result[2]["response"]["status"] == "200 OK"
     assert result[3]["response"]["status"] == "204 No Content"
@@ -281,3 +284,164 @@ def test_malformed_batch_entry_fails_alone(fhir):
     assert fhir.get(result[0]["response"]["location"]).status_code == 200
     assert result[3]["resource"]["id"] == existing["id"]
     assert_outcome(post_bundle(fhir, bundle("transaction", *entries)), 400, "required")
+
+
+def family_count(fhir, family: str) -> int:
+    return fhir.get("Patient", params={"family": family, "_total": "accurate"}).json()["total"]
+
+
+def test_failing_get_fails_the_transaction(fhir):
+    """http.html#transaction: a transaction succeeds or fails as a whole, its GETs
+    included: a GET answering 4xx rolls back the writes and names its entry."""
+    doomed = created(fhir, "Patient", patient())
+    for failing, status in (
+        (entry("GET", f"Patient/missing-{uuid.uuid4().hex[:8]}"), 404),
+        (entry("GET", "Patient?birthdate=not-a-date"), 400),
+        (entry("GET", f"Patient/{doomed['id']}"), 410),  # deleted by the same transaction
+        (entry("GET", f"Patient/{doomed['id']}/_history/9"), 404),
+    ):
+        marker = f"get-fails-{uuid.uuid4().hex}"
+        response = post_bundle(fhir, bundle("transaction", entry("POST", "Patient", patient(marker)), failing, entry("DELETE", f"Patient/{doomed['id']}")))
+        body = assert_outcome(response, status)
+        assert body["issue"][0]["expression"] == ["Bundle.entry[1].request.url"], body
+        assert body["issue"][0]["diagnostics"].startswith("Bundle.entry[1]: "), body
+        assert family_count(fhir, marker) == 0, failing
+        assert fhir.get(f"Patient/{doomed['id']}").status_code == 200
+
+
+def test_transaction_gets_see_its_writes(fhir):
+    """GETs run inside the transaction after its writes: a search, read, vread and
+    history find what it has just created, and their results are in the response."""
+    system = f"urn:tx-get:{uuid.uuid4().hex}"
+    client_id = f"tx-get-{uuid.uuid4().hex[:10]}"
+    patient_url = f"urn:uuid:{uuid.uuid4()}"
+    observation = {"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {"reference": patient_url}}
+    response = post_bundle(
+        fhir,
+        bundle(
+            "transaction",
+            entry("GET", f"Patient?identifier={system}|1&_total=accurate"),
+            entry("GET", f"Patient/{client_id}"),
+            entry("GET", f"Patient/{client_id}/_history/1"),
+            entry("GET", f"Patient/{client_id}/_history"),
+            entry("POST", "Patient", patient(identifier=[{"system": system, "value": "1"}]), patient_url),
+            entry("PUT", f"Patient/{client_id}", {**patient(), "id": client_id}),
+            entry("POST", "Observation", observation),
+            entry("GET", f"Observation?subject:Patient.identifier={system}|1"),
+            entry("GET", f"Patient?identifier={system}|1&_revinclude=Observation:subject"),
+        ),
+    )
+    assert response.status_code == 200, response.text
+    search, read, vread, history, create, _, created_observation, chained, revincluded = response.json()["entry"]
+    new_id = create["response"]["location"].split("/")[1]
+    observation_id = created_observation["response"]["location"].split("/")[1]
+    assert search["response"]["status"] == "200 OK"
+    assert search["resource"]["type"] == "searchset"
+    assert [e["resource"]["id"] for e in search["resource"]["entry"]] == [new_id] and search["resource"]["total"] == 1
+    assert [e["resource"]["id"] for e in chained["resource"]["entry"]] == [observation_id]
+    assert [(e["resource"]["id"], e["search"]["mode"]) for e in revincluded["resource"]["entry"]] == [(new_id, "match"), (observation_id, "include")]
+    assert read["resource"]["id"] == client_id and read["response"]["etag"] == 'W/"1"'
+    assert vread["resource"]["id"] == client_id
+    assert history["resource"]["type"] == "history" and history["resource"]["total"] == 1
+
+
+def test_transaction_get_not_modified_is_not_a_failure(fhir):
+    """A GET answering 304 (its ifNoneMatch matched) is a success: the writes commit."""
+    existing = created(fhir, "Patient", patient())
+    marker = f"not-modified-{uuid.uuid4().hex}"
+    response = post_bundle(
+        fhir,
+        bundle("transaction", entry("POST", "Patient", patient(marker)), entry("GET", f"Patient/{existing['id']}", ifNoneMatch='W/"1"')),
+    )
+    assert response.status_code == 200, response.text
+    create, get = response.json()["entry"]
+    assert get["response"]["status"] == "304 Not Modified" and "resource" not in get
+    assert fhir.get(create["response"]["location"]).json()["name"][0]["family"] == marker
+
+
+async def _concurrent_bundles(base: str, bodies: list[bytes]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=base + "/", timeout=120, limits=httpx.Limits(max_connections=len(bodies))) as client:
+        return await asyncio.gather(*(client.post("", content=b, headers=FHIR_JSON) for b in bodies))
+
+
+def test_concurrent_transactions_get_what_they_wrote(fhir, server):
+    """Transactions racing to update one resource are re-run by MongoDB after a conflict;
+    each one's GET answers what that transaction wrote (the attempt that committed), not
+    another's version committed meanwhile."""
+    existing = created(fhir, "Patient", patient())
+    path = f"Patient/{existing['id']}"
+    families = [f"race-{n}-{uuid.uuid4().hex[:8]}" for n in range(8)]
+    bodies = [bundle("transaction", entry("GET", path), entry("PUT", path, {**existing, "name": [{"family": f}]})) for f in families]
+    responses = asyncio.run(_concurrent_bundles(server.fhir, bodies))
+    versions = []
+    for family, response in zip(families, responses, strict=True):
+        assert response.status_code == 200, response.text
+        get, put = response.json()["entry"]
+        assert get["resource"]["name"][0]["family"] == family
+        assert get["response"]["etag"] == put["response"]["etag"]
+        versions.append(int(put["response"]["etag"][3:-1]))
+    assert sorted(versions) == list(range(2, 10))
+
+
+def test_bundle_envelope_is_validated(fhir):
+    """The Bundle is validated as a resource, not only its entries' resources: an unknown
+    or malformed Bundle element refuses the whole batch or transaction with a 400 naming
+    it, and nothing is written."""
+    marker = f"envelope-{uuid.uuid4().hex}"
+    for kind in ("transaction", "batch"):
+        for envelope, expression in (
+            ({"bogus": 1}, "Bundle.bogus"),
+            ({"timestamp": "yesterday"}, "Bundle.timestamp"),
+            ({"identifier": [{"system": "urn:x", "value": "1"}]}, "Bundle.identifier"),
+            ({"link": [{"relation": "self"}]}, "Bundle.link[0].url"),
+        ):
+            body = {"resourceType": "Bundle", "type": kind, **envelope, "entry": [entry("POST", "Patient", patient(marker))]}
+            outcome = assert_outcome(post_bundle(fhir, orjson.dumps(body)), 400)
+            assert [i["expression"] for i in outcome["issue"]] == [[expression]], (kind, outcome)
+    assert family_count(fhir, marker) == 0
+
+
+def test_bundle_entry_envelope_is_validated(fhir):
+    """An entry's own elements (fullUrl, request, search, ...) are validated too: a bad one
+    fails a transaction as a whole, and in a batch that entry alone. Its resource is
+    validated once, as the entry's, not again as part of the Bundle (a batch's entry
+    answers as the same request sent alone, naming `Patient.bogus`)."""
+    marker = f"entry-envelope-{uuid.uuid4().hex}"
+    good = entry("POST", "Patient", patient(marker))
+    for bad, expression in (
+        ({**entry("POST", "Patient", patient(marker)), "bogus": True}, "Bundle.entry[1].bogus"),
+        (entry("POST", "Patient", patient(marker), bogus="x"), "Bundle.entry[1].request.bogus"),
+        (entry("POST", "Patient", patient(marker), full_url="urn:uuid:not a uri"), "Bundle.entry[1].fullUrl"),
+        ({**entry("POST", "Patient", patient(marker)), "search": {"mode": "sometimes"}}, "Bundle.entry[1].search.mode"),
+        (entry("GET", "Patient", _count=5), "Bundle.entry[1].request._count"),
+        (entry("POST", "Patient", {"resourceType": "Patient", "bogus": 1}), "Bundle.entry[1].resource.bogus"),
+    ):
+        in_batch = "Patient.bogus" if ".resource." in expression else expression
+        outcome = assert_outcome(post_bundle(fhir, bundle("transaction", good, bad)), 400)
+        assert [i["expression"] for i in outcome["issue"]] == [[expression]], outcome
+        response = post_bundle(fhir, bundle("batch", good, bad))
+        assert response.status_code == 200, response.text
+        first, second = response.json()["entry"]
+        assert first["response"]["status"] == "201 Created"
+        assert second["response"]["status"].startswith("400"), second
+        assert [i["expression"] for i in second["response"]["outcome"]["issue"]] == [[in_batch]], second
+    assert family_count(fhir, marker) == 6
+
+
+def test_transaction_search_counts_inside_the_transaction(fhir):
+    """A GET entry's search past a full first page counts inside the transaction (MongoDB
+    refuses the `count` command there) and counts its uncommitted matches."""
+    system = f"urn:tx-count:{uuid.uuid4().hex}"
+    same = patient(identifier=[{"system": system, "value": "1"}])
+    response = post_bundle(
+        fhir,
+        bundle(
+            "transaction",
+            entry("POST", "Patient", same), entry("POST", "Patient", same),
+            entry("GET", f"Patient?identifier={system}|1&_count=1&_total=estimate"),
+            entry("GET", f"Patient?identifier={system}|1&_count=1&_total=accurate"),
+        ),
+    )
+    assert response.status_code == 200, response.text
+    for searched in response.json()["entry"][2:]:
+        assert searched["resource"]["total"] == 2 and len(searched["resource"]["entry"]) == 1, searched

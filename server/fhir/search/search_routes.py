@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 from server.fhir import interactions
 from server.fhir.definitions import resource_types
-from server.fhir.http import content_kind, fhir_response, negotiate, prefer_handling
+from server.fhir.http import content_kind, fhir_response, negotiate, prefer_handling, transaction_session
 from server.fhir.outcome import error
 from server.fhir.search import query as parsing
 from server.fhir.search.service import Search, SearchRequest, compartment_types, subset
@@ -71,12 +71,14 @@ def subsetted(request: Request, type_: str, body: bytes) -> bytes:
 
 
 def searcher(request: Request) -> Search:
+    """The app's search service; for a transaction's GET entry, one inside its session."""
     state = request.app.state
     search = getattr(state, "search", None)
     if search is None:
         search = Search(SearchStore(state.store), state.settings.fhir_base)
         state.search = search
-    return search
+    session = transaction_session(request)
+    return search if session is None else Search(search.db.in_session(session), search.base)
 
 
 async def search(request: Request, scope: Scope, extra: list[tuple[str, str]] | None = None) -> Response:

@@ -225,6 +225,9 @@ class Search:
             page = await self.included_page(condition, fields, count, query)
             # a first page that is not full is the whole result: nothing left to count
             total = len(page.docs) if page.next is None and query.total != "none" else await self.total(condition, query, False)
+        elif self.db.session is not None:  # a session runs one operation at a time
+            page = await self.included_page(condition, fields, count, query)
+            total = await self.total(condition, query, False)
         else:  # the page (with its includes) and the count side by side
             page, total = await asyncio.gather(
                 self.included_page(condition, fields, count, query), self.total(condition, query, False)
