@@ -172,6 +172,9 @@ def create_app(settings: Settings, dimse: bool = True) -> FastAPI:
         lifespan=lifespan,
         docs_url="/docs",
         redoc_url=None,
+        # no OpenTelemetry here: FastAPI otherwise asks on every request whether a
+        # tracer, meter or logger provider has been configured since
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.services = {}
