@@ -105,8 +105,9 @@ def sort_value(doc: dict[str, Any], name: str) -> Any:
 
 
 def _encode_value(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return {"d": int(value.timestamp() * 1000)}
+    if isinstance(value, datetime):  # naive from a page (SearchStore.page): UTC
+        aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        return {"d": int(aware.timestamp() * 1000)}
     return value
 
 
