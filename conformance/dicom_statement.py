@@ -134,13 +134,18 @@ def statement() -> str:
         "an instance also as single-part `application/dicom` when that is the first acceptable",
         "type (PS3.18 10.4.4). A study or series asked for as `application/dicom` only is 406.",
         "",
-        "`transfer-syntax=*` returns instances and frames as stored. Without a transfer-syntax",
+        "`transfer-syntax=*` returns instances and frames as stored, except instances stored in",
+        ", ".join(f"{UID(t).name} ({t})" for t in sorted(wado.NOT_FOR_WEB))
+        + ", which web services never use (PS3.18 8.7.3): those are sent in",
+        "Explicit VR Little Endian, the syntax QIDO-RS gives as their AvailableTransferSyntaxUID.",
+        "Each part's Content-Type names its transfer syntax. Without a transfer-syntax",
         "parameter, instances are sent in Explicit VR Little Endian and frames uncompressed",
         "(`application/octet-stream`). Instances can be transcoded to: "
         + ", ".join(f"{UID(t).name} ({t})" for t in wado.TRANSCODE_TARGETS)
         + "; other requested syntaxes are answered 406 unless every instance is stored in it."
         + " Implicit VR Little Endian is never offered (PS3.18 8.7.3): asking for it is 406."
-        + f" Instances over {wado.TRANSCODE_MAX_BYTES} bytes (slide levels) are sent as stored only.",
+        + f" Instances over {wado.TRANSCODE_MAX_BYTES} bytes (slide levels) are sent as stored only"
+        + " (406 for one stored in Implicit VR Little Endian).",
         "Compressed frames are served in their stored media type:",
         "",
         "| Transfer syntax | Frame media type |",
