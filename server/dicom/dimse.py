@@ -10,7 +10,9 @@ without it each C-STORE waits on delayed ACKs (about 50 ms).
 Supported: Verification; every Storage SOP Class pydicom knows, in every transfer syntax
 pydicom knows (with SCU/SCP role selection, for C-GET); Patient Root and Study Root
 Query/Retrieve FIND, MOVE and GET at every level of each model. C-MOVE sends to the AEs
-configured in KUROSHIO_DICOM_REMOTE_AES only.
+configured in KUROSHIO_DICOM_REMOTE_AES only, over as many successive associations as the
+presentation contexts of its instances need (`SubAssociations`); C-GET sends over the
+requester's association, in the contexts it proposed.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ _config.STORE_RECV_CHUNKED_DATASET = True
 MAXIMUM_PDU_SIZE = 4 * 1024 * 1024
 
 STORAGE_SOP_CLASSES = sorted({str(cx.abstract_syntax) for cx in AllStoragePresentationContexts})
+# Presentation contexts an association may have: their IDs are the odd numbers 1-255 (PS3.8 9.3.2.2).
+MAX_CONTEXTS = 128
 # Explicit VR Little Endian first: pynetdicom accepts the first of ours that the peer
 # proposes, and a sender then transfers files in that syntax without converting them.
 TRANSFER_SYNTAXES = sorted(ALL_TRANSFER_SYNTAXES, key=lambda uid: uid != "1.2.840.10008.1.2.1")
@@ -112,7 +116,7 @@ class ApplicationEntity:
         self.archive = archive
         self.remotes = remotes
         self.loop = loop
-        self.ae = AE(ae_title=ae_title)
+        self.ae = _AE(ae_title=ae_title)
         # Large PDUs (fewer, from the sender), but bounded: a PDU is held in memory whole,
         # and a slide sent as one unlimited PDU would be gigabytes.
         self.ae.maximum_pdu_size = MAXIMUM_PDU_SIZE
@@ -265,12 +269,12 @@ class ApplicationEntity:
         return self.run(find())
 
     def datasets(
-        self, event: Event, stored: list[wado.Stored], accepted: Callable[[], list[PresentationContext]]
+        self, event: Event, stored: list[wado.Stored], accepted: Callable[[wado.Stored], list[PresentationContext]]
     ) -> Iterator[tuple[int, Dataset | None]]:
         """The C-STORE sub-operations' datasets, read one at a time as pynetdicom asks.
 
         An instance goes as stored where the peer `accepted` (the presentation contexts of
-        the association that carries the sub-operations) its transfer syntax, or where
+        the association that carries its sub-operation) its transfer syntax, or where
         pynetdicom converts it (uncompressed syntaxes); otherwise, up to
         wado.TRANSCODE_MAX_BYTES, decoded to Explicit VR Little Endian by WADO's transcoder,
         so that a peer taking uncompressed syntaxes only still gets it.
@@ -285,12 +289,13 @@ class ApplicationEntity:
             if event.is_cancelled:
                 yield CANCEL, None
                 return
-            yield PENDING, self.dataset(item, accepted())
+            yield PENDING, self.dataset(item, accepted(item))
 
     def dataset(self, item: wado.Stored, accepted: list[PresentationContext]) -> Dataset:
-        """One instance as the peer takes it (see `datasets`)."""
+        """One instance as the peer takes it (see `datasets`); as stored when no association
+        carries it (its sub-operation fails)."""
         path = self.archive.blobs.path(item.blob)
-        if _needs_decoding(item, accepted) and item.size <= wado.TRANSCODE_MAX_BYTES:
+        if accepted and _needs_decoding(item, accepted) and item.size <= wado.TRANSCODE_MAX_BYTES:
             try:
                 return wado.transcoded(str(path), wado.EXPLICIT_LE)
             except Exception as exc:  # pydicom's decoders raise many kinds of errors
@@ -317,7 +322,9 @@ class ApplicationEntity:
             return
         audit.record(*admitted, SUCCESS, f"C-GET {len(stored)} instances")
         yield len(stored)
-        yield from self.datasets(event, stored, lambda: event.assoc.accepted_contexts)
+        # The requester proposed the contexts (at most 128, SCP role by role selection): an
+        # instance of a SOP class without one fails as a sub-operation.
+        yield from self.datasets(event, stored, lambda item: event.assoc.accepted_contexts)
 
     def on_move(self, event: Event) -> Iterator[Any]:
         admitted = self.admitted(event, "C-MOVE")
@@ -331,22 +338,85 @@ class ApplicationEntity:
             yield None, None
             return
         stored = self.to_retrieve(event, admitted)
-        # pynetdicom associates with the destination before it sends any status, a failure too
-        contexts = [build_context(Verification)] if isinstance(stored, Dataset) else _contexts_for(stored)
-        # the sub-association, recorded when the destination accepts it (before pynetdicom
-        # returns it as established and asks for the first data set)
-        sub_association: list[Association] = []
-        handlers = [
-            (evt.EVT_CONN_OPEN, _nodelay),
-            (evt.EVT_ACCEPTED, lambda accepted: sub_association.append(accepted.assoc)),
-        ]
-        yield destination.host, destination.port, {"contexts": contexts, "evt_handlers": handlers}
+        handlers = [(evt.EVT_CONN_OPEN, _nodelay)]
         if isinstance(stored, Dataset):
+            # pynetdicom associates with the destination before it sends any status, a failure too
+            yield destination.host, destination.port, {"contexts": [build_context(Verification)], "evt_handlers": handlers}
             yield from _refuse_retrieve(stored)
             return
+        sub_associations = SubAssociations(_context_batches(stored))
+        stored = sorted(stored, key=sub_associations.order)  # each association's instances in a row
+        yield destination.host, destination.port, {"sub_associations": sub_associations, "evt_handlers": handlers}
         audit.record(*admitted, SUCCESS, f"C-MOVE {len(stored)} instances to {destination.title}")
         yield len(stored)
-        yield from self.datasets(event, stored, lambda: sub_association[0].accepted_contexts)
+        yield from self.datasets(event, stored, lambda item: sub_associations.accepted(item.sop_class))
+
+
+class _AE(AE):
+    """pynetdicom's AE, whose `associate` gives a C-MOVE handler's `SubAssociations` (passed
+    in the keyword arguments the handler yields for it) in place of one association."""
+
+    def associate(self, addr: str, port: int, *args: Any, sub_associations: SubAssociations | None = None,
+                  **kwargs: Any) -> Any:
+        if sub_associations is None:
+            return AE.associate(self, addr, port, *args, **kwargs)
+        sub_associations.start(lambda contexts: AE.associate(self, addr, port, *args, contexts=contexts, **kwargs))
+        return sub_associations
+
+
+class SubAssociations:
+    """The associations with a C-MOVE destination that carry the C-STORE sub-operations, one
+    after the other, each proposing the presentation contexts of a batch of SOP classes
+    (`_context_batches`: at most 128 contexts, every context of a SOP class in one batch).
+
+    pynetdicom's C-MOVE SCP opens one association with the destination and sends each data
+    set the handler yields over it, counting the sub-operations from the answers. This
+    object stands in for that association (what pynetdicom uses of one: `is_established`,
+    `send_c_store`, `release`, `dul`), so its counting and its responses stay as they are:
+    the first association is opened at once (pynetdicom answers 0xA801 if it fails), each
+    next one when the handler asks for the contexts of an instance of its batch, after the
+    previous one is released. A batch whose association fails fails its sub-operations.
+    """
+
+    def __init__(self, batches: list[list[PresentationContext]]) -> None:
+        self.batches = batches
+        self.batch_of = {str(cx.abstract_syntax): index for index, batch in enumerate(batches) for cx in batch}
+        self.index = 0
+        self.current: Association | None = None
+        self.associate: Callable[[list[PresentationContext]], Association] | None = None
+
+    def order(self, item: wado.Stored) -> int:
+        return self.batch_of[item.sop_class]
+
+    def start(self, associate: Callable[[list[PresentationContext]], Association]) -> None:
+        self.associate = associate
+        self.current = associate(self.batches[0])
+
+    def accepted(self, sop_class: str) -> list[PresentationContext]:
+        """The accepted contexts of the association that carries `sop_class` (opened now if
+        it is not the current one); none if it failed."""
+        index = self.batch_of[sop_class]
+        if index != self.index:
+            assert self.associate is not None
+            self.release()
+            self.index = index
+            self.current = self.associate(self.batches[index])
+        return self.current.accepted_contexts if self.is_established else []  # type: ignore[union-attr]
+
+    @property
+    def is_established(self) -> bool:
+        return self.current is not None and self.current.is_established
+
+    @property
+    def dul(self) -> Any:
+        return self.current.dul  # type: ignore[union-attr]
+
+    def send_c_store(self, dataset: Dataset, **kwargs: Any) -> Dataset:
+        return self.current.send_c_store(dataset, **kwargs)  # type: ignore[union-attr]
+
+    def release(self) -> None:
+        if self.is_established:
+            self.current.release()  # type: ignore[union-attr]
 
 
 def check_unique_keys(identifier: Dataset, level: str, study_root: bool) -> None:
@@ -390,20 +460,25 @@ def _refuse_retrieve(status: Dataset) -> Iterator[Any]:
 PATIENT_TAGS = {qido.TAGS[k] for k in ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "SpecificCharacterSet")}
 
 
-def _contexts_for(stored: list[wado.Stored]) -> list[PresentationContext]:
-    """Presentation contexts for a C-MOVE sub-association: each SOP class with the
-    uncompressed syntaxes and, in a context of its own, the other syntaxes its instances
-    are stored in, so that a peer can take either (one context with all of them would let
-    it accept only one). At most 128 (PS3.8)."""
+def _context_batches(stored: list[wado.Stored]) -> list[list[PresentationContext]]:
+    """Presentation contexts for the C-MOVE sub-associations, in batches of at most 128
+    (PS3.8), one association each: each SOP class with the uncompressed syntaxes and, in a
+    context of its own, the other syntaxes its instances are stored in, so that a peer can
+    take either (one context with all of them would let it accept only one). A SOP class's
+    contexts are never split between batches; the classes are in UID order, so the batches
+    of the same instances are always the same."""
     stored_syntaxes: dict[str, set[str]] = {}
     for item in stored:
         stored_syntaxes.setdefault(item.sop_class, set()).add(item.transfer_syntax)
-    contexts = []
+    batches: list[list[PresentationContext]] = [[]]
     for sop_class, syntaxes in sorted(stored_syntaxes.items()):
-        contexts.append(build_context(sop_class, list(UNCOMPRESSED)))
+        contexts = [build_context(sop_class, list(UNCOMPRESSED))]
         if syntaxes - set(UNCOMPRESSED):
             contexts.append(build_context(sop_class, sorted(syntaxes - set(UNCOMPRESSED))))
-    return contexts[:128]
+        if len(batches[-1]) + len(contexts) > MAX_CONTEXTS:
+            batches.append([])
+        batches[-1].extend(contexts)
+    return batches
 
 
 def _needs_decoding(item: wado.Stored, accepted: list[PresentationContext]) -> bool:

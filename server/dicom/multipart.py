@@ -146,11 +146,12 @@ def closing(boundary_: str) -> bytes:
 
 
 async def parts(
-    boundary_: str, media_type: str, bodies: AsyncIterator[tuple[Iterable[tuple[str, str]], AsyncIterator[bytes]]]
+    boundary_: str, bodies: AsyncIterator[tuple[str, Iterable[tuple[str, str]], AsyncIterator[bytes]]]
 ) -> AsyncIterator[bytes]:
-    """A multipart/related body from (extra headers, body chunks) pairs, streamed."""
+    """A multipart/related body from (media type, extra headers, body chunks) of each part,
+    streamed."""
     first = True
-    async for extra, chunks in bodies:
+    async for media_type, extra, chunks in bodies:
         yield (b"" if first else b"\r\n") + part_header(boundary_, media_type, extra)
         first = False
         async for chunk in chunks:

@@ -318,8 +318,12 @@ async def resolve(index: DicomIndex, query: QidoQuery) -> Json:
     return {**filters.get(level, {}), **scoped}
 
 
-async def search(index: DicomIndex, query: QidoQuery, base: str) -> list[Json]:
-    """Run a query against the index; results in the DICOM JSON model."""
+async def search(
+    index: DicomIndex, query: QidoQuery, base: str, available: Callable[[str], str] | None = None
+) -> list[Json]:
+    """Run a query against the index; results in the DICOM JSON model. `available` maps a
+    stored transfer syntax to the AvailableTransferSyntaxUID announced (QIDO-RS: the one a
+    web retrieval gives, `wado.web_syntax`); without it, the stored one (C-FIND)."""
     level = query.level
     mongo_filter = await resolve(index, query)
     projection = None if level != "instance" or needs_metadata(query) else {"meta": 0, "frames": 0, "bulk": 0}
@@ -356,7 +360,7 @@ async def search(index: DicomIndex, query: QidoQuery, base: str) -> list[Json]:
             modality = series_doc.get("j", {}).get(TAGS["Modality"])
             if modality:
                 extra[TAGS["Modality"]] = modality
-            results.append(attributes_of(doc, INSTANCE, query, _instance_computed(doc, base), extra))
+            results.append(attributes_of(doc, INSTANCE, query, _instance_computed(doc, base, available), extra))
     return results
 
 
@@ -391,9 +395,9 @@ def _series_computed(doc: Json, base: str) -> Json:
     }
 
 
-def _instance_computed(doc: Json, base: str) -> Json:
+def _instance_computed(doc: Json, base: str, available: Callable[[str], str] | None) -> Json:
     return {
-        "AvailableTransferSyntaxUID": element("AvailableTransferSyntaxUID", doc["ts"]),
+        "AvailableTransferSyntaxUID": element("AvailableTransferSyntaxUID", available(doc["ts"]) if available else doc["ts"]),
         "InstanceAvailability": element("InstanceAvailability", "ONLINE"),
         "RetrieveURL": element(
             "RetrieveURL", f"{base}/studies/{doc['st']}/series/{doc['se']}/instances/{doc['_id']}"

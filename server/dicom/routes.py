@@ -230,7 +230,7 @@ async def _search(request: Request, level: str, scope: dict[str, str]) -> Respon
         query = qido.parse(level, request.query_params.multi_items(), scope)
     except (qido.QueryError, wado.BadRequest) as exc:
         raise DicomWebError(400, str(exc)) from None
-    results = await qido.search(archive_of(request).index, query, base(request))
+    results = await qido.search(archive_of(request).index, query, base(request), wado.web_syntax)
     warnings = []
     if query.unsupported:
         names = ", ".join(sorted(set(query.unsupported)))
@@ -306,27 +306,30 @@ async def _retrieve(request: Request, study: str, series: str | None, sop: str |
     except wado.NotAcceptable as exc:
         raise DicomWebError(406, str(exc)) from None
 
+    def media_type(item: wado.Stored) -> str:
+        # the syntax of each part (PS3.18 8.7.8.2: with "*", it may differ between parts)
+        return f"application/dicom; transfer-syntax={wado.sent_syntax(item, syntax)}"
+
     def length(item: wado.Stored) -> list[tuple[str, str]]:
-        return [("Content-Length", str(item.size))] if syntax in ("*", item.transfer_syntax) else []
+        return [("Content-Length", str(item.size))] if wado.sent_syntax(item, syntax) == item.transfer_syntax else []
 
     if single:
         item = stored[0]
-        media_type = f"application/dicom; transfer-syntax={item.transfer_syntax if syntax == '*' else syntax}"
-        return StreamingResponse(_instance(archive, item, syntax), media_type=media_type, headers=dict(length(item)))
+        return StreamingResponse(_instance(archive, item, syntax), media_type=media_type(item), headers=dict(length(item)))
     boundary = multipart.boundary()
 
-    async def bodies() -> AsyncIterator[tuple[Iterable[tuple[str, str]], AsyncIterator[bytes]]]:
+    async def bodies() -> AsyncIterator[tuple[str, Iterable[tuple[str, str]], AsyncIterator[bytes]]]:
         for item in stored:
-            yield length(item), _instance(archive, item, syntax)
+            yield media_type(item), length(item), _instance(archive, item, syntax)
 
     return StreamingResponse(
-        multipart.parts(boundary, "application/dicom", bodies()),
+        multipart.parts(boundary, bodies()),
         media_type=multipart.content_type("application/dicom", boundary, None if syntax == "*" else syntax),
     )
 
 
 async def _instance(archive: Archive, item: wado.Stored, syntax: str) -> AsyncIterator[bytes]:
-    if syntax in ("*", item.transfer_syntax) and item.size <= IN_LOOP_READ:
+    if wado.sent_syntax(item, syntax) == item.transfer_syntax and item.size <= IN_LOOP_READ:
         yield archive.blobs.read(item.blob)  # one pread from the page cache
         return
     chunks = wado.instance_bytes(archive, item, syntax)

@@ -2,8 +2,9 @@
 bulk data, rendered images; transfer syntax negotiation and transcoding.
 
 Instances stream from the blob store as stored when the requested transfer syntax is the
-stored one (or `*`); otherwise they are transcoded with pydicom (decoders from pylibjpeg,
-encoders for RLE) or refused with 406 when no codec can produce the syntax. Metadata is the
+stored one (or `*`, unless it is Implicit VR Little Endian, which web services do not use);
+otherwise they are transcoded with pydicom (decoders from pylibjpeg, encoders for RLE) or
+refused with 406 when no codec can produce the syntax. Metadata is the
 DICOM JSON precomputed at ingest: a study's metadata is the concatenation of its stored
 documents, never a file read. A frame is a byte-range read at the offsets recorded at ingest.
 """
@@ -30,6 +31,10 @@ RLE = "1.2.840.10008.1.2.5"
 # Syntaxes any stored instance can be transcoded to (pydicom decodes, then writes these).
 # Not Implicit VR Little Endian: web services shall not use it (PS3.18 8.7.3).
 TRANSCODE_TARGETS = (EXPLICIT_LE, RLE)
+# Stored syntaxes a web response never carries (PS3.18 8.7.3): an instance stored in one is
+# sent, and announced as available (QIDO's AvailableTransferSyntaxUID), in Explicit VR
+# Little Endian, the default web syntax (8.7.3.4), even for `transfer-syntax=*`.
+NOT_FOR_WEB = frozenset({IMPLICIT_LE})
 # Transcoding decodes a whole instance in memory: a slide level of a few hundred MB of JPEG
 # tiles is gigabytes of pixels. Larger instances are sent as stored only (else 406).
 TRANSCODE_MAX_BYTES = 256 * 1024 * 1024
@@ -119,14 +124,27 @@ def missing(study: str, series: str | None, sop: str | None) -> str:
     return f"Study {study} is not stored"
 
 
+def web_syntax(stored: str) -> str:
+    """The transfer syntax a web response gives an instance stored in `stored` when any is
+    acceptable (`transfer-syntax=*`)."""
+    return EXPLICIT_LE if stored in NOT_FOR_WEB else stored
+
+
+def sent_syntax(stored: Stored, syntax: str) -> str:
+    """The transfer syntax `stored` is sent in when `syntax` (from `choose_syntax`) was chosen."""
+    return web_syntax(stored.transfer_syntax) if syntax == "*" else syntax
+
+
 def choose_syntax(stored: list[Stored], wanted: list[str]) -> str:
     """The transfer syntax to send: the first acceptable one every instance can have
-    ("*" = as stored); 406 when none."""
+    ("*" = as stored, or see `web_syntax`); 406 when none."""
     too_large = any(s.size > TRANSCODE_MAX_BYTES for s in stored)
     for syntax in wanted:
         if syntax == "*":
+            if any(s.transfer_syntax in NOT_FOR_WEB and s.size > TRANSCODE_MAX_BYTES for s in stored):
+                continue  # may not be sent as stored, too large to transcode
             return syntax
-        if syntax == IMPLICIT_LE:
+        if syntax in NOT_FOR_WEB:
             continue  # not even as stored (PS3.18 8.7.3)
         if all(s.transfer_syntax == syntax for s in stored) or syntax in TRANSCODE_TARGETS and not too_large:
             return syntax
@@ -138,8 +156,10 @@ def choose_syntax(stored: list[Stored], wanted: list[str]) -> str:
 
 
 def instance_bytes(archive: Archive, stored: Stored, syntax: str) -> Iterator[bytes]:
-    """The PS3.10 bytes of one instance in `syntax` (streamed when no transcoding)."""
-    if syntax in ("*", stored.transfer_syntax):
+    """The PS3.10 bytes of one instance in `syntax` (from `choose_syntax`; streamed when no
+    transcoding)."""
+    syntax = sent_syntax(stored, syntax)
+    if syntax == stored.transfer_syntax:
         yield from archive.blobs.chunks(stored.blob)
         return
     yield transcode(archive.blobs.read(stored.blob), syntax)

@@ -5,6 +5,7 @@ C-MOVE (to a storescp started here) returning the bytes that were sent."""
 from __future__ import annotations
 
 import asyncio
+import io
 import shutil
 import subprocess
 import threading
@@ -18,7 +19,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.uid import CTImageStorage, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelGet,
@@ -27,7 +28,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from server.dicom import qido
+from server.dicom import dimse, qido
 from server.dicom.archive import Archive
 from server.dicom.dimse import ApplicationEntity
 from server.dicom.instance import dataset_start
@@ -101,16 +102,53 @@ def test_store_find_get_move(server, tmp_path, dicomweb):
         assert dataset_bytes(retrieved[sent.SOPInstanceUID]) == dataset_bytes(path)
 
 
+class Peer:
+    """A pynetdicom Storage SCP, AE title PEER, that accepts every Storage SOP Class in every
+    transfer syntax (preferring Explicit VR Little Endian): what it received (SOP Instance UID -> SOP class, transfer syntax) and
+    the presentation contexts of each association it accepted."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.received: dict[str, tuple[str, str]] = {}
+        self.associations: list[list[tuple[str, str]]] = []
+        self.ae = AE(ae_title="PEER")
+        for sop_class in dimse.STORAGE_SOP_CLASSES:
+            self.ae.add_supported_context(sop_class, dimse.TRANSFER_SYNTAXES)  # Explicit VR Little Endian first
+        handlers = [(evt.EVT_C_STORE, self.on_store), (evt.EVT_ACCEPTED, self.on_accepted)]
+        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
+
+    def on_accepted(self, event: evt.Event) -> None:
+        self.associations.append(
+            [(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in event.assoc.accepted_contexts]
+        )
+
+    def on_store(self, event: evt.Event) -> int:
+        self.received[str(event.request.AffectedSOPInstanceUID)] = (
+            str(event.context.abstract_syntax), str(event.context.transfer_syntax))
+        return 0x0000
+
+
 @pytest.fixture(scope="module")
-def mover(mongod, tmp_path_factory):
-    """A server whose one C-MOVE destination DEST is a default dcmtk storescp (which
-    accepts the uncompressed transfer syntaxes only), and the directory it writes to."""
+def peer():
+    scp = Peer()
+    try:
+        yield scp
+    finally:
+        scp.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mover(mongod, tmp_path_factory, peer):
+    """A server whose C-MOVE destination DEST is a default dcmtk storescp (which accepts
+    the uncompressed transfer syntaxes only), and the directory it writes to; PEER, the
+    `peer` fixture, is its other destination."""
     root = tmp_path_factory.mktemp("move")
     destination_port = free_port()
     received = root / "received"
     received.mkdir()
     scp = subprocess.Popen(["storescp", "-aet", "DEST", "-od", str(received), "+B", str(destination_port)])
-    live = start_server(mongod.uri, root / "server", {"KUROSHIO_DICOM_REMOTE_AES": f"DEST@127.0.0.1:{destination_port}"})
+    remotes = f"DEST@127.0.0.1:{destination_port},PEER@127.0.0.1:{peer.port}"
+    live = start_server(mongod.uri, root / "server", {"KUROSHIO_DICOM_REMOTE_AES": remotes})
     try:
         yield live, received
     finally:
@@ -172,13 +210,13 @@ def c_get(port: int, query: Dataset, model: str = StudyRootQueryRetrieveInformat
     return responses[-1][0], received
 
 
-def c_move(port: int, query: Dataset, model: str = StudyRootQueryRetrieveInformationModelMove) -> Dataset:
-    """A C-MOVE to DEST with pynetdicom: the final status."""
+def c_move(port: int, query: Dataset, model: str = StudyRootQueryRetrieveInformationModelMove, destination: str = "DEST") -> Dataset:
+    """A C-MOVE to `destination` with pynetdicom: the final status."""
     ae = AE()
     ae.add_requested_context(model)
     assoc = ae.associate("127.0.0.1", port, ae_title="KUROSHIO")
     assert assoc.is_established
-    responses = list(assoc.send_c_move(query, "DEST", model))
+    responses = list(assoc.send_c_move(query, destination, model))
     assoc.release()
     return responses[-1][0]
 
@@ -340,3 +378,50 @@ def test_compressed_instances_reach_peers_that_take_uncompressed_only(mover, tmp
         assert arrived.SOPInstanceUID == ds.SOPInstanceUID
         assert not arrived.file_meta.TransferSyntaxUID.is_compressed
         assert np.array_equal(arrived.pixel_array, ds.pixel_array)
+
+
+def test_move_needing_more_than_128_contexts_uses_several_associations(mover, peer):
+    """PS3.8 allows 128 presentation contexts an association: a C-MOVE of instances of 70
+    SOP classes, each stored in two transfer syntaxes (a context each), needs 140, so the
+    server sends them over successive associations to the destination, each with every
+    context of the SOP classes it carries. All arrive as stored; the counts are right."""
+    live, _ = mover
+    study, series = generate_uid(), generate_uid()
+    classes = [uid for uid in dimse.STORAGE_SOP_CLASSES if uid != "1.2.840.10008.5.1.4.1.1.77.1.6"][:70]  # not WSI
+    sent = {}
+    for number, sop_class in enumerate(classes, 1):
+        for syntax in (ExplicitVRLittleEndian, RLELossless):
+            ds = ct_instance(study, series, number=number, size=8)
+            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+            if syntax == RLELossless:
+                ds.compress(RLELossless, generate_instance_uid=False)
+            sent[ds.SOPInstanceUID] = (sop_class, syntax)
+            ds.save_as(path := io.BytesIO(), enforce_file_format=True)
+            sent[ds.SOPInstanceUID] += (path.getvalue(),)
+    body, content_type = multipart_body([data for _, _, data in sent.values()])
+    stored = httpx.post(f"{live.base_url}/dicomweb/studies", content=body, headers={"Content-Type": content_type}, timeout=120)
+    assert stored.status_code == 200, stored.text
+    before = len(peer.associations)
+    status = c_move(dicom_port(live), identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=study), destination="PEER")
+    assert status.Status == 0x0000, status
+    assert (status.NumberOfCompletedSuboperations, status.NumberOfFailedSuboperations, status.NumberOfWarningSuboperations) == (140, 0, 0)
+    assert {sop: peer.received.get(sop) for sop in sent} == {sop: (c, s) for sop, (c, s, _) in sent.items()}
+    associations = peer.associations[before:]
+    assert len(associations) == 2 and all(len(contexts) <= 128 for contexts in associations)
+    for sop_class in classes:  # each SOP class, with both its contexts, in one association
+        assert [sum(c == sop_class for c, _ in contexts) for contexts in associations] in ([2, 0], [0, 2]), sop_class
+
+
+def test_get_sends_in_the_contexts_the_requester_proposed(server):
+    """C-GET's sub-operations run on the requester's association, in the Storage contexts
+    it proposed (at most 128, with the SCP role): an instance of a SOP class it did not
+    propose fails as a sub-operation; the others arrive; the counts say so (0xB000)."""
+    study, series = generate_uid(), generate_uid()
+    ct, mr = ct_instance(study, series, number=1, size=8), ct_instance(study, series, number=2, size=8)
+    mr.SOPClassUID = mr.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
+    body, content_type = multipart_body([encode(ct), encode(mr)])
+    assert httpx.post(f"{server.base_url}/dicomweb/studies", content=body, headers={"Content-Type": content_type}).status_code == 200
+    status, received = c_get(dicom_port(server), identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=study))
+    assert status.Status == 0xB000, status
+    assert (status.NumberOfCompletedSuboperations, status.NumberOfFailedSuboperations) == (1, 1)
+    assert [ds.SOPInstanceUID for ds in received] == [ct.SOPInstanceUID]

@@ -5,6 +5,7 @@ study by STOW-RS and C-STORE at once stored once, idempotency, and a kill -9 mid
 from __future__ import annotations
 
 import hashlib
+import io
 import shutil
 import subprocess
 import threading
@@ -15,6 +16,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from server.dicom import wado
 from server.dicom.instance import Refused, parse
 from tests.conftest import start_server
 from tests.dicom.conftest import ct_instance, dicom_port, encode, multipart_body, pydicom_test_files
@@ -69,6 +71,12 @@ def test_test_files_by_stow(http, db):
             f"studies/{parsed.study}/series/{parsed.series}/instances/{parsed.sop}",
             headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
         )
+        if parsed.transfer_syntax in wado.NOT_FOR_WEB:  # sent in Explicit VR Little Endian (PS3.18 8.7.3)
+            body = retrieved.content.split(b"\r\n\r\n", 1)[1].rsplit(b"\r\n--", 1)[0]
+            sent = pydicom.dcmread(io.BytesIO(body))
+            assert sent.file_meta.TransferSyntaxUID == wado.EXPLICIT_LE, path.name
+            assert sent.original_encoding == (False, True) and sent.SOPInstanceUID == parsed.sop, path.name
+            continue
         assert path.read_bytes() in retrieved.content, path.name
     # no trace of the refused ones
     refused_sops = set()

@@ -208,3 +208,81 @@ def test_implicit_vr_is_not_offered(http):
     for name in ("CT_small.dcm", "MR_small_implicit.dcm"):
         _, ds, url = store_file(http, get_testdata_file(name))
         assert http.get(url, headers=implicit).status_code == 406, (name, ds.file_meta.TransferSyntaxUID)
+
+
+def part_headers(response):
+    """The header lines of each part of a multipart/related response."""
+    boundary = [p.split("=", 1)[1].strip('"') for p in response.headers["content-type"].split(";") if p.strip().startswith("boundary=")][0]
+    chunks = response.content.split(b"--" + boundary.encode())[1:-1]
+    return [chunk.split(b"\r\n\r\n", 1)[0].decode().strip().split("\r\n") for chunk in chunks]
+
+
+def test_implicit_vr_instance_asked_for_as_stored_comes_in_explicit_vr(http, dicomweb):
+    """PS3.18 8.7.3: web services shall not use Implicit VR Little Endian, so an instance
+    stored in it that is asked for with transfer-syntax=* ("any") is sent in Explicit VR
+    Little Endian, the default web syntax (8.7.3.4; the syntax may differ per part,
+    8.7.8.2), labelled so, the same SOP Instance; a compressed instance beside it is still
+    sent as stored. QIDO's AvailableTransferSyntaxUID names what the web sends."""
+    study, series = generate_uid(), generate_uid()
+    stored = {}
+    for name in ("MR_small_implicit.dcm", "SC_rgb_jpeg_gdcm.dcm"):
+        ds = pydicom.dcmread(get_testdata_file(name))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        out = io.BytesIO()
+        ds.save_as(out)
+        stored[ds.SOPInstanceUID] = (ds, out.getvalue())
+        body, content_type = multipart_body([out.getvalue()])
+        assert http.post("studies", content=body, headers={"Content-Type": content_type}).status_code == 200
+    implicit, jpeg = stored
+    original = stored[implicit][0]
+    expected = {implicit: "1.2.840.10008.1.2.1", jpeg: stored[jpeg][0].file_meta.TransferSyntaxUID}
+    instance = f"studies/{study}/series/{series}/instances/{implicit}"
+    for resource in (f"studies/{study}", f"studies/{study}/series/{series}", instance):
+        response = http.get(resource, headers=DICOM_ANY)
+        assert response.status_code == 200, response.text
+        for headers, body in zip(part_headers(response), parts(response)):
+            ds = pydicom.dcmread(io.BytesIO(body))
+            sop = ds.SOPInstanceUID
+            assert f"Content-Type: application/dicom; transfer-syntax={expected[sop]}" in headers, (resource, headers)
+            assert ds.file_meta.TransferSyntaxUID == expected[sop] and ds.file_meta.MediaStorageSOPInstanceUID == sop
+            if sop == jpeg:
+                assert body == stored[jpeg][1]  # as stored
+                continue
+            assert ds.original_encoding == (False, True)  # explicit VR, little endian, really
+            assert np.array_equal(ds.pixel_array, original.pixel_array) and ds.PatientName == original.PatientName
+    single = http.get(instance, headers={"Accept": "application/dicom; transfer-syntax=*"})
+    assert single.headers["content-type"] == "application/dicom; transfer-syntax=1.2.840.10008.1.2.1"
+    assert pydicom.dcmread(io.BytesIO(single.content)).original_encoding == (False, True)
+    # dicomweb-client asks for transfer-syntax=* at each level
+    any_syntax = (("application/dicom", "*"),)
+    for datasets in (
+        dicomweb.retrieve_study(study, media_types=any_syntax),
+        dicomweb.retrieve_series(study, series, media_types=any_syntax),
+        [dicomweb.retrieve_instance(study, series, implicit, media_types=any_syntax)],
+    ):
+        assert {ds.SOPInstanceUID: ds.file_meta.TransferSyntaxUID for ds in datasets} == {
+            sop: syntax for sop, syntax in expected.items() if sop in {ds.SOPInstanceUID for ds in datasets}
+        }
+    found = http.get(f"studies/{study}/instances", params={"SOPInstanceUID": implicit}).json()
+    assert found[0]["00083002"]["Value"] == ["1.2.840.10008.1.2.1"]
+    # the pixel data's bulk data URI gives the same (little endian) bytes either way
+    bulk = http.get(instance + "/metadata").json()[0]["7FE00010"]["BulkDataURI"]
+    assert parts(http.get(bulk)) == [original.PixelData]
+
+
+def test_as_stored_needs_transcoding_within_the_limit():
+    """An Implicit VR instance too large to transcode cannot be sent for transfer-syntax=*
+    (it may not be sent as stored): 406 unless another acceptable syntax is possible."""
+    from server.dicom import wado
+    from server.store.blobs import BlobKey
+
+    def stored(syntax, size):
+        return wado.Stored("1.2", "1.3", "1.4", BlobKey("1.2", "1.3", "1.4", "0" * 32), size, syntax, "1.2.840.10008.5.1.4.1.1.4")
+
+    small, large = stored(wado.IMPLICIT_LE, 1000), stored(wado.IMPLICIT_LE, wado.TRANSCODE_MAX_BYTES + 1)
+    assert wado.choose_syntax([small], ["*"]) == "*"
+    assert wado.sent_syntax(small, "*") == wado.EXPLICIT_LE
+    assert wado.sent_syntax(stored(wado.RLE, 1000), "*") == wado.RLE
+    with pytest.raises(wado.NotAcceptable):
+        wado.choose_syntax([large], ["*", wado.EXPLICIT_LE])
