@@ -232,6 +232,13 @@ def compartments(package: Path) -> dict[str, dict[str, list[str]]]:
     return table
 
 
+def _write_gzip(path: Path, data: object) -> None:
+    """Compact JSON, gzipped with no time stamp nor file name in the header: the same
+    definitions give the same bytes, so a rebuild shows no false diff."""
+    text = json.dumps(data, separators=(",", ":"), sort_keys=True)
+    path.write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))
+
+
 def main(package: Path) -> None:
     definitions = structure_definitions(package)
     types = resource_types(definitions)
@@ -239,13 +246,10 @@ def main(package: Path) -> None:
     print(f"{len(types)} resource types")
     table = structure(definitions, ValueSets(package))
     table["xhtml"]["narrative"] = narrative_allowlists(definitions)
-    text = json.dumps(table, separators=(",", ":"), sort_keys=True)
-    # mtime=0: the same definitions give the same bytes, so a rebuild shows no false diff.
-    (OUT / "structure.json.gz").write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))
+    _write_gzip(OUT / "structure.json.gz", table)
     print(f"{len(table)} structure definitions")
     parameters = search_parameters(package)
-    with gzip.open(OUT / "search-parameters.json.gz", "wt", encoding="utf-8") as out:
-        json.dump(parameters, out, separators=(",", ":"), sort_keys=True)
+    _write_gzip(OUT / "search-parameters.json.gz", parameters)
     print(f"{len(parameters)} search parameters")
     compartment_table = compartments(package)
     (OUT / "compartments.json").write_text(json.dumps(compartment_table, indent=0, sort_keys=True) + "\n")
