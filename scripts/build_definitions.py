@@ -85,11 +85,13 @@ def _concepts(concepts: list[dict], parents: tuple[str, ...] = ()) -> list[tuple
 
 
 class ValueSets:
-    """The codes of R4's value sets, from the package's ValueSet and CodeSystem resources,
-    where they can be listed: explicit concepts, whole code systems of `complete` content,
-    `is-a` / `descendent-of` filters, included value sets and excludes. Anything else
-    (a code system the package only names, such as BCP-13 media types or ISO 4217
-    currencies, or another filter) gives None: its codes cannot be listed here."""
+    """The concepts of R4's value sets, from the package's ValueSet and CodeSystem
+    resources, where they can be listed: explicit concepts, whole code systems of
+    `complete` content, `is-a` / `descendent-of` filters, included value sets and
+    excludes. Anything else (a code system the package only names, such as BCP-13 media
+    types, ISO 4217 currencies, UCUM or LOINC, or another filter) gives None: its
+    concepts cannot be listed here. A concept is a (system, code) pair; versions are not
+    told apart (every code system of the package has one version, R4's own)."""
 
     def __init__(self, package: Path) -> None:
         self.code_systems = self._by_url(package, "CodeSystem")
@@ -100,26 +102,33 @@ class ValueSets:
         resources = (json.loads(p.read_text(encoding="utf-8")) for p in sorted(package.glob(f"{kind}-*.json")))
         return {r["url"]: r for r in resources if "url" in r}
 
-    def codes(self, url: str, seen: tuple[str, ...] = ()) -> set[str] | None:
+    def codes(self, url: str) -> set[str] | None:
+        """The codes of the value set, whatever their system (for `code` elements)."""
+        concepts = self.concepts(url)
+        return None if concepts is None else {code for _system, code in concepts}
+
+    def concepts(self, url: str, seen: tuple[str, ...] = ()) -> set[tuple[str, str]] | None:
+        """The (system, code) pairs of the value set."""
         value_set = self.value_sets.get(url)
         if url in seen or value_set is None or "compose" not in value_set:
             return None
-        codes: set[str] = set()
+        concepts: set[tuple[str, str]] = set()
         for rule, add in [(r, True) for r in value_set["compose"].get("include", [])] + [
             (r, False) for r in value_set["compose"].get("exclude", [])
         ]:
             selected = self._selected(rule, seen + (url,))
             if selected is None:
                 return None
-            codes = codes | selected if add else codes - selected
-        return codes
+            concepts = concepts | selected if add else concepts - selected
+        return concepts
 
-    def _selected(self, rule: dict, seen: tuple[str, ...]) -> set[str] | None:
+    def _selected(self, rule: dict, seen: tuple[str, ...]) -> set[tuple[str, str]] | None:
         sets = []
+        system = rule.get("system")
         if "concept" in rule:
-            sets.append({c["code"] for c in rule["concept"]})
-        elif "system" in rule:
-            code_system = self.code_systems.get(rule["system"])
+            sets.append({(system, c["code"]) for c in rule["concept"]})
+        elif system is not None:
+            code_system = self.code_systems.get(system)
             if code_system is None or code_system.get("content") != "complete":
                 return None
             concepts = _concepts(code_system.get("concept", []))
@@ -128,33 +137,59 @@ class ValueSets:
                 if f["property"] != "concept" or f["op"] not in ("is-a", "descendent-of"):
                     return None
                 codes &= {c for c, ancestors in concepts if f["value"] in ancestors or (f["op"] == "is-a" and c == f["value"])}
-            sets.append(codes)
+            sets.append({(system, code) for code in codes})
         for url in rule.get("valueSet", []):
-            included = self.codes(url.split("|")[0], seen)
+            included = self.concepts(url.split("|")[0], seen)
             if included is None:
                 return None
             sets.append(included)
         return set.intersection(*sets) if sets else None
 
 
+def _required_bindings(definition: dict) -> list[tuple[str, list[str], str]]:
+    """(path, types, value set URL) of each element with a required binding."""
+    return [
+        (e["path"], element_types(definition, e), e["binding"]["valueSet"].split("|")[0])
+        for e in definition["snapshot"]["element"]
+        if e.get("binding", {}).get("strength") == "required"
+    ]
+
+
 def required_codes(definition: dict, value_sets: ValueSets) -> dict[str, list]:
     """Per `code` element with a required binding whose codes can be listed: [the value
     set's URL, its codes]. The validator refuses other codes there."""
     table = {}
-    for e in definition["snapshot"]["element"]:
-        binding = e.get("binding", {})
-        if binding.get("strength") != "required" or element_types(definition, e) != ["code"]:
-            continue
-        url = binding["valueSet"].split("|")[0]
-        codes = value_sets.codes(url)
-        if codes is not None:
-            table[e["path"]] = [url, sorted(codes)]
+    for path, types, url in _required_bindings(definition):
+        if types == ["code"] and (codes := value_sets.codes(url)) is not None:
+            table[path] = [url, sorted(codes)]
+    return table
+
+
+def required_concepts(definition: dict, value_sets: ValueSets) -> dict[str, list]:
+    """Per Coding or CodeableConcept element with a required binding whose concepts can be
+    listed: [the value set's URL, {system: its codes in that system}]. The validator
+    refuses a Coding, or a CodeableConcept none of whose codings, is one of them.
+
+    R4 binds 14 such elements, all CodeableConcepts; 10 are listed. The other 4 bind to
+    value sets the package cannot enumerate: `ucum-units` (all of UCUM, a grammar:
+    EffectEvidenceSynthesis.effectEstimate.unitOfMeasure,
+    ResearchElementDefinition.characteristic.unitOfMeasure,
+    RiskEvidenceSynthesis.riskEstimate.unitOfMeasure) and LOINC answer list `LL379-9`
+    (MolecularSequence.structureVariant.variantType; LOINC is not in the package)."""
+    table = {}
+    for path, types, url in _required_bindings(definition):
+        if types in (["Coding"], ["CodeableConcept"]) and (concepts := value_sets.concepts(url)) is not None:
+            systems: dict[str, list[str]] = {}
+            for system, code in sorted(concepts):
+                systems.setdefault(system, []).append(code)
+            table[path] = [url, systems]
     return table
 
 
 def structure(definitions: list[dict], value_sets: ValueSets) -> dict[str, dict]:
     """Per base type: its kind and, per element path, [min, max, types, summary, ref];
-    `codes`: the required bindings of its code elements (see `required_codes`)."""
+    `codes`: the required bindings of its code elements (see `required_codes`); `coded`:
+    those of its Coding and CodeableConcept elements (see `required_concepts`)."""
     table: dict[str, dict] = {}
     for d in definitions:
         if d.get("derivation") == "constraint" or d.get("kind") == "logical":
@@ -179,6 +214,8 @@ def structure(definitions: list[dict], value_sets: ValueSets) -> dict[str, dict]
             entry["regex"] = regex
         if codes := required_codes(d, value_sets):
             entry["codes"] = codes
+        if coded := required_concepts(d, value_sets):
+            entry["coded"] = coded
         table[d["type"]] = entry
     return table
 
@@ -232,6 +269,13 @@ def compartments(package: Path) -> dict[str, dict[str, list[str]]]:
     return table
 
 
+def _write_gzip(path: Path, data: object) -> None:
+    """Compact JSON, gzipped with no time stamp nor file name in the header: the same
+    definitions give the same bytes, so a rebuild shows no false diff."""
+    text = json.dumps(data, separators=(",", ":"), sort_keys=True)
+    path.write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))
+
+
 def main(package: Path) -> None:
     definitions = structure_definitions(package)
     types = resource_types(definitions)
@@ -239,13 +283,10 @@ def main(package: Path) -> None:
     print(f"{len(types)} resource types")
     table = structure(definitions, ValueSets(package))
     table["xhtml"]["narrative"] = narrative_allowlists(definitions)
-    text = json.dumps(table, separators=(",", ":"), sort_keys=True)
-    # mtime=0: the same definitions give the same bytes, so a rebuild shows no false diff.
-    (OUT / "structure.json.gz").write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))
+    _write_gzip(OUT / "structure.json.gz", table)
     print(f"{len(table)} structure definitions")
     parameters = search_parameters(package)
-    with gzip.open(OUT / "search-parameters.json.gz", "wt", encoding="utf-8") as out:
-        json.dump(parameters, out, separators=(",", ":"), sort_keys=True)
+    _write_gzip(OUT / "search-parameters.json.gz", parameters)
     print(f"{len(parameters)} search parameters")
     compartment_table = compartments(package)
     (OUT / "compartments.json").write_text(json.dumps(compartment_table, indent=0, sort_keys=True) + "\n")

@@ -23,10 +23,21 @@ Every problem is an `Issue` whose expression is the FHIRPath of the element:
 `Patient.name[0].given[0]`, `Observation.value.ofType(Quantity).value`,
 `Bundle.entry[2].resource.status`.
 
-Required bindings are checked on `code` elements whose value set R4 enumerates (339 of
-the 352 such elements: status codes, genders, units of time, ...); the other 13 bind to
-media types (BCP-13) and currencies (ISO 4217), which the definitions do not list.
-Bindings of Coding and CodeableConcept elements are not checked.
+Required bindings are checked where R4's definitions enumerate the value set
+(terminologies.html#required: "the concept in this element SHALL be from the specified
+value set"):
+- on `code` elements: 339 of the 352 such elements (status codes, genders, units of
+  time, ...); the other 13 bind to media types (BCP-13) and currencies (ISO 4217), which
+  the definitions do not list;
+- on Coding and CodeableConcept elements (see `Binding`): R4 binds 14 such elements with
+  strength required, all of them CodeableConcepts; 10 are checked: Condition and
+  AllergyIntolerance .clinicalStatus and .verificationStatus, AdverseEvent.severity and
+  .outcome, Measure and MeasureReport .improvementNotation, SupplyDelivery.type and
+  InsurancePlan.plan.specificCost.benefit.cost.applicability. The other 4 bind to all of
+  UCUM (a grammar, not a list: the unitOfMeasure of EffectEvidenceSynthesis,
+  RiskEvidenceSynthesis and ResearchElementDefinition.characteristic) and to a LOINC
+  answer list the definitions do not hold (MolecularSequence.structureVariant.variantType).
+Extensible, preferred and example bindings are not checked.
 """
 
 from __future__ import annotations
@@ -66,6 +77,7 @@ class Rule:
     choice: str | None = None  # the choice element's stem ("value") for typed names
     check: primitives.Checker | None = None
     target: Node | None = None  # for COMPLEX: node(type), resolved on first use
+    binding: Binding | None = None  # for a Coding or CodeableConcept: its required binding
 
     def node(self) -> Node:
         if self.target is None:
@@ -140,6 +152,11 @@ def _compile(key: str) -> Node:
         rule = result.rules.get(path[len(prefix):]) if path.startswith(prefix) else None
         if rule is not None and rule.check is not None:
             rule.check = _bound(rule.check, value_set, frozenset(codes))
+    for path, (value_set, systems) in definition.get("coded", {}).items():
+        rule = result.rules.get(path[len(prefix):]) if path.startswith(prefix) else None
+        if rule is not None and rule.kind == COMPLEX:
+            codes = {system: frozenset(c) for system, c in systems.items()}
+            rule.binding = Binding(value_set, codes, concept=rule.type == "CodeableConcept")
     if key == "Reference":
         result.rules["reference"].check = _literal_reference
     return result
@@ -157,6 +174,67 @@ def _bound(check: primitives.Checker, value_set: str, codes: frozenset[str]) -> 
         return problem
 
     return bound
+
+
+class Binding:
+    """The required binding of a Coding or CodeableConcept element to a value set R4
+    enumerates (scripts/build_definitions.py `required_concepts`).
+
+    A concept is a (system, code) pair (terminologies.html: coded values are "always
+    treated as a pair composed of system and code"), so a Coding is from the value set
+    when its system is one the value set includes and its code one of the set's codes in
+    that system, compared exactly (the code systems of these value sets are all
+    case-sensitive). A Coding without a system, or of another system, is not from the
+    set, whatever its code. `version`, `display` and `userSelected` are not compared: R4
+    has one version of each of these code systems, and a wrong display does not change
+    the concept.
+
+    A CodeableConcept is from the value set when at least one of its codings is: the
+    others may be translations into other code systems (datatypes.html#CodeableConcept),
+    as HAPI's validator reads a required binding too. One with no coding from the set
+    fails, and so does one with only `text`: a required binding leaves no room for a
+    concept given as text alone (that is what tells it from an extensible binding, whose
+    definition allows "alternate codings (or, data type allowing, text)").
+    """
+
+    __slots__ = ("value_set", "codes", "concept", "listed")
+
+    def __init__(self, value_set: str, codes: dict[str, frozenset[str]], concept: bool) -> None:
+        self.value_set = value_set
+        self.codes = codes  # per system the value set includes: its codes there
+        self.concept = concept  # a CodeableConcept (else a Coding)
+        self.listed = "; ".join(f"{system}: {', '.join(sorted(c))}" for system, c in sorted(codes.items()))
+
+    def includes(self, coding: dict[str, Any]) -> bool:
+        """Whether a structurally valid Coding is from the value set."""
+        codes = self.codes.get(coding.get("system"))
+        return codes is not None and coding.get("code") in codes
+
+    def problem(self, value: dict[str, Any]) -> str | None:
+        """Why a structurally valid Coding or CodeableConcept is not from the value set
+        (valid: every coding is an object, `system` a string, `code` a string)."""
+        if not self.concept:
+            if self.includes(value):
+                return None
+            return f"{_shown(value)} is not in the required value set {self.value_set} ({self.listed})"
+        codings = value.get("coding")
+        if codings is None:
+            return (
+                f"has no coding, and one from the required value set {self.value_set} ({self.listed}) "
+                "is required (text alone does not satisfy a required binding)"
+            )
+        for coding in codings:
+            codes = self.codes.get(coding.get("system"))
+            if codes is not None and coding.get("code") in codes:
+                return None
+        found = ", ".join(_shown(coding) for coding in codings)
+        return f"none of its codings ({found}) is in the required value set {self.value_set} ({self.listed})"
+
+
+def _shown(coding: dict[str, Any]) -> str:
+    system, code = coding.get("system"), coding.get("code")
+    shown = repr(code) if code is not None else "no code"
+    return f"{system}|{shown}" if system is not None else f"{shown} (no system)"
 
 
 def _literal_reference(value: Any) -> str | None:
@@ -225,7 +303,10 @@ class Walker:
                     else:
                         self.problem("value", f"{path}.{rule.step}", problem)
             elif rule.kind == COMPLEX:
-                self.object(item, rule.node(), f"{path}.{rule.step}")
+                if rule.binding is None:
+                    self.object(item, rule.node(), f"{path}.{rule.step}")
+                else:
+                    self.bound(item, rule.node(), rule.binding, f"{path}.{rule.step}")
             elif type(item) is list:
                 self.problem("structure", f"{path}.{rule.step}", "must be a single value, not an array")
             else:
@@ -245,6 +326,15 @@ class Walker:
                     break
             else:
                 self.problem("required", f"{path}.{step}", "is required (minimum cardinality 1)")
+
+    def bound(self, value: Any, of: Node, binding: Binding, path: str) -> None:
+        """A Coding or CodeableConcept with a required binding. Its value set is consulted
+        once its structure is valid: a malformed one is reported as such, not again as
+        outside the value set."""
+        before = len(self.issues)
+        self.object(value, of, path)
+        if len(self.issues) == before and (problem := binding.problem(value)) is not None:
+            self.problem("value", path, problem)
 
     def other(self, value: dict[str, Any], of: Node, name: str, item: Any, path: str) -> Rule | None:
         """A property that is not an element: a primitive extension (returns its element's
@@ -278,8 +368,12 @@ class Walker:
                     self.problem("value", f"{path}.{rule.step}[{index}]", problem)
         elif kind == COMPLEX:
             of = rule.node()
+            binding = rule.binding
             for index, item in enumerate(items):
-                self.object(item, of, f"{path}.{rule.step}[{index}]")
+                if binding is None:
+                    self.object(item, of, f"{path}.{rule.step}[{index}]")
+                else:
+                    self.bound(item, of, binding, f"{path}.{rule.step}[{index}]")
         else:
             for index, item in enumerate(items):
                 self.nested(item, f"{path}.{rule.step}[{index}]")

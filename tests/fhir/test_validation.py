@@ -7,6 +7,7 @@ R4-valid forms that must pass; and the R4B-unsuitable set, recomputed from the m
 from __future__ import annotations
 
 import importlib
+import json
 import types
 import typing
 from decimal import Decimal
@@ -22,7 +23,7 @@ from server.fhir.outcome import FhirError
 from server.fhir.r4validator import validate as r4_validate
 from server.fhir.structure import table
 from server.fhir.validation import R4B_UNSUITABLE, fhir_resources_issues, fhirpath, validate
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, package_dir
 from tests.fhir.helpers import FHIR_JSON
 
 XHTML = '<div xmlns="http://www.w3.org/1999/xhtml">{}</div>'
@@ -32,6 +33,21 @@ EXTENSION_STRING = {"url": "http://example.org/x", "valueString": "a"}
 
 def observation(**elements: Any) -> dict[str, Any]:
     return {**OBSERVATION, **elements}
+
+
+CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
+VER_STATUS = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
+SNOMED = "http://snomed.info/sct"
+
+
+def condition(**elements: Any) -> dict[str, Any]:
+    return {"resourceType": "Condition", "subject": {"reference": "Patient/1"}, **elements}
+
+
+def concept(*codings: tuple[str | None, str], **elements: Any) -> dict[str, Any]:
+    """A CodeableConcept of (system, code) codings (system None: left out)."""
+    coding = [{"code": code} if system is None else {"system": system, "code": code} for system, code in codings]
+    return {"coding": coding, **elements} if coding else dict(elements)
 
 
 # (case id, resource, the expression an issue must name, its issue code)
@@ -102,6 +118,28 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
                                 "implementation": {"description": "x"}, "rest": [{"mode": "server",
                                 "resource": [{"type": "Patient", "interaction": [{"code": "read"}, {"code": "search"}]}]}]},
      "CapabilityStatement.rest[0].resource[0].interaction[1].code", "value"),
+    # required bindings of CodeableConcept elements: some coding must be from the value set
+    ("CodeableConcept code outside its required binding", condition(clinicalStatus=concept((CLINICAL, "bogus"))),
+     "Condition.clinicalStatus", "value"),
+    ("CodeableConcept with only text on a required binding", condition(clinicalStatus=concept(text="active")),
+     "Condition.clinicalStatus", "value"),
+    ("CodeableConcept with only another system's coding", condition(clinicalStatus=concept((SNOMED, "55561003"), text="Active")),
+     "Condition.clinicalStatus", "value"),
+    ("CodeableConcept coding without a system", condition(verificationStatus=concept((None, "confirmed"))),
+     "Condition.verificationStatus", "value"),
+    ("CodeableConcept code of another value set's system", condition(clinicalStatus=concept((VER_STATUS, "confirmed"))),
+     "Condition.clinicalStatus", "value"),
+    ("CodeableConcept code in the wrong case", {"resourceType": "AllergyIntolerance", "patient": {"reference": "Patient/1"},
+     "verificationStatus": concept(("http://terminology.hl7.org/CodeSystem/allergyintolerance-verification", "Confirmed"))},
+     "AllergyIntolerance.verificationStatus", "value"),
+    ("bound CodeableConcept in a backbone element", {"resourceType": "InsurancePlan", "plan": [{"specificCost": [{
+        "category": {"text": "x"}, "benefit": [{"type": {"text": "x"}, "cost": [{"type": {"text": "x"},
+        "applicability": concept(("http://terminology.hl7.org/CodeSystem/applicability", "maybe"))}]}]}]}]},
+     "InsurancePlan.plan[0].specificCost[0].benefit[0].cost[0].applicability", "value"),
+    ("bound CodeableConcept in a contained resource", {"resourceType": "Patient", "contained": [
+        condition(id="c", clinicalStatus=concept((CLINICAL, "bogus")))]}, "Patient.contained[0].clinicalStatus", "value"),
+    ("bound CodeableConcept in a Bundle entry", {"resourceType": "Bundle", "type": "collection", "entry": [
+        {"resource": condition(verificationStatus=concept(text="confirmed"))}]}, "Bundle.entry[0].resource.verificationStatus", "value"),
     ("empty string", {"resourceType": "Patient", "name": [{"family": ""}]}, "Patient.name[0].family", "value"),
     ("string over 1 MiB", {"resourceType": "Patient", "name": [{"family": "a" * (1024 * 1024 + 1)}]}, "Patient.name[0].family", "value"),
     ("string with a form feed", {"resourceType": "Patient", "name": [{"family": "a\fb"}]}, "Patient.name[0].family", "value"),
@@ -172,6 +210,13 @@ VALID: list[tuple[str, dict[str, Any]]] = [
     ("redefined type in a Bundle", {"resourceType": "Bundle", "type": "collection", "entry": [
         {"resource": {"resourceType": "Evidence", "status": "draft", "exposureBackground": {"reference": "EvidenceVariable/1"}}}]}),
     ("R4 Evidence", {"resourceType": "Evidence", "status": "draft", "exposureBackground": {"reference": "EvidenceVariable/1"}}),
+    # required bindings of CodeableConcept elements: one coding from the value set suffices
+    ("required CodeableConcept with an unrelated coding", condition(
+        clinicalStatus=concept((SNOMED, "55561003"), (CLINICAL, "active"), text="Active"),
+        verificationStatus=concept((VER_STATUS, "confirmed"), ("http://example.org/local", "C")))),
+    ("required CodeableConcept with a nested concept", condition(clinicalStatus={
+        "coding": [{"system": CLINICAL, "version": "4.0.1", "code": "relapse", "display": "Relapse", "userSelected": True}]})),
+    ("required CodeableConcept absent", condition(code=concept((SNOMED, "44054006")))),
 ]
 
 
@@ -191,6 +236,81 @@ def test_invalid_directly(resource: dict[str, Any], expression: str, code: str) 
 @pytest.mark.parametrize("resource", [c[1] for c in VALID], ids=[c[0] for c in VALID])
 def test_valid_directly(resource: dict[str, Any]) -> None:
     validate(resource)
+
+
+def test_required_binding_issue_names_the_value_set() -> None:
+    issues = r4_validate(condition(clinicalStatus=concept((CLINICAL, "bogus")))).issues
+    assert [(i.code, i.expression) for i in issues] == [("value", ("Condition.clinicalStatus",))]
+    message = issues[0].diagnostics
+    assert "http://hl7.org/fhir/ValueSet/condition-clinical" in message, message
+    assert "bogus" in message and "resolved" in message, message
+    text_only = r4_validate(condition(verificationStatus=concept(text="confirmed"))).issues
+    assert "http://hl7.org/fhir/ValueSet/condition-ver-status" in text_only[0].diagnostics
+    assert "no coding" in text_only[0].diagnostics
+
+
+def test_structure_problems_of_a_bound_concept_are_not_repeated_as_binding_problems() -> None:
+    issues = r4_validate(condition(clinicalStatus={"coding": [{"system": CLINICAL, "code": "active", "foo": 1}]})).issues
+    assert [i.expression for i in issues] == [("Condition.clinicalStatus.coding[0].foo",)]
+    issues = r4_validate(condition(clinicalStatus={"coding": {"system": CLINICAL, "code": "active"}})).issues
+    assert [i.expression for i in issues] == [("Condition.clinicalStatus.coding",)]
+
+
+def test_required_binding_of_a_coding() -> None:
+    """R4's own definitions bind no element of type Coding with strength required (the
+    table test below checks it), but profiles do: the rule for a Coding is that of one
+    coding of a CodeableConcept, with no alternative."""
+    from server.fhir.r4validator import Binding
+
+    binding = Binding("http://example.org/ValueSet/v", {"http://example.org/s": frozenset({"a", "b"})}, concept=False)
+    assert binding.problem({"system": "http://example.org/s", "code": "a"}) is None
+    for coding in ({"system": "http://example.org/s", "code": "c"}, {"code": "a"},
+                   {"system": "http://example.org/other", "code": "a"}, {"system": "http://example.org/s", "display": "A"}):
+        problem = binding.problem(coding)
+        assert problem is not None and "http://example.org/ValueSet/v" in problem, coding
+
+
+def test_checked_coded_bindings_are_the_enumerable_ones() -> None:
+    """The required bindings of R4's Coding and CodeableConcept elements: all of type
+    CodeableConcept; checked where the value set can be enumerated from the definitions."""
+    checked = {path: value_set for entry in table().values() for path, (value_set, _codes) in entry.get("coded", {}).items()}
+    assert checked == {
+        "AdverseEvent.severity": "http://hl7.org/fhir/ValueSet/adverse-event-severity",
+        "AdverseEvent.outcome": "http://hl7.org/fhir/ValueSet/adverse-event-outcome",
+        "AllergyIntolerance.clinicalStatus": "http://hl7.org/fhir/ValueSet/allergyintolerance-clinical",
+        "AllergyIntolerance.verificationStatus": "http://hl7.org/fhir/ValueSet/allergyintolerance-verification",
+        "Condition.clinicalStatus": "http://hl7.org/fhir/ValueSet/condition-clinical",
+        "Condition.verificationStatus": "http://hl7.org/fhir/ValueSet/condition-ver-status",
+        "InsurancePlan.plan.specificCost.benefit.cost.applicability": "http://hl7.org/fhir/ValueSet/insuranceplan-applicability",
+        "Measure.improvementNotation": "http://hl7.org/fhir/ValueSet/measure-improvement-notation",
+        "MeasureReport.improvementNotation": "http://hl7.org/fhir/ValueSet/measure-improvement-notation",
+        "SupplyDelivery.type": "http://hl7.org/fhir/ValueSet/supplydelivery-type",
+    }
+    condition_clinical = table()["Condition"]["coded"]["Condition.clinicalStatus"][1]
+    assert condition_clinical == {CLINICAL: ["active", "inactive", "recurrence", "relapse", "remission", "resolved"]}
+
+
+def test_unchecked_coded_bindings_are_those_the_definitions_cannot_enumerate() -> None:
+    """What the documents say is left unchecked, from the StructureDefinitions themselves."""
+    definitions = [
+        json.loads(path.read_text(encoding="utf-8"))
+        for path in sorted(package_dir("hl7.fhir.r4.examples").glob("StructureDefinition-*.json"))
+    ]
+    bound = {
+        e["path"]: (tuple(t["code"] for t in e["type"]), e["binding"]["valueSet"].split("|")[0])
+        for d in definitions if d.get("derivation") != "constraint" and d.get("kind") != "logical"
+        for e in d["snapshot"]["element"]
+        if e.get("binding", {}).get("strength") == "required"
+        and {t["code"] for t in e.get("type", [])} & {"Coding", "CodeableConcept"}
+    }
+    assert len(bound) == 14 and {types for types, _ in bound.values()} == {("CodeableConcept",)}
+    checked = {path for entry in table().values() for path in entry.get("coded", {})}
+    assert {path: value_set for path, (_, value_set) in bound.items() if path not in checked} == {
+        "EffectEvidenceSynthesis.effectEstimate.unitOfMeasure": "http://hl7.org/fhir/ValueSet/ucum-units",
+        "ResearchElementDefinition.characteristic.unitOfMeasure": "http://hl7.org/fhir/ValueSet/ucum-units",
+        "RiskEvidenceSynthesis.riskEstimate.unitOfMeasure": "http://hl7.org/fhir/ValueSet/ucum-units",
+        "MolecularSequence.structureVariant.variantType": "http://loinc.org/vs/LL379-9",
+    }
 
 
 def test_every_problem_is_reported() -> None:
