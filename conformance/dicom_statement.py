@@ -146,17 +146,24 @@ def statement() -> str:
         "type (PS3.18 10.4.4). A study or series asked for as `application/dicom` only is 406.",
         "",
         "`transfer-syntax=*` returns instances and frames as stored, except instances stored in",
-        ", ".join(f"{UID(t).name} ({t})" for t in sorted(wado.NOT_FOR_WEB))
+        " or ".join(f"{UID(t).name} ({t})" for t in sorted(wado.NOT_FOR_WEB))
         + ", which web services never use (PS3.18 8.7.3): those are sent in",
-        "Explicit VR Little Endian, the syntax QIDO-RS gives as their AvailableTransferSyntaxUID.",
-        "Each part's Content-Type names its transfer syntax. Without a transfer-syntax",
+        "Explicit VR Little Endian (same SOP Instance UID), the syntax QIDO-RS gives as their",
+        "AvailableTransferSyntaxUID; from Big Endian, every value and the pixel data are",
+        "byte-swapped (pixel cells of more than 8 bits by cell, as pydicom reads them; 8 bits or",
+        "fewer in OW by 16-bit word). Uncompressed frames and bulk data",
+        "(`application/octet-stream`) are always little endian, swapped likewise. A Big Endian",
+        "instance whose Bits Allocated is over 8 but not 16, 32 or 64 has no little endian form:",
+        "406. Each part's Content-Type names its transfer syntax. Without a transfer-syntax",
         "parameter, instances are sent in Explicit VR Little Endian and frames uncompressed",
         "(`application/octet-stream`). Instances can be transcoded to: "
         + ", ".join(f"{UID(t).name} ({t})" for t in wado.TRANSCODE_TARGETS)
         + "; other requested syntaxes are answered 406 unless every instance is stored in it."
-        + " Implicit VR Little Endian is never offered (PS3.18 8.7.3): asking for it is 406."
+        + " "
+        + " and ".join(UID(t).name for t in sorted(wado.NOT_FOR_WEB))
+        + " are never offered (PS3.18 8.7.3): asking for them is 406."
         + f" Instances over {wado.TRANSCODE_MAX_BYTES} bytes (slide levels) are sent as stored only"
-        + " (406 for one stored in Implicit VR Little Endian).",
+        + " (406 for one stored in a syntax web services do not use).",
         "Compressed frames are served in their stored media type:",
         "",
         "| Transfer syntax | Frame media type |",

@@ -303,6 +303,9 @@ async def _retrieve(request: Request, study: str, series: str | None, sop: str |
     stored = await guarded(wado.instances(archive, study, series, sop))
     try:
         syntax = wado.choose_syntax(stored, wanted)
+        if any(item.transfer_syntax == wado.EXPLICIT_BE for item in stored):
+            # a refusal once the 200 is sent would break the stream: known before it
+            await asyncio.to_thread(wado.check_sendable, archive, stored, syntax)
     except wado.NotAcceptable as exc:
         raise DicomWebError(406, str(exc)) from None
 
@@ -421,7 +424,10 @@ async def _frames_response(request: Request, archive: Archive, table: FrameTable
         wado.check_frames(table, numbers)
     except wado.NotFound as exc:
         raise DicomWebError(404, str(exc)) from None
-    reads_only = as_stored or stored_media == "application/octet-stream"
+    if table.transfer_syntax == wado.EXPLICIT_BE:  # swapped to little endian: can it be?
+        await guarded(asyncio.to_thread(wado.frame_swap_unit, archive, table))
+    # a Big Endian frame is swapped after the read (`wado.frame`): in a thread
+    reads_only = (as_stored or stored_media == "application/octet-stream") and table.transfer_syntax != wado.EXPLICIT_BE
     boundary = multipart.boundary()
 
     async def parts() -> AsyncIterator[bytes]:

@@ -2,9 +2,12 @@
 bulk data, rendered images; transfer syntax negotiation and transcoding.
 
 Instances stream from the blob store as stored when the requested transfer syntax is the
-stored one (or `*`, unless it is Implicit VR Little Endian, which web services do not use);
-otherwise they are transcoded with pydicom (decoders from pylibjpeg, encoders for RLE) or
-refused with 406 when no codec can produce the syntax. Metadata is the
+stored one (or `*`, unless it is Implicit VR Little Endian or Explicit VR Big Endian, which
+web services do not use); otherwise they are transcoded with pydicom (decoders from
+pylibjpeg, encoders for RLE) or refused with 406 when no codec can produce the syntax.
+pydicom re-encodes element values it decodes (US, UL, FL, AT, ...) in the byte order it
+writes, but not those it keeps as bytes (OW, OF, OL, OD, OV): `little_endian` swaps those of
+a Big Endian instance, and `frame` the frames read from one. Metadata is the
 DICOM JSON precomputed at ingest: a study's metadata is the concatenation of its stored
 documents, never a file read. A frame is a byte-range read at the offsets recorded at ingest.
 """
@@ -27,6 +30,7 @@ from server.store.blobs import BlobKey, is_uid
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_BE = "1.2.840.10008.1.2.2"  # retired; accepted by STOW-RS and C-STORE
 RLE = "1.2.840.10008.1.2.5"
 # Syntaxes any stored instance can be transcoded to (pydicom decodes, then writes these).
 # Not Implicit VR Little Endian: web services shall not use it (PS3.18 8.7.3).
@@ -34,7 +38,11 @@ TRANSCODE_TARGETS = (EXPLICIT_LE, RLE)
 # Stored syntaxes a web response never carries (PS3.18 8.7.3): an instance stored in one is
 # sent, and announced as available (QIDO's AvailableTransferSyntaxUID), in Explicit VR
 # Little Endian, the default web syntax (8.7.3.4), even for `transfer-syntax=*`.
-NOT_FOR_WEB = frozenset({IMPLICIT_LE})
+NOT_FOR_WEB = frozenset({IMPLICIT_LE, EXPLICIT_BE})
+# Bytes per swapped unit of the values pydicom keeps as bytes (PS3.5 6.2); Pixel Data, see
+# `swap_unit`.
+_WORD_BYTES = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+_PIXEL_DATA = 0x7FE00010
 # Transcoding decodes a whole instance in memory: a slide level of a few hundred MB of JPEG
 # tiles is gigabytes of pixels. Larger instances are sent as stored only (else 406).
 TRANSCODE_MAX_BYTES = 256 * 1024 * 1024
@@ -155,6 +163,17 @@ def choose_syntax(stored: list[Stored], wanted: list[str]) -> str:
     )
 
 
+def check_sendable(archive: Archive, stored: list[Stored], syntax: str) -> None:
+    """406 (NotAcceptable) before anything is sent when an instance cannot be converted to
+    the syntax it would be sent in: a Big Endian instance whose pixel data has no little
+    endian form (`swap_unit`). Reads the header of Big Endian instances only."""
+    for item in stored:
+        if item.transfer_syntax == EXPLICIT_BE and sent_syntax(item, syntax) != EXPLICIT_BE:
+            ds = pydicom.dcmread(archive.blobs.path(item.blob), defer_size=1024)
+            if _PIXEL_DATA in ds:
+                swap_unit(ds, ds.get_item(_PIXEL_DATA).VR or "OW")
+
+
 def instance_bytes(archive: Archive, stored: Stored, syntax: str) -> Iterator[bytes]:
     """The PS3.10 bytes of one instance in `syntax` (from `choose_syntax`; streamed when no
     transcoding)."""
@@ -167,9 +186,10 @@ def instance_bytes(archive: Archive, stored: Stored, syntax: str) -> Iterator[by
 
 def transcode(data: bytes, syntax: str) -> bytes:
     ds = transcoded(io.BytesIO(data), syntax)
-    target = UID(syntax)
     out = io.BytesIO()
-    ds.save_as(out, implicit_vr=target.is_implicit_VR, little_endian=target.is_little_endian, enforce_file_format=True)
+    # dcmwrite, not save_as (which refuses to change the byte order): `transcoded` has made
+    # the values it does not re-encode little endian; it encodes in the file meta's syntax
+    pydicom.dcmwrite(out, ds, enforce_file_format=True)
     return out.getvalue()
 
 
@@ -178,6 +198,8 @@ def transcoded(source: str | io.BytesIO, syntax: str) -> pydicom.Dataset:
     (also what C-GET/C-MOVE send to a peer that does not take the stored syntax)."""
     ds = pydicom.dcmread(source)
     target = UID(syntax)
+    if not ds.file_meta.TransferSyntaxUID.is_little_endian and target.is_little_endian:
+        little_endian(ds)  # pydicom encodes and compresses little endian data sets only
     # the same instance in another encoding: pydicom would give it a new SOP Instance UID
     if ds.file_meta.TransferSyntaxUID.is_compressed:
         ds.decompress(generate_instance_uid=False)
@@ -186,6 +208,44 @@ def transcoded(source: str | io.BytesIO, syntax: str) -> pydicom.Dataset:
     else:
         ds.file_meta.TransferSyntaxUID = target
     return ds
+
+
+def swap_unit(ds: pydicom.Dataset, vr: str) -> int:
+    """The bytes per unit whose order a Big Endian Pixel Data of VR `vr` reverses in `ds`:
+    a pixel cell of more than 8 bits (Bits Allocated 16, 32 or 64, read so by pydicom), else
+    the OW word (PS3.5 8.1.1, 8.2: cells of 8 bits or fewer packed into 16-bit words), 1 in
+    OB. NotAcceptable when the cells have no such unit."""
+    bits = int(ds.get("BitsAllocated") or 0)
+    if bits > 8:
+        if bits not in (16, 32, 64):
+            raise NotAcceptable(f"Pixel data of {bits} bits allocated cannot be converted to little endian")
+        return bits // 8
+    return 2 if vr == "OW" else 1
+
+
+def little_endian(ds: pydicom.Dataset) -> None:
+    """Make a data set read from Explicit VR Big Endian encode as Explicit VR Little Endian
+    (pydicom's dcmwrite re-encodes the values it decodes, not those it keeps as bytes:
+    OW, OF, OL, OD, OV, swapped here, nested data sets included). UN values of private
+    elements, whose structure nobody knows, are left as they are."""
+    ds.walk(_swap_element)
+    ds.file_meta.TransferSyntaxUID = UID(EXPLICIT_LE)
+
+
+def _swap_element(ds: pydicom.Dataset, elem: pydicom.DataElement) -> None:
+    """Make the bytes value of `elem` (of `ds`, read Big Endian) little endian."""
+    if elem.VR not in _WORD_BYTES or not isinstance(elem.value, bytes | bytearray) or not elem.value:
+        return
+    unit = swap_unit(ds, elem.VR) if elem.tag == _PIXEL_DATA else _WORD_BYTES[elem.VR]
+    if unit > 1:
+        elem.value = _swapped(bytes(elem.value), unit)
+
+
+def _swapped(data: bytes, unit: int) -> bytes:
+    """`data` with the byte order of each `unit`-byte word reversed (a trailing odd byte,
+    padding, kept)."""
+    whole = len(data) - len(data) % unit
+    return np.frombuffer(data, f">u{unit}", count=whole // unit).byteswap().tobytes() + data[whole:]
 
 
 # --- metadata -----------------------------------------------------------------------------
@@ -253,8 +313,11 @@ def check_frames(table: FrameTable, numbers: list[int]) -> None:
 
 def frame(archive: Archive, table: FrameTable, number: int, as_stored: bool) -> Frame:
     """One frame (checked by `check_frames`), as stored (`as_stored`) or decoded to native
-    little endian; as stored it is a byte-range read at the offsets recorded at ingest."""
+    little endian; as stored it is a byte-range read at the offsets recorded at ingest.
+    Native frames are little endian (PS3.18 8.7.3.5.3): a Big Endian instance's are swapped."""
     syntax = UID(table.transfer_syntax)
+    if syntax == EXPLICIT_BE:
+        return Frame(_little_endian_frame(archive, table, number), None)
     if not syntax.is_encapsulated or as_stored:
         data = b"".join(archive.blobs.read_range(table.blob, offset, length) for offset, length in table.ranges(number))
         return Frame(data, str(syntax) if syntax.is_encapsulated else None)
@@ -262,14 +325,40 @@ def frame(archive: Archive, table: FrameTable, number: int, as_stored: bool) -> 
     return Frame(np.ascontiguousarray(pixels).tobytes(), EXPLICIT_LE)
 
 
+def frame_swap_unit(archive: Archive, table: FrameTable) -> int:
+    """`swap_unit` of a Big Endian instance's Pixel Data, from its header (NotAcceptable when
+    its frames have no little endian form)."""
+    ds = pydicom.dcmread(archive.blobs.path(table.blob), defer_size=1024)  # the header, not the pixels
+    return swap_unit(ds, ds.get_item(_PIXEL_DATA).VR or "OW")
+
+
+def _little_endian_frame(archive: Archive, table: FrameTable, number: int) -> bytes:
+    """A native frame of a Big Endian instance, little endian: its cells swapped (`swap_unit`;
+    an OW word may straddle two frames, so the read is widened to whole words)."""
+    assert table.native is not None  # Big Endian pixel data is native (checked by `check_frames`)
+    unit = frame_swap_unit(archive, table)
+    start, size = table.native
+    offset = start + (number - 1) * size
+    begin = offset - (offset - start) % unit
+    end = offset + size + (-(offset + size - start)) % unit
+    data = archive.blobs.read_range(table.blob, begin, end - begin)
+    return _swapped(data, unit)[offset - begin:offset - begin + size]
+
+
 async def bulkdata(archive: Archive, study: str, series: str, sop: str, tag: str) -> bytes:
-    doc = await _instance_doc(archive, study, series, sop, {"blob": 1, "bulk": 1, "st": 1, "se": 1, "deflated": 1})
+    """A bulk data value, a byte-range read at the offsets recorded at ingest; deflated and
+    Big Endian instances are read as data sets (octet-stream bulk data is little endian)."""
+    fields = {"blob": 1, "bulk": 1, "st": 1, "se": 1, "deflated": 1, "ts": 1}
+    doc = await _instance_doc(archive, study, series, sop, fields)
     key = BlobKey.parse(doc["blob"])
-    if doc.get("deflated"):
+    if doc.get("deflated") or doc.get("ts") == EXPLICIT_BE:
         ds = pydicom.dcmread(archive.blobs.path(key))
         if int(tag, 16) not in ds:
             raise NotFound(f"No bulk data {tag} in instance {sop}")
-        return bytes(ds[int(tag, 16)].value)
+        elem = ds[int(tag, 16)]
+        if doc.get("ts") == EXPLICIT_BE:
+            _swap_element(ds, elem)
+        return bytes(elem.value)
     for name, offset, length in doc.get("bulk", []):
         if name == tag:
             return archive.blobs.read_range(key, offset, length)

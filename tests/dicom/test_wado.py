@@ -20,7 +20,11 @@ DICOM_ANY = {"Accept": 'multipart/related; type="application/dicom"; transfer-sy
 
 def store_file(http, path):
     """Store a copy of a pydicom test file under new UIDs (test files share UIDs)."""
-    ds = pydicom.dcmread(path)
+    return store_dataset(http, pydicom.dcmread(path))
+
+
+def store_dataset(http, ds):
+    """Store `ds` under new UIDs, in its own encoding: (bytes, data set, instance URL)."""
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     out = io.BytesIO()
@@ -286,3 +290,119 @@ def test_as_stored_needs_transcoding_within_the_limit():
     assert wado.sent_syntax(stored(wado.RLE, 1000), "*") == wado.RLE
     with pytest.raises(wado.NotAcceptable):
         wado.choose_syntax([large], ["*", wado.EXPLICIT_LE])
+
+
+# pydicom's Explicit VR Big Endian test files: 16 bits, 32 bits over 15 frames, 8 bits in OW
+# (odd length) and 8 bits in OW with palette lookup tables (OW) over 2 frames.
+BIG_ENDIAN_FILES = ("MR_small_bigendian.dcm", "rtdose_expb.dcm", "SC_rgb_small_odd_big_endian.dcm", "OBXXXX1A_expb_2frame.dcm")
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+BIG_ENDIAN = "1.2.840.10008.1.2.2"
+
+
+def big_endian_study(http):
+    """The Big Endian test files stored in one series: (study, series, {sop: original})."""
+    study, series, stored = generate_uid(), generate_uid(), {}
+    for name in BIG_ENDIAN_FILES:
+        ds = pydicom.dcmread(get_testdata_file(name))
+        assert ds.file_meta.TransferSyntaxUID == BIG_ENDIAN, name
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        out = io.BytesIO()
+        ds.save_as(out)
+        body, content_type = multipart_body([out.getvalue()])
+        assert http.post("studies", content=body, headers={"Content-Type": content_type}).status_code == 200
+        stored[ds.SOPInstanceUID] = pydicom.dcmread(io.BytesIO(out.getvalue()))
+    return study, series, stored
+
+
+def assert_little_endian_copy(body, original):
+    """`body` is `original` re-encoded in Explicit VR Little Endian: same instance, same
+    element values (words swapped), same pixels."""
+    ds = pydicom.dcmread(io.BytesIO(body))
+    assert ds.file_meta.TransferSyntaxUID == EXPLICIT_LE and ds.original_encoding == (False, True)
+    assert ds.SOPInstanceUID == original.SOPInstanceUID == ds.file_meta.MediaStorageSOPInstanceUID
+    assert ds.Rows == original.Rows and ds.Columns == original.Columns and ds.PatientName == original.PatientName
+    assert np.array_equal(ds.pixel_array, original.pixel_array), original.SOPInstanceUID
+    for keyword in ("RedPaletteColorLookupTableData", "RedPaletteColorLookupTableDescriptor"):
+        if keyword in original:
+            assert ds[keyword].value == original[keyword].value or np.array_equal(
+                np.frombuffer(ds[keyword].value, "<u2"), np.frombuffer(original[keyword].value, ">u2")
+            ), keyword
+    return ds
+
+
+def test_big_endian_instance_comes_in_explicit_vr_little_endian(http, dicomweb):
+    """PS3.18 8.7.3: web services shall not use Explicit VR Big Endian (retired): an instance
+    stored in it is sent in Explicit VR Little Endian for transfer-syntax=* (labelled so,
+    part by part) and when asked for, values and pixel data swapped to little endian; QIDO
+    announces that syntax; asking for Big Endian is 406."""
+    study, series, stored = big_endian_study(http)
+    explicit = {"Accept": f'multipart/related; type="application/dicom"; transfer-syntax={EXPLICIT_LE}'}
+    sop = next(iter(stored))
+    instance = f"studies/{study}/series/{series}/instances/{sop}"
+    for accept in (DICOM_ANY, explicit):
+        for resource in (f"studies/{study}", f"studies/{study}/series/{series}", instance):
+            response = http.get(resource, headers=accept)
+            assert response.status_code == 200, (resource, accept, response.text)
+            bodies = parts(response)
+            assert len(bodies) == (1 if resource == instance else len(stored))
+            for headers, body in zip(part_headers(response), bodies):
+                assert f"Content-Type: application/dicom; transfer-syntax={EXPLICIT_LE}" in headers, headers
+                sent = pydicom.dcmread(io.BytesIO(body))
+                assert_little_endian_copy(body, stored[sent.SOPInstanceUID])
+    for accept in ("application/dicom; transfer-syntax=*", f"application/dicom; transfer-syntax={EXPLICIT_LE}", "application/dicom"):
+        single = http.get(instance, headers={"Accept": accept})
+        assert single.status_code == 200, single.text
+        assert single.headers["content-type"] == f"application/dicom; transfer-syntax={EXPLICIT_LE}"
+        assert_little_endian_copy(single.content, stored[sop])
+    datasets = dicomweb.retrieve_study(study, media_types=(("application/dicom", "*"),))
+    assert {ds.SOPInstanceUID: ds.file_meta.TransferSyntaxUID for ds in datasets} == dict.fromkeys(stored, EXPLICIT_LE)
+    found = http.get(f"studies/{study}/series/{series}/instances").json()
+    assert sorted(item["00083002"]["Value"][0] for item in found) == [EXPLICIT_LE] * len(stored)
+    big = {"Accept": f'multipart/related; type="application/dicom"; transfer-syntax={BIG_ENDIAN}'}
+    assert http.get(instance, headers=big).status_code == 406
+
+
+def test_big_endian_frames_are_little_endian(http):
+    """PS3.18 8.7.3.5.3: uncompressed frames (application/octet-stream) are little endian,
+    whatever the stored byte order: the frames and the pixel data bulk data of a Big Endian
+    instance are its pixels swapped (16 and 32 bit values; 8 bit values in OW words, also
+    for frames starting on an odd byte)."""
+    study, series, stored = big_endian_study(http)
+    octets = {"Accept": 'multipart/related; type="application/octet-stream"'}
+    for sop, original in stored.items():
+        pixels = original.pixel_array
+        frames = [pixels] if int(original.get("NumberOfFrames") or 1) == 1 else list(pixels)
+        expected = [np.ascontiguousarray(f).astype(f.dtype.newbyteorder("<")).tobytes() for f in frames]
+        url = f"studies/{study}/series/{series}/instances/{sop}"
+        numbers = ",".join(str(n) for n in range(1, len(frames) + 1))
+        for accept in (octets, {"Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'}):
+            assert parts(http.get(f"{url}/frames/{numbers}", headers=accept)) == expected, (original.SOPInstanceUID, accept)
+        assert parts(http.get(f"{url}/bulkdata/7FE00010")) == expected
+        assert parts(http.get(f"{url}/frames/{len(frames)}", headers=octets)) == expected[-1:]
+
+
+def test_big_endian_bulk_data_is_little_endian(http):
+    """An OW value of a Big Endian instance behind a BulkDataURI comes little endian."""
+    ds = pydicom.dcmread(get_testdata_file("MR_small_bigendian.dcm"))
+    words = np.arange(600, dtype=">u2")
+    ds.add_new(0x00281221, "OW", words.tobytes())  # Segmented Red Palette Color LUT Data
+    _, ds, url = store_dataset(http, ds)
+    uri = http.get(f"{url}/metadata").json()[0]["00281221"]["BulkDataURI"]
+    assert parts(http.get(uri)) == [words.astype("<u2").tobytes()]
+
+
+def test_big_endian_without_little_endian_form_is_406_up_front(http):
+    """A Big Endian instance whose pixel cells have no little endian form (24 bits allocated)
+    is 406 before anything is sent (for '*' too), never a broken stream; frames too."""
+    ds = pydicom.dcmread(get_testdata_file("MR_small_bigendian.dcm"))
+    ds.Rows = ds.Columns = 4
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 24, 24, 23
+    ds.PixelData = bytes(range(48))
+    _, ds, url = store_dataset(http, ds)
+    study = f"studies/{ds.StudyInstanceUID}"
+    for resource in (study, url):
+        for accept in (DICOM_ANY, {"Accept": f'multipart/related; type="application/dicom"; transfer-syntax={EXPLICIT_LE}'}):
+            assert http.get(resource, headers=accept).status_code == 406, (resource, accept)
+    assert http.get(url, headers={"Accept": "application/dicom; transfer-syntax=*"}).status_code == 406
+    assert http.get(f"{url}/frames/1", headers={"Accept": 'multipart/related; type="application/octet-stream"'}).status_code == 406
