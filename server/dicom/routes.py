@@ -303,8 +303,7 @@ async def _retrieve(request: Request, study: str, series: str | None, sop: str |
     stored = await guarded(wado.instances(archive, study, series, sop))
     try:
         syntax = wado.choose_syntax(stored, wanted)
-        if any(item.transfer_syntax == wado.EXPLICIT_BE for item in stored):
-            # a refusal once the 200 is sent would break the stream: known before it
+        if wado.needs_checking(stored, syntax):
             await asyncio.to_thread(wado.check_sendable, archive, stored, syntax)
     except wado.NotAcceptable as exc:
         raise DicomWebError(406, str(exc)) from None

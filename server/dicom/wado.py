@@ -163,15 +163,42 @@ def choose_syntax(stored: list[Stored], wanted: list[str]) -> str:
     )
 
 
+def needs_checking(stored: list[Stored], syntax: str) -> bool:
+    """Whether `check_sendable` has something to look at: a Big Endian instance, or one to be
+    encoded in RLE."""
+    return any(
+        item.transfer_syntax == EXPLICIT_BE or item.transfer_syntax != RLE == sent_syntax(item, syntax) for item in stored
+    )
+
+
 def check_sendable(archive: Archive, stored: list[Stored], syntax: str) -> None:
     """406 (NotAcceptable) before anything is sent when an instance cannot be converted to
-    the syntax it would be sent in: a Big Endian instance whose pixel data has no little
-    endian form (`swap_unit`). Reads the header of Big Endian instances only."""
+    the syntax it would be sent in (a refusal once the 200 is sent would break the stream):
+    a Big Endian instance whose pixel data has no little endian form (`swap_unit`), or one
+    whose pixel cells RLE cannot hold (`check_rle`). Reads the headers of those instances."""
     for item in stored:
-        if item.transfer_syntax == EXPLICIT_BE and sent_syntax(item, syntax) != EXPLICIT_BE:
-            ds = pydicom.dcmread(archive.blobs.path(item.blob), defer_size=1024)
-            if _PIXEL_DATA in ds:
-                swap_unit(ds, ds.get_item(_PIXEL_DATA).VR or "OW")
+        sent = sent_syntax(item, syntax)
+        to_rle = sent == RLE != item.transfer_syntax
+        if not to_rle and (item.transfer_syntax != EXPLICIT_BE or sent == EXPLICIT_BE):
+            continue
+        ds = pydicom.dcmread(archive.blobs.path(item.blob), defer_size=1024)
+        if _PIXEL_DATA not in ds:
+            continue
+        if item.transfer_syntax == EXPLICIT_BE:
+            swap_unit(ds, ds.get_item(_PIXEL_DATA).VR or "OW")
+        if to_rle:
+            check_rle(ds)
+
+
+def check_rle(ds: pydicom.Dataset) -> None:
+    """NotAcceptable unless pydicom's RLE Lossless encoder takes the pixel cells of `ds`: 8
+    or 16 bits allocated, one or three samples (its encoding profiles, PS3.5 8.2.2)."""
+    bits, samples = ds.get("BitsAllocated"), ds.get("SamplesPerPixel", 1)
+    if bits not in (8, 16) or samples not in (1, 3):
+        raise NotAcceptable(
+            f"Instance {ds.get('SOPInstanceUID', '')} cannot be encoded in RLE Lossless here "
+            f"({bits} bits allocated, {samples} samples per pixel; 8 or 16 bits, 1 or 3 samples can)"
+        )
 
 
 def instance_bytes(archive: Archive, stored: Stored, syntax: str) -> Iterator[bytes]:

@@ -406,3 +406,15 @@ def test_big_endian_without_little_endian_form_is_406_up_front(http):
             assert http.get(resource, headers=accept).status_code == 406, (resource, accept)
     assert http.get(url, headers={"Accept": "application/dicom; transfer-syntax=*"}).status_code == 406
     assert http.get(f"{url}/frames/1", headers={"Accept": 'multipart/related; type="application/octet-stream"'}).status_code == 406
+
+
+def test_rle_for_pixels_rle_cannot_hold_is_406_up_front(http):
+    """RLE Lossless holds pixel cells of 8 or 16 bits here (pydicom's encoding profiles,
+    PS3.5 8.2.2): asked for RLE, a 32-bit dose grid is 406 before anything is sent, never a
+    stream broken after its 200; as stored it still comes."""
+    data, ds, url = store_file(http, get_testdata_file("rtdose_1frame.dcm"))
+    assert ds.BitsAllocated == 32
+    rle = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.5'}
+    for resource in (f"studies/{ds.StudyInstanceUID}", url):
+        assert http.get(resource, headers=rle).status_code == 406, resource
+    assert http.get(url, headers=DICOM_ANY).status_code == 200
