@@ -159,6 +159,8 @@ def statement() -> str:
         "(`application/octet-stream`). Instances can be transcoded to: "
         + ", ".join(f"{UID(t).name} ({t})" for t in wado.TRANSCODE_TARGETS)
         + "; other requested syntaxes are answered 406 unless every instance is stored in it."
+        + " RLE Lossless takes pixel cells of 8 or 16 bits allocated, 1 or 3 samples: asked"
+        + " for RLE, an instance with others (a 32-bit dose grid) is 406 before anything is sent."
         + " "
         + " and ".join(UID(t).name for t in sorted(wado.NOT_FOR_WEB))
         + " are never offered (PS3.18 8.7.3): asking for them is 406."
