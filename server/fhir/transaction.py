@@ -10,7 +10,9 @@ transaction is short. A conditional DELETE deletes every match, as alone (condit
 rule that no two entries touch one resource, and answers one 204. GET (and HEAD) entries run last inside the database transaction,
 dispatched in process with its session: they see its uncommitted writes, a GET that fails
 (4xx or 5xx; a 304 is not a failure) fails the transaction, and their answers are those of
-the attempt that commits (MongoDB re-runs the whole body after a transient error).
+the attempt that commits (MongoDB re-runs the whole body after a transient error, one
+raised while a GET runs included: the in-process dispatch raises database errors on to
+the transaction instead of answering them 500).
 
 A batch is a list of independent requests: each entry is dispatched through the server's
 own HTTP routes (in process), so it behaves exactly like the same request sent alone, and
