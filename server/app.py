@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pymongo.errors import ConnectionFailure
+from pymongo.errors import ConnectionFailure, PyMongoError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -27,7 +27,7 @@ from server.config import Settings
 from server.dicom import service as dicom_service
 from server.fhir import library_checks
 from server.fhir import routes as fhir_routes
-from server.fhir.http import error_response
+from server.fhir.http import error_response, transaction_session
 from server.fhir.interactions import now
 from server.fhir.outcome import FhirError, Issue
 from server.fhir.search import custom as search_custom
@@ -108,6 +108,10 @@ class AuditedExchange:
 
     Starlette's own handler for `Exception` re-raises after responding, which makes the
     server drop the connection; this answers cleanly and logs the traceback instead.
+
+    The exception: a database error in a transaction's GET entry, dispatched in process
+    with the transaction's session, is raised on to the transaction (see
+    `for_the_transaction`).
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -127,7 +131,9 @@ class AuditedExchange:
 
         try:
             await self.app(scope, receive, tracking_send)
-        except Exception:
+        except Exception as exc:
+            if for_the_transaction(Request(scope), exc):
+                raise
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if status:
                 raise
@@ -139,6 +145,16 @@ class AuditedExchange:
                 state.get("principal"), state.get("access"), status or 500,
                 f"{scope['method']} {scope['path']}",
             )
+
+
+def for_the_transaction(request: Request, exc: Exception) -> bool:
+    """Whether `exc` is a database error in a transaction's GET entry (run in process with
+    the transaction's session, routes.asgi_dispatch): it is the transaction's to handle,
+    not a 500 or 503 here. MongoDB's transient transaction errors (a write conflict,
+    SnapshotUnavailable, an aborted transaction) then make the store re-run the whole
+    transaction, as they do for its writes; any other ends it as for a write (the
+    transaction route's own answer: 500, or 503 for a lost connection)."""
+    return isinstance(exc, PyMongoError) and transaction_session(request) is not None
 
 
 def create_app(settings: Settings, dimse: bool = True) -> FastAPI:
@@ -226,6 +242,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ConnectionFailure)
     async def database_unavailable(request: Request, exc: ConnectionFailure) -> Response:
+        if for_the_transaction(request, exc):
+            raise exc
         log.error("database unavailable on %s %s: %s", request.method, request.url.path, exc)
         response = render_error(request, 503, "The database is unavailable; try again later")
         response.headers["Retry-After"] = "5"

@@ -179,7 +179,10 @@ async def asgi_dispatch(
     session: AsyncClientSession | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
     """Send one request through this application in process (batch entries, GETs); with
-    `session`, a transaction's GET entry, which reads inside that transaction."""
+    `session`, a transaction's GET entry, which reads inside that transaction: a database
+    error (PyMongoError) in it is then raised from here, not answered 500 or 503, so the
+    transaction sees it and MongoDB's transient errors re-run the transaction
+    (server/app.py `for_the_transaction`)."""
     path, _, query = url.partition("?")
     authorization = request.headers.get("authorization")
     if authorization:

@@ -5,10 +5,14 @@ leaves nothing behind and is answered with a single OperationOutcome. It follows
 spec's processing order (DELETE, POST, PUT/PATCH, then GET), gives every POSTed
 `urn:uuid:` fullUrl its new id, and rewrites the references that used it before anything
 is validated or stored. Validation happens before the database transaction opens, so the
-transaction is short. GET (and HEAD) entries run last inside the database transaction,
+transaction is short. A conditional DELETE deletes every match, as alone (conditionalDelete
+= multiple, up to the same bound), each of them counting as a target of the entry for the
+rule that no two entries touch one resource, and answers one 204. GET (and HEAD) entries run last inside the database transaction,
 dispatched in process with its session: they see its uncommitted writes, a GET that fails
 (4xx or 5xx; a 304 is not a failure) fails the transaction, and their answers are those of
-the attempt that commits (MongoDB re-runs the whole body after a transient error).
+the attempt that commits (MongoDB re-runs the whole body after a transient error, one
+raised while a GET runs included: the in-process dispatch raises database errors on to
+the transaction instead of answering them 500).
 
 A batch is a list of independent requests: each entry is dispatched through the server's
 own HTTP routes (in process), so it behaves exactly like the same request sent alone, and
@@ -25,7 +29,7 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
@@ -70,12 +74,21 @@ class Request:
     if_none_exist: str | None = None
     type: str | None = None
     id: str | None = None
-    criteria: str | None = None  # the search of a conditional PUT/DELETE url
+    criteria: str | None = None  # the search of a conditional PUT/DELETE/PATCH url
     matched: bool = False  # an ifNoneExist POST that matched an existing resource
+    matches: list[str] = field(default_factory=list)  # the ids a conditional DELETE matched
 
     @property
     def path(self) -> str:
         return self.url.split("?", 1)[0]
+
+    @property
+    def targets(self) -> list[str]:
+        """The ids of the resources this write touches: every match of a conditional
+        DELETE (conditionalDelete = multiple), else its one id if it has one."""
+        if self.method == "DELETE" and self.criteria is not None:
+            return self.matches
+        return [self.id] if self.id is not None else []
 
 
 def _relative(url: str, base: str) -> str:
@@ -234,20 +247,22 @@ def _resolve_targets(requests: list[Request]) -> dict[str, str]:
 
 def check_overlap(requests: list[Request]) -> None:
     """Refuse a transaction whose writes share a target (http.html#trules), the resolved
-    targets of conditional entries included, so it runs only once those are known."""
+    targets of conditional entries included (each match of a conditional DELETE), so it
+    runs only once those are known."""
     seen: dict[str, int] = {}
     for request in requests:
-        if request.method in ("GET", "HEAD") or request.id is None:
+        if request.method in ("GET", "HEAD"):
             continue
-        key = f"{request.type}/{request.id}"
-        if key in seen:
-            raise error(
-                400, "invalid",
-                f"Bundle.entry[{request.index}]: {key} is also the target of Bundle.entry[{seen[key]}]; "
-                "a transaction may touch a resource only once",
-                f"Bundle.entry[{request.index}].request.url",
-            )
-        seen[key] = request.index
+        for id_ in dict.fromkeys(request.targets):
+            key = f"{request.type}/{id_}"
+            if key in seen:
+                raise error(
+                    400, "invalid",
+                    f"Bundle.entry[{request.index}]: {key} is also the target of Bundle.entry[{seen[key]}]; "
+                    "a transaction may touch a resource only once",
+                    f"Bundle.entry[{request.index}].request.url",
+                )
+            seen[key] = request.index
 
 
 # an `<a href>` or `<img src>` attribute in the narrative's XHTML
@@ -323,8 +338,8 @@ async def _prepare(request: Request, checks: LibraryChecks) -> _Prepared:
     def defer(body: bytes, resource: dict[str, Any]) -> None:
         checks.add(request.index, body, resource)
 
-    if request.matched or (request.method == "DELETE" and request.id is None):
-        return prepared  # nothing to write: an ifNoneExist match, a conditional delete of nothing
+    if request.matched or request.method == "DELETE":
+        return prepared  # nothing to prepare: an ifNoneExist match, a DELETE
     assert request.type is not None and request.id is not None
     if request.method == "POST":
         assert request.resource is not None
@@ -433,9 +448,9 @@ async def _write_one(session: AsyncClientSession, db: FhirStore, item: _Prepared
     request = item.request
     assert request.type is not None
     if request.method == "DELETE":
-        if request.id is None:
-            return None  # a conditional delete that matched nothing
-        return await interactions.delete_in(session, db, request.type, request.id, item.if_match)
+        deleted = [await interactions.delete_in(session, db, request.type, id_, item.if_match) for id_ in request.targets]
+        # one deleted resource answers with its tombstone's version; none or several, a bare 204
+        return deleted[0] if len(deleted) == 1 else None
     assert request.id is not None
     if request.method == "PUT":
         assert item.new is not None and request.resource is not None

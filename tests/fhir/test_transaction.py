@@ -445,3 +445,82 @@ def test_transaction_search_counts_inside_the_transaction(fhir):
     assert response.status_code == 200, response.text
     for searched in response.json()["entry"][2:]:
         assert searched["resource"]["total"] == 2 and len(searched["resource"]["entry"]) == 1, searched
+
+
+# --- a transient MongoDB error in a GET entry (in process: the probe route is test-only) ----
+
+
+async def _probe_transaction(mongod_uri: str, data_dir, probe_url: str, bodies: list[bytes]) -> tuple[list[httpx.Response], list[bool]]:
+    """Post `bodies` to an in-process app on the test mongod whose `GET /fhir/{probe_url}`
+    is a test-only route. Its first call reads, with the transaction's session, a
+    collection created (outside the transaction) after the transaction's snapshot: MongoDB
+    itself answers SnapshotUnavailable (246), labelled TransientTransactionError. Later
+    calls answer a Parameters. With `?fail=always`, every call runs an unknown command, a
+    database error that no retry cures. Returns the responses and, per probe call, whether
+    it had a transaction session."""
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from server.app import create_app
+    from server.config import Settings
+    from server.fhir.http import transaction_session
+
+    calls: list[bool] = []
+
+    async def probe(request) -> Response:
+        session = transaction_session(request)
+        calls.append(session is not None)
+        db = request.app.state.store.db
+        if request.query_params.get("fail") == "always":
+            await db.command("kuroshioNoSuchCommand")
+        if len(calls) == 1:
+            name = f"transient_probe_{uuid.uuid4().hex}"
+            await db[name].insert_one({})  # outside the transaction, after its snapshot
+            try:
+                await db[name].find_one({}, session=session)
+            finally:
+                await db.drop_collection(name)
+        return Response(b'{"resourceType":"Parameters"}', media_type="application/fhir+json")
+
+    settings = Settings(mongodb_uri=mongod_uri, mongodb_database="kuroshio_test_inprocess", data_dir=data_dir, validation_workers=0)
+    app = create_app(settings, dimse=False)
+    app.router.routes.insert(0, Route(f"/fhir/{probe_url.split('?')[0]}", probe, methods=["GET"]))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=settings.fhir_base + "/", timeout=120) as client:
+            responses = [await client.post("", content=body, headers=FHIR_JSON) for body in bodies]
+    return responses, calls
+
+
+def test_transient_database_error_in_a_get_entry_reruns_the_transaction(mongod, tmp_path):
+    """A TransientTransactionError raised by MongoDB while a transaction's GET entry runs
+    reaches the transaction (it is not answered 500 in process), so MongoDB's retry re-runs
+    the whole body: the Bundle succeeds, its write is made once, and the GET ran twice."""
+    family = f"Transient-{uuid.uuid4().hex[:8]}"
+    body = bundle("transaction", entry("POST", "Patient", patient(family)), entry("GET", "Basic/transient-probe"))
+    [response], calls = asyncio.run(_probe_transaction(mongod.uri, tmp_path, "Basic/transient-probe", [body]))
+    assert response.status_code == 200, response.text
+    created_, read = response.json()["entry"]
+    assert created_["response"]["status"].startswith("201")
+    assert read["response"]["status"] == "200 OK" and read["resource"] == {"resourceType": "Parameters"}
+    assert calls == [True, True]  # the failed attempt's GET, then the committed attempt's
+    from pymongo import MongoClient
+
+    with MongoClient(mongod.uri) as client:
+        patients = client["kuroshio_test_inprocess"].fhir_history.count_documents({"t": "Patient", "i": created_["response"]["location"].split("/")[1]})
+    assert patients == 1
+
+
+def test_other_database_errors_in_a_get_entry_are_still_500(mongod, tmp_path):
+    """A database error no retry cures fails the transaction with a 500 OperationOutcome
+    (nothing written); in a batch, where the GET has no session, it fails its entry alone."""
+    family = f"Failing-{uuid.uuid4().hex[:8]}"
+    url = "Basic/failing-probe?fail=always"
+    bodies = [bundle(kind, entry("POST", "Patient", patient(family)), entry("GET", url)) for kind in ("transaction", "batch")]
+    (in_transaction, in_batch), calls = asyncio.run(_probe_transaction(mongod.uri, tmp_path, url, bodies))
+    assert_outcome(in_transaction, 500)
+    assert in_batch.status_code == 200, in_batch.text
+    created_, failed = in_batch.json()["entry"]
+    assert created_["response"]["status"].startswith("201")
+    assert failed["response"]["status"] == "500 Internal Server Error"
+    assert calls == [True, False]  # a non-transient error: the transaction is not re-run

@@ -120,17 +120,26 @@ async def update(
     return await interactions.retry_on_conflict(lambda: db.store.transaction(body))
 
 
+async def delete_matches(
+    db: FhirStore, base: str, type_: str, items: list[tuple[str, str]], session: AsyncClientSession | None = None
+) -> list[str]:
+    """The ids a conditional delete deletes: every match, up to MAX_CONDITIONAL_DELETE
+    (412 too-costly past it, so nothing is deleted)."""
+    found = await matches(db, base, type_, items, MAX_CONDITIONAL_DELETE + 1, session)
+    if len(found) > MAX_CONDITIONAL_DELETE:
+        raise error(412, "too-costly", f"The criteria match more than {MAX_CONDITIONAL_DELETE} resources; nothing was deleted")
+    return [key.split("/", 1)[1] for key in found]
+
+
 async def delete(db: FhirStore, base: str, type_: str, criteria: str) -> int:
     """Conditional delete: every match (up to MAX_CONDITIONAL_DELETE) in one transaction."""
     interactions.check_type(type_)
     items = criteria_items(type_, criteria)
 
     async def body(session: AsyncClientSession) -> int:
-        found = await matches(db, base, type_, items, MAX_CONDITIONAL_DELETE + 1, session)
-        if len(found) > MAX_CONDITIONAL_DELETE:
-            raise error(412, "too-costly", f"The criteria match more than {MAX_CONDITIONAL_DELETE} resources; nothing was deleted")
-        for key in found:
-            await interactions.delete_in(session, db, type_, key.split("/", 1)[1], None)
+        found = await delete_matches(db, base, type_, items, session)
+        for id_ in found:
+            await interactions.delete_in(session, db, type_, id_, None)
         return len(found)
 
     return await interactions.retry_on_conflict(lambda: db.store.transaction(body))
@@ -151,8 +160,10 @@ def _at_entry(exc: FhirError, index: int) -> FhirError:
 async def resolve_transaction(db: FhirStore, base: str, requests: list[Any], identities: dict[str, str]) -> None:
     """Find the targets of a transaction's conditional entries and references.
 
-    Conditional PUT/DELETE/PATCH urls (`Patient?identifier=x`) get the id of their one
-    match (PUT without a match: the body's id or a new one); an `ifNoneExist` POST that
+    Conditional PUT/PATCH urls (`Patient?identifier=x`) get the id of their one match
+    (PUT without a match: the body's id or a new one); a conditional DELETE gets every
+    match (`matches`, bounded as the standalone route: conditionalDelete = multiple), and
+    its id only when there is exactly one; an `ifNoneExist` POST that
     matches becomes a no-op pointing at the match; references written as searches
     (`"reference": "Patient?identifier=x"`) are replaced by the one match they find.
     fullUrls of resolved entries are mapped so other entries' references follow them.
@@ -167,7 +178,10 @@ async def resolve_transaction(db: FhirStore, base: str, requests: list[Any], ide
 
 
 async def _resolve_entry(db: FhirStore, base: str, request: Any, identities: dict[str, str]) -> None:
-    if request.criteria is not None:
+    if request.criteria is not None and request.method == "DELETE":
+        request.matches = await delete_matches(db, base, request.type, criteria_items(request.type, request.criteria))
+        request.id = request.matches[0] if len(request.matches) == 1 else None
+    elif request.criteria is not None:
         items = criteria_items(request.type, request.criteria)
         found = _one(await matches(db, base, request.type, items, 2), request.type)
         if request.method == "PUT":
@@ -178,7 +192,7 @@ async def _resolve_entry(db: FhirStore, base: str, request: Any, identities: dic
             interactions.check_id(request.id)
             if request.resource is not None:
                 request.resource["id"] = request.id  # what the update of Type/id expects
-        elif request.method == "PATCH" and found is None:
+        elif found is None:  # PATCH
             raise error(404, "not-found", f"No {request.type} matches {request.criteria}")
         else:
             request.id = found

@@ -151,3 +151,109 @@ def test_prefer_operation_outcome_of_a_matched_conditional_create(fhir):
     assert again.status_code == 200
     diagnostics = again.json()["issue"][0]["diagnostics"]
     assert "already exists" in diagnostics and "updated" not in diagnostics, diagnostics
+
+
+def _bundle(kind: str, *entries: dict) -> dict:
+    return {"resourceType": "Bundle", "type": kind, "entry": list(entries)}
+
+
+def _request(method: str, url: str, resource: dict | None = None) -> dict:
+    item: dict = {"request": {"method": method, "url": url}}
+    if resource is not None:
+        item["resource"] = resource
+    return item
+
+
+def _ids(fhir, system: str, count: int, value: str = "1") -> list[str]:
+    return [fhir.post("Patient", json=_patient(system, value), headers=FHIR_JSON).json()["id"] for _ in range(count)]
+
+
+def test_transaction_conditional_delete_deletes_every_match(fhir, db):
+    """conditionalDelete = multiple holds in a transaction too: every match is deleted, in
+    the one database transaction, and the entry answers one 204 as the standalone route."""
+    system = f"urn:txcd:{uuid.uuid4().hex}"
+    doomed = _ids(fhir, system, 3)
+    bystander = _ids(fhir, system, 1, "2")[0]
+    marker = f"Marker-{uuid.uuid4().hex[:8]}"
+    response = fhir.post("", json=_bundle(
+        "transaction",
+        _request("DELETE", f"Patient?identifier={system}|1"),
+        _request("DELETE", f"Patient?identifier={system}|nothing"),
+        _request("POST", "Patient", {"resourceType": "Patient", "name": [{"family": marker}]}),
+    ), headers=FHIR_JSON)
+    assert response.status_code == 200, response.text
+    entries = response.json()["entry"]
+    assert len(entries) == 3
+    assert entries[0]["response"] == {"status": "204 No Content"}
+    assert entries[1]["response"] == {"status": "204 No Content"}  # no match: a no-op
+    assert entries[2]["response"]["status"].startswith("201")
+    for id_ in doomed:
+        assert fhir.get(f"Patient/{id_}").status_code == 410
+        assert db.fhir_history.count_documents({"t": "Patient", "i": id_}) == 2  # created, deleted
+    assert fhir.get(f"Patient/{bystander}").status_code == 200
+    assert _count(fhir, system, "1") == 0
+
+
+def test_transaction_conditional_delete_is_atomic(fhir):
+    """A failing entry leaves every match of a conditional delete in place."""
+    system = f"urn:txcd:{uuid.uuid4().hex}"
+    kept = _ids(fhir, system, 2)
+    response = fhir.post("", json=_bundle(
+        "transaction",
+        _request("DELETE", f"Patient?identifier={system}|1"),
+        _request("GET", f"Patient/{uuid.uuid4().hex}"),  # 404: fails the transaction
+    ), headers=FHIR_JSON)
+    assert_outcome(response, 404)
+    for id_ in kept:
+        assert fhir.get(f"Patient/{id_}").status_code == 200
+
+
+def test_transaction_conditional_delete_overlap_counts_every_match(fhir, db):
+    """http.html#trules: every resource a conditional delete matches is one of its targets."""
+    system = f"urn:txcd:{uuid.uuid4().hex}"
+    first, second = _ids(fhir, system, 2)
+    before = db.fhir_history.count_documents({})
+    for other in (
+        _request("DELETE", f"Patient/{second}"),
+        _request("PUT", f"Patient/{first}", {**_patient(system, "1"), "id": first, "active": True}),
+        _request("PATCH", f"Patient/{second}", {"resourceType": "Parameters", "parameter": []}),
+    ):
+        for entries in ((_request("DELETE", f"Patient?identifier={system}|1"), other),
+                        (other, _request("DELETE", f"Patient?identifier={system}|1"))):
+            body = assert_outcome(fhir.post("", json=_bundle("transaction", *entries), headers=FHIR_JSON), 400, "invalid")
+            assert body["issue"][0]["expression"] == ["Bundle.entry[1].request.url"], body
+            assert "only once" in body["issue"][0]["diagnostics"]
+    assert db.fhir_history.count_documents({}) == before
+    # two conditional deletes whose matches overlap
+    entries = (_request("DELETE", f"Patient?identifier={system}|1"), _request("DELETE", f"Patient?_id={second}"))
+    assert_outcome(fhir.post("", json=_bundle("transaction", *entries), headers=FHIR_JSON), 400, "invalid")
+    assert fhir.get(f"Patient/{first}").status_code == fhir.get(f"Patient/{second}").status_code == 200
+
+
+def test_transaction_conditional_delete_is_bounded_as_alone(fhir, db):
+    """Past MAX_CONDITIONAL_DELETE matches, the transaction fails with the standalone route's
+    412 too-costly, and nothing is deleted."""
+    from server.fhir.search.conditional import MAX_CONDITIONAL_DELETE
+
+    system = f"urn:txcd:{uuid.uuid4().hex}"
+    many = _bundle("transaction", *(_request("POST", "Patient", _patient(system, "1")) for _ in range(MAX_CONDITIONAL_DELETE + 1)))
+    assert fhir.post("", json=many, headers=FHIR_JSON).status_code == 200
+    alone = assert_outcome(fhir.delete(f"Patient?identifier={system}|1"), 412, "too-costly")
+    before = db.fhir_history.count_documents({})
+    response = fhir.post("", json=_bundle("transaction", _request("DELETE", f"Patient?identifier={system}|1")), headers=FHIR_JSON)
+    body = assert_outcome(response, 412, "too-costly")
+    assert body["issue"][0]["diagnostics"] == f"Bundle.entry[0]: {alone['issue'][0]['diagnostics']}"
+    assert db.fhir_history.count_documents({}) == before
+    assert _count(fhir, system, "1") == MAX_CONDITIONAL_DELETE + 1
+
+
+def test_batch_conditional_delete_deletes_every_match(fhir):
+    """A batch entry goes through the standalone route: every match, one 204."""
+    system = f"urn:bcd:{uuid.uuid4().hex}"
+    doomed = _ids(fhir, system, 3)
+    response = fhir.post("", json=_bundle("batch", _request("DELETE", f"Patient?identifier={system}|1")), headers=FHIR_JSON)
+    assert response.status_code == 200, response.text
+    [item] = response.json()["entry"]
+    assert item["response"]["status"] == "204 No Content"
+    for id_ in doomed:
+        assert fhir.get(f"Patient/{id_}").status_code == 410
