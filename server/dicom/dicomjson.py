@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
@@ -29,6 +30,9 @@ from pydicom.tag import BaseTag
 # pydicom inlines binary values up to (1024 // 4) * 3 bytes (its default threshold).
 INLINE_LIMIT = 768
 BULK_VRS = {"OB", "OD", "OF", "OL", "OV", "OW"}
+# Bytes per unit whose order Big Endian reverses, of the values pydicom keeps as bytes
+# (PS3.5 6.2); Pixel Data, see wado.swap_unit.
+WORD_BYTES = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 TEXT_SINGLE = {"LT", "ST", "UT", "UR"}
 TEXT_MULTI = {"AE", "AS", "CS", "DA", "DT", "LO", "SH", "TM", "UC", "UI"}
 BINARY_NUMBERS = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d", "SV": "q", "UV": "Q"}
@@ -117,6 +121,11 @@ def _pydicom(
     else:
         handler = None
     encoded = element.to_json_dict(handler, 1024)
+    unit = WORD_BYTES.get(element.VR, 1)
+    if "InlineBinary" in encoded and unit > 1 and isinstance(raw, RawDataElement) and not raw.is_little_endian:
+        # the web is little endian (PS3.18 F.2.7, 8.7.3): a Big Endian instance's words swapped
+        value = swapped(base64.b64decode(encoded["InlineBinary"]), unit)
+        encoded["InlineBinary"] = base64.b64encode(value).decode("ascii")
     if "BulkDataURI" in encoded:
         assert isinstance(raw, RawDataElement)
         bulk.append(BulkData(key, raw.value_tell, raw.length))
@@ -206,3 +215,10 @@ def _person_names(parts: list[str]) -> Json:
     if len(names) == 1 and not parts[0].strip(" "):
         return {"vr": "PN"}
     return {"vr": "PN", "Value": names}
+
+
+def swapped(data: bytes, unit: int) -> bytes:
+    """`data` with the byte order of each `unit`-byte word reversed (a trailing odd byte,
+    padding, kept)."""
+    whole = len(data) - len(data) % unit
+    return np.frombuffer(data, f">u{unit}", count=whole // unit).byteswap().tobytes() + data[whole:]

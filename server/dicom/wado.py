@@ -25,6 +25,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 from pydicom.uid import UID
 
 from server.dicom.archive import Archive
+from server.dicom.dicomjson import WORD_BYTES, swapped
 from server.dicom.frames import FrameTable
 from server.store.blobs import BlobKey, is_uid
 
@@ -39,9 +40,6 @@ TRANSCODE_TARGETS = (EXPLICIT_LE, RLE)
 # sent, and announced as available (QIDO's AvailableTransferSyntaxUID), in Explicit VR
 # Little Endian, the default web syntax (8.7.3.4), even for `transfer-syntax=*`.
 NOT_FOR_WEB = frozenset({IMPLICIT_LE, EXPLICIT_BE})
-# Bytes per swapped unit of the values pydicom keeps as bytes (PS3.5 6.2); Pixel Data, see
-# `swap_unit`.
-_WORD_BYTES = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 _PIXEL_DATA = 0x7FE00010
 # Transcoding decodes a whole instance in memory: a slide level of a few hundred MB of JPEG
 # tiles is gigabytes of pixels. Larger instances are sent as stored only (else 406).
@@ -261,18 +259,11 @@ def little_endian(ds: pydicom.Dataset) -> None:
 
 def _swap_element(ds: pydicom.Dataset, elem: pydicom.DataElement) -> None:
     """Make the bytes value of `elem` (of `ds`, read Big Endian) little endian."""
-    if elem.VR not in _WORD_BYTES or not isinstance(elem.value, bytes | bytearray) or not elem.value:
+    if elem.VR not in WORD_BYTES or not isinstance(elem.value, bytes | bytearray) or not elem.value:
         return
-    unit = swap_unit(ds, elem.VR) if elem.tag == _PIXEL_DATA else _WORD_BYTES[elem.VR]
+    unit = swap_unit(ds, elem.VR) if elem.tag == _PIXEL_DATA else WORD_BYTES[elem.VR]
     if unit > 1:
-        elem.value = _swapped(bytes(elem.value), unit)
-
-
-def _swapped(data: bytes, unit: int) -> bytes:
-    """`data` with the byte order of each `unit`-byte word reversed (a trailing odd byte,
-    padding, kept)."""
-    whole = len(data) - len(data) % unit
-    return np.frombuffer(data, f">u{unit}", count=whole // unit).byteswap().tobytes() + data[whole:]
+        elem.value = swapped(bytes(elem.value), unit)
 
 
 # --- metadata -----------------------------------------------------------------------------
@@ -369,7 +360,7 @@ def _little_endian_frame(archive: Archive, table: FrameTable, number: int) -> by
     begin = offset - (offset - start) % unit
     end = offset + size + (-(offset + size - start)) % unit
     data = archive.blobs.read_range(table.blob, begin, end - begin)
-    return _swapped(data, unit)[offset - begin:offset - begin + size]
+    return swapped(data, unit)[offset - begin:offset - begin + size]
 
 
 async def bulkdata(archive: Archive, study: str, series: str, sop: str, tag: str) -> bytes:

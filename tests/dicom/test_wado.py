@@ -4,6 +4,7 @@ a STOW larger than the FHIR body limit (streamed to disk)."""
 
 from __future__ import annotations
 
+import base64
 import io
 
 import numpy as np
@@ -390,6 +391,24 @@ def test_big_endian_bulk_data_is_little_endian(http):
     _, ds, url = store_dataset(http, ds)
     uri = http.get(f"{url}/metadata").json()[0]["00281221"]["BulkDataURI"]
     assert parts(http.get(uri)) == [words.astype("<u2").tobytes()]
+
+
+def test_big_endian_inline_binary_is_little_endian(http):
+    """Short OW/OF values of a Big Endian instance (palette LUTs, nested in an item too)
+    are InlineBinary in its metadata: little endian, as everything on the web is (PS3.18
+    F.2.7 applies PS3.5's byte ordering; 8.7.3 retires Big Endian there)."""
+    ds = pydicom.dcmread(get_testdata_file("MR_small_bigendian.dcm"))
+    words = np.arange(100, dtype=">u2")
+    floats = np.linspace(0, 1, 10, dtype=">f4")
+    ds.add_new(0x00281201, "OW", words.tobytes())  # Red Palette Color LUT Data
+    item = pydicom.Dataset()
+    item.add_new(0x00660016, "OF", floats.tobytes())  # Point Coordinates Data
+    ds.add_new(0x00660002, "SQ", [item])  # Surface Sequence
+    _, ds, url = store_dataset(http, ds)
+    metadata = http.get(f"{url}/metadata").json()[0]
+    assert base64.b64decode(metadata["00281201"]["InlineBinary"]) == words.astype("<u2").tobytes()
+    nested = metadata["00660002"]["Value"][0]["00660016"]["InlineBinary"]
+    assert base64.b64decode(nested) == floats.astype("<f4").tobytes()
 
 
 def test_big_endian_without_little_endian_form_is_406_up_front(http):
