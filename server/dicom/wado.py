@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -161,12 +162,19 @@ def choose_syntax(stored: list[Stored], wanted: list[str]) -> str:
     )
 
 
+def _to_check(stored: list[Stored], syntax: str) -> Iterator[tuple[Stored, bool]]:
+    """The instances `check_sendable` looks at, each with whether it is to be encoded in RLE:
+    the Big Endian ones sent converted, and those to be encoded in RLE."""
+    for item in stored:
+        sent = sent_syntax(item, syntax)
+        to_rle = sent == RLE != item.transfer_syntax
+        if to_rle or item.transfer_syntax == EXPLICIT_BE != sent:
+            yield item, to_rle
+
+
 def needs_checking(stored: list[Stored], syntax: str) -> bool:
-    """Whether `check_sendable` has something to look at: a Big Endian instance, or one to be
-    encoded in RLE."""
-    return any(
-        item.transfer_syntax == EXPLICIT_BE or item.transfer_syntax != RLE == sent_syntax(item, syntax) for item in stored
-    )
+    """Whether `check_sendable` has something to look at (it reads files: in a thread)."""
+    return next(_to_check(stored, syntax), None) is not None
 
 
 def check_sendable(archive: Archive, stored: list[Stored], syntax: str) -> None:
@@ -174,18 +182,26 @@ def check_sendable(archive: Archive, stored: list[Stored], syntax: str) -> None:
     the syntax it would be sent in (a refusal once the 200 is sent would break the stream):
     a Big Endian instance whose pixel data has no little endian form (`swap_unit`), or one
     whose pixel cells RLE cannot hold (`check_rle`). Reads the headers of those instances."""
-    for item in stored:
-        sent = sent_syntax(item, syntax)
-        to_rle = sent == RLE != item.transfer_syntax
-        if not to_rle and (item.transfer_syntax != EXPLICIT_BE or sent == EXPLICIT_BE):
-            continue
-        ds = pydicom.dcmread(archive.blobs.path(item.blob), defer_size=1024)
+    for item, to_rle in _to_check(stored, syntax):
+        ds = _header(str(archive.blobs.path(item.blob)))
         if _PIXEL_DATA not in ds:
             continue
         if item.transfer_syntax == EXPLICIT_BE:
-            swap_unit(ds, ds.get_item(_PIXEL_DATA).VR or "OW")
+            _pixel_swap_unit(ds)
         if to_rle:
             check_rle(ds)
+
+
+@lru_cache(maxsize=256)
+def _header(path: str) -> pydicom.Dataset:
+    """An instance's data set without its large values, only ever read: blobs are named by
+    their content, so a path's header never changes, and the frames of a Big Endian
+    instance need it once, not once a frame."""
+    return pydicom.dcmread(path, defer_size=1024)
+
+
+def _pixel_swap_unit(ds: pydicom.Dataset) -> int:
+    return swap_unit(ds, ds.get_item(_PIXEL_DATA).VR or "OW")
 
 
 def check_rle(ds: pydicom.Dataset) -> None:
@@ -346,8 +362,7 @@ def frame(archive: Archive, table: FrameTable, number: int, as_stored: bool) -> 
 def frame_swap_unit(archive: Archive, table: FrameTable) -> int:
     """`swap_unit` of a Big Endian instance's Pixel Data, from its header (NotAcceptable when
     its frames have no little endian form)."""
-    ds = pydicom.dcmread(archive.blobs.path(table.blob), defer_size=1024)  # the header, not the pixels
-    return swap_unit(ds, ds.get_item(_PIXEL_DATA).VR or "OW")
+    return _pixel_swap_unit(_header(str(archive.blobs.path(table.blob))))
 
 
 def _little_endian_frame(archive: Archive, table: FrameTable, number: int) -> bytes:

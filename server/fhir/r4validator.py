@@ -223,10 +223,8 @@ class Binding:
                 f"has no coding, and one from the required value set {self.value_set} ({self.listed}) "
                 "is required (text alone does not satisfy a required binding)"
             )
-        for coding in codings:
-            codes = self.codes.get(coding.get("system"))
-            if codes is not None and coding.get("code") in codes:
-                return None
+        if any(self.includes(coding) for coding in codings):
+            return None
         found = ", ".join(_shown(coding) for coding in codings)
         return f"none of its codings ({found}) is in the required value set {self.value_set} ({self.listed})"
 

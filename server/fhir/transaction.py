@@ -427,9 +427,7 @@ async def transaction(
 async def _read_in(session: AsyncClientSession, request: Request, dispatch: Dispatch) -> Entry:
     """A GET or HEAD entry, run in the transaction after its writes; its failure (>= 400)
     is the transaction's, pointed at the entry's request.url."""
-    entry = await _dispatched(request, dispatch, session=session)
-    assert entry.response is not None
-    status = int(entry.response["status"].split(" ", 1)[0])
+    status, entry = await _dispatched(request, dispatch, session=session)
     if status >= 400:
         issues = issues_of(entry.response.get("outcome"), f"{request.method} {request.url} answered {status}")
         raise _with_entry(FhirError(status, issues), request.index, "request.url")
@@ -489,7 +487,8 @@ def _headers(request: Request) -> dict[str, str]:
 
 async def _dispatched(
     request: Request, dispatch: Dispatch, representation: bool = True, session: AsyncClientSession | None = None
-) -> Entry:
+) -> tuple[int, Entry]:
+    """An entry sent through the server's own routes: its status and response entry."""
     body = None
     headers = _headers(request)
     if request.resource is not None:
@@ -516,7 +515,7 @@ async def _dispatched(
     if status >= 400:
         response["outcome"] = jsonio.loads(payload) if payload else None
         resource = None
-    return Entry(None, resource, response=response)
+    return status, Entry(None, resource, response=response)
 
 
 async def _batch_entry(
@@ -529,7 +528,7 @@ async def _batch_entry(
         request = parse_entry(index, entry, base)
         if envelope:
             raise FhirError(400, envelope)
-        return await _dispatched(request, dispatch, representation)
+        return (await _dispatched(request, dispatch, representation))[1]
     except FhirError as exc:
         return Entry(response={"status": status_line(exc.status), "outcome": outcome_json(exc.issues)})
 
