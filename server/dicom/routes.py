@@ -324,8 +324,12 @@ async def _retrieve(request: Request, study: str, series: str | None, sop: str |
         for item in stored:
             yield media_type(item), length(item), _instance(archive, item, syntax)
 
+    headers: dict[str, str] = {}
+    if all(wado.sent_syntax(item, syntax) == item.transfer_syntax for item in stored):  # sizes known
+        sized = ((media_type(item), length(item), item.size) for item in stored)
+        headers["Content-Length"] = str(multipart.body_length(boundary, sized))
     return StreamingResponse(
-        multipart.parts(boundary, bodies()),
+        multipart.parts(boundary, bodies()), headers=headers,
         media_type=multipart.content_type("application/dicom", boundary, None if syntax == "*" else syntax),
     )
 

@@ -246,6 +246,7 @@ def test_implicit_vr_instance_asked_for_as_stored_comes_in_explicit_vr(http, dic
     for resource in (f"studies/{study}", f"studies/{study}/series/{series}", instance):
         response = http.get(resource, headers=DICOM_ANY)
         assert response.status_code == 200, response.text
+        assert "content-length" not in response.headers  # a transcoded part's length is not known up front
         for headers, body in zip(part_headers(response), parts(response)):
             ds = pydicom.dcmread(io.BytesIO(body))
             sop = ds.SOPInstanceUID
@@ -274,6 +275,29 @@ def test_implicit_vr_instance_asked_for_as_stored_comes_in_explicit_vr(http, dic
     # the pixel data's bulk data URI gives the same (little endian) bytes either way
     bulk = http.get(instance + "/metadata").json()[0]["7FE00010"]["BulkDataURI"]
     assert parts(http.get(bulk)) == [original.PixelData]
+
+
+def test_retrieval_as_stored_gives_its_length(http, dicomweb):
+    """A study or series sent as stored has a Content-Length (the sum of its parts, no
+    chunked framing), and the body is exactly that long and intact."""
+    study, series = generate_uid(), generate_uid()
+    stored = {}
+    for number, name in enumerate(("CT_small.dcm", "MR_small.dcm", "SC_rgb_jpeg_gdcm.dcm")):
+        ds = pydicom.dcmread(get_testdata_file(name))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        out = io.BytesIO()
+        ds.save_as(out)
+        stored[ds.SOPInstanceUID] = out.getvalue()
+    body, content_type = multipart_body(list(stored.values()))
+    assert http.post("studies", content=body, headers={"Content-Type": content_type}).status_code == 200
+    for resource in (f"studies/{study}", f"studies/{study}/series/{series}"):
+        response = http.get(resource, headers=DICOM_ANY)
+        assert int(response.headers["content-length"]) == len(response.content), resource
+        assert "transfer-encoding" not in response.headers
+        assert sorted(parts(response)) == sorted(stored.values())
+    retrieved = dicomweb.retrieve_study(study, media_types=(("application/dicom", "*"),))
+    assert {ds.SOPInstanceUID for ds in retrieved} == set(stored)
 
 
 def test_as_stored_needs_transcoding_within_the_limit():
