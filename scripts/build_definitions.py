@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from server.fhir.search.fhirpath import expression_for_base, split_union
+from terminology.builtin import UCUM
 
 OUT = Path(__file__).resolve().parent.parent / "server" / "fhir" / "definitions"
 
@@ -168,22 +169,35 @@ def required_codes(definition: dict, value_sets: ValueSets) -> dict[str, list]:
 def required_concepts(definition: dict, value_sets: ValueSets) -> dict[str, list]:
     """Per Coding or CodeableConcept element with a required binding whose concepts can be
     listed: [the value set's URL, {system: its codes in that system}]. The validator
-    refuses a Coding, or a CodeableConcept none of whose codings, is one of them.
+    refuses a Coding, or a CodeableConcept none of whose codings, is one of them. A value
+    set that is all of UCUM gives {UCUM: None}: a unit is in it when it parses by UCUM's
+    grammar, which the validator checks (UCUM's units are made by a grammar, not listed).
 
-    R4 binds 14 such elements, all CodeableConcepts; 10 are listed. The other 4 bind to
-    value sets the package cannot enumerate: `ucum-units` (all of UCUM, a grammar:
-    EffectEvidenceSynthesis.effectEstimate.unitOfMeasure,
+    R4 binds 14 such elements, all CodeableConcepts: 10 to listed value sets, 3 to
+    `ucum-units` (EffectEvidenceSynthesis.effectEstimate.unitOfMeasure,
     ResearchElementDefinition.characteristic.unitOfMeasure,
-    RiskEvidenceSynthesis.riskEstimate.unitOfMeasure) and LOINC answer list `LL379-9`
-    (MolecularSequence.structureVariant.variantType; LOINC is not in the package)."""
+    RiskEvidenceSynthesis.riskEstimate.unitOfMeasure), and one is not checked: LOINC
+    answer list `LL379-9` (MolecularSequence.structureVariant.variantType; LOINC is not in
+    the package)."""
     table = {}
     for path, types, url in _required_bindings(definition):
-        if types in (["Coding"], ["CodeableConcept"]) and (concepts := value_sets.concepts(url)) is not None:
+        if types not in (["Coding"], ["CodeableConcept"]):
+            continue
+        if _all_of(value_sets.value_sets.get(url), UCUM):
+            table[path] = [url, {UCUM: None}]
+        elif (concepts := value_sets.concepts(url)) is not None:
             systems: dict[str, list[str]] = {}
             for system, code in sorted(concepts):
                 systems.setdefault(system, []).append(code)
             table[path] = [url, systems]
     return table
+
+
+
+def _all_of(value_set: dict | None, system: str) -> bool:
+    """Whether the value set is every code of `system` (one include naming only it)."""
+    compose = (value_set or {}).get("compose", {})
+    return compose.get("include") == [{"system": system}] and not compose.get("exclude")
 
 
 def structure(definitions: list[dict], value_sets: ValueSets) -> dict[str, dict]:

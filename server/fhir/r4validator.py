@@ -50,6 +50,7 @@ from server.fhir import primitives
 from server.fhir.definitions import resource_types
 from server.fhir.outcome import Issue
 from server.fhir.structure import table
+from terminology.builtin import UCUM, ucum_valid
 
 PRIMITIVE, COMPLEX, RESOURCE = 0, 1, 2
 
@@ -155,7 +156,7 @@ def _compile(key: str) -> Node:
     for path, (value_set, systems) in definition.get("coded", {}).items():
         rule = result.rules.get(path[len(prefix):]) if path.startswith(prefix) else None
         if rule is not None and rule.kind == COMPLEX:
-            codes = {system: frozenset(c) for system, c in systems.items()}
+            codes = {system: frozenset(c) if c is not None else None for system, c in systems.items()}
             rule.binding = Binding(value_set, codes, concept=rule.type == "CodeableConcept")
     if key == "Reference":
         result.rules["reference"].check = _literal_reference
@@ -195,20 +196,31 @@ class Binding:
     fails, and so does one with only `text`: a required binding leaves no room for a
     concept given as text alone (that is what tells it from an extensible binding, whose
     definition allows "alternate codings (or, data type allowing, text)").
+
+    A value set that is all of UCUM (`ucum-units`) holds every unit UCUM's grammar makes,
+    so there a code is checked by parsing it (`terminology.builtin.ucum_valid`).
     """
 
     __slots__ = ("value_set", "codes", "concept", "listed")
 
-    def __init__(self, value_set: str, codes: dict[str, frozenset[str]], concept: bool) -> None:
+    def __init__(self, value_set: str, codes: dict[str, frozenset[str] | None], concept: bool) -> None:
         self.value_set = value_set
-        self.codes = codes  # per system the value set includes: its codes there
+        self.codes = codes  # per system the value set includes: its codes there (None: all of UCUM)
         self.concept = concept  # a CodeableConcept (else a Coding)
-        self.listed = "; ".join(f"{system}: {', '.join(sorted(c))}" for system, c in sorted(codes.items()))
+        self.listed = "; ".join(
+            f"{system}: {', '.join(sorted(c)) if c is not None else 'any valid UCUM unit'}"
+            for system, c in sorted(codes.items())
+        )
 
     def includes(self, coding: dict[str, Any]) -> bool:
         """Whether a structurally valid Coding is from the value set."""
-        codes = self.codes.get(coding.get("system"))
-        return codes is not None and coding.get("code") in codes
+        system, code = coding.get("system"), coding.get("code")
+        if system not in self.codes:
+            return False
+        codes = self.codes[system]
+        if codes is None:
+            return system == UCUM and isinstance(code, str) and ucum_valid(code)
+        return code in codes
 
     def problem(self, value: dict[str, Any]) -> str | None:
         """Why a structurally valid Coding or CodeableConcept is not from the value set

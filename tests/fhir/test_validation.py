@@ -38,10 +38,18 @@ def observation(**elements: Any) -> dict[str, Any]:
 CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
 VER_STATUS = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
 SNOMED = "http://snomed.info/sct"
+UCUM = "http://unitsofmeasure.org"
 
 
 def condition(**elements: Any) -> dict[str, Any]:
     return {"resourceType": "Condition", "subject": {"reference": "Patient/1"}, **elements}
+
+
+def risk_estimate(unit: dict[str, Any]) -> dict[str, Any]:
+    """An R4 RiskEvidenceSynthesis whose estimate's unit is `unit` (bound to all of UCUM)."""
+    return {"resourceType": "RiskEvidenceSynthesis", "status": "draft", "population": {"reference": "EvidenceVariable/1"},
+            "outcome": {"reference": "EvidenceVariable/2"},
+            "riskEstimate": {"value": 0.2, "unitOfMeasure": unit}}
 
 
 def concept(*codings: tuple[str | None, str], **elements: Any) -> dict[str, Any]:
@@ -140,6 +148,10 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         condition(id="c", clinicalStatus=concept((CLINICAL, "bogus")))]}, "Patient.contained[0].clinicalStatus", "value"),
     ("bound CodeableConcept in a Bundle entry", {"resourceType": "Bundle", "type": "collection", "entry": [
         {"resource": condition(verificationStatus=concept(text="confirmed"))}]}, "Bundle.entry[0].resource.verificationStatus", "value"),
+    ("unit outside UCUM on a ucum-units binding", risk_estimate(concept((UCUM, "mg/dL/"))),
+     "RiskEvidenceSynthesis.riskEstimate.unitOfMeasure", "value"),
+    ("unit of another system on a ucum-units binding", risk_estimate(concept(("http://example.org/units", "mg/dL"))),
+     "RiskEvidenceSynthesis.riskEstimate.unitOfMeasure", "value"),
     ("empty string", {"resourceType": "Patient", "name": [{"family": ""}]}, "Patient.name[0].family", "value"),
     ("string over 1 MiB", {"resourceType": "Patient", "name": [{"family": "a" * (1024 * 1024 + 1)}]}, "Patient.name[0].family", "value"),
     ("string with a form feed", {"resourceType": "Patient", "name": [{"family": "a\fb"}]}, "Patient.name[0].family", "value"),
@@ -217,6 +229,8 @@ VALID: list[tuple[str, dict[str, Any]]] = [
     ("required CodeableConcept with a nested concept", condition(clinicalStatus={
         "coding": [{"system": CLINICAL, "version": "4.0.1", "code": "relapse", "display": "Relapse", "userSelected": True}]})),
     ("required CodeableConcept absent", condition(code=concept((SNOMED, "44054006")))),
+    ("UCUM units on a ucum-units binding", risk_estimate(concept((UCUM, "mg/dL"), ("http://example.org/units", "x")))),
+    ("UCUM annotation on a ucum-units binding", risk_estimate(concept((UCUM, "{events}/(100.a)")))),
 ]
 
 
@@ -285,7 +299,11 @@ def test_checked_coded_bindings_are_the_enumerable_ones() -> None:
         "Measure.improvementNotation": "http://hl7.org/fhir/ValueSet/measure-improvement-notation",
         "MeasureReport.improvementNotation": "http://hl7.org/fhir/ValueSet/measure-improvement-notation",
         "SupplyDelivery.type": "http://hl7.org/fhir/ValueSet/supplydelivery-type",
+        "EffectEvidenceSynthesis.effectEstimate.unitOfMeasure": "http://hl7.org/fhir/ValueSet/ucum-units",
+        "ResearchElementDefinition.characteristic.unitOfMeasure": "http://hl7.org/fhir/ValueSet/ucum-units",
+        "RiskEvidenceSynthesis.riskEstimate.unitOfMeasure": "http://hl7.org/fhir/ValueSet/ucum-units",
     }
+    assert table()["RiskEvidenceSynthesis"]["coded"]["RiskEvidenceSynthesis.riskEstimate.unitOfMeasure"][1] == {UCUM: None}
     condition_clinical = table()["Condition"]["coded"]["Condition.clinicalStatus"][1]
     assert condition_clinical == {CLINICAL: ["active", "inactive", "recurrence", "relapse", "remission", "resolved"]}
 
@@ -306,9 +324,6 @@ def test_unchecked_coded_bindings_are_those_the_definitions_cannot_enumerate() -
     assert len(bound) == 14 and {types for types, _ in bound.values()} == {("CodeableConcept",)}
     checked = {path for entry in table().values() for path in entry.get("coded", {})}
     assert {path: value_set for path, (_, value_set) in bound.items() if path not in checked} == {
-        "EffectEvidenceSynthesis.effectEstimate.unitOfMeasure": "http://hl7.org/fhir/ValueSet/ucum-units",
-        "ResearchElementDefinition.characteristic.unitOfMeasure": "http://hl7.org/fhir/ValueSet/ucum-units",
-        "RiskEvidenceSynthesis.riskEstimate.unitOfMeasure": "http://hl7.org/fhir/ValueSet/ucum-units",
         "MolecularSequence.structureVariant.variantType": "http://loinc.org/vs/LL379-9",
     }
 
