@@ -113,8 +113,24 @@ def date_condition(prefix: str, text: str, name: str, lo: str = "lo", hi: str = 
 
 def number_condition(prefix: str, text: str, name: str, lo: str = "lo", hi: str = "hi") -> Filter:
     value, low, high = parse_number(text, name)
+    return precise_condition(prefix, value, low, high, lo, hi)
+
+
+def precise_condition(prefix: str, value: float, low: float, high: float, lo: str, hi: str) -> Filter:
+    """Conditions on a stored number range [lo, hi] for a number search value (search.html#number).
+
+    Only `eq`, `ne` and `ap` use the range the value's precision implies, and that range
+    is half-open ("`100` ... the range [99.5 ... 100.5)"), so `99` does not find 99.5.
+    "When a comparison prefix in the set lgt, lt, ge, le, sa & eb is provided, the implicit
+    precision of the number is ignored, and they are treated as if they have arbitrarily
+    high precision": `le1e2` is `<= 100` exactly, not `<= 150`.
+    """
+    if prefix == "eq":
+        return {lo: {"$gte": low}, hi: {"$lt": high}}
+    if prefix == "ne":
+        return {"$or": [{lo: {"$lt": low}}, {hi: {"$gte": high}}]}
     gap = abs(value) * 0.1
-    return range_condition(prefix, low, high, value, value, lo, hi, (value - gap, value + gap))
+    return range_condition(prefix, value, value, value, value, lo, hi, (value - gap, value + gap))
 
 
 def quantity_condition(raw: str, name: str, suffix: str = "") -> Filter:
@@ -130,8 +146,7 @@ def quantity_condition(raw: str, name: str, suffix: str = "") -> Filter:
         converted = canonical_range(low, high, code)
         exact = canonical_range(value, value, code)
         if converted is not None and exact is not None:
-            gap = abs(exact[0]) * 0.1
-            condition = range_condition(prefix, converted[0], converted[1], exact[0], exact[1], lo, hi, (exact[0] - gap, exact[1] + gap))
+            condition = precise_condition(prefix, exact[0], converted[0], converted[1], lo, hi)
             return {**condition, s: "~", c: converted[2]} if "$or" not in condition else {"$and": [condition, {s: "~", c: converted[2]}]}
     condition = number_condition(prefix, number, name, lo, hi)
     extra: Filter = {}

@@ -135,6 +135,35 @@ def test_numbers_and_quantities(fhir, dataset, query, expected):
     assert found(fhir, dataset, query) == expected
 
 
+@pytest.mark.parametrize(
+    "query,expected",
+    [
+        # "[parameter]=100: ... searching for values in the range [99.5 ... 100.5)": the
+        # upper end is open, so 99 ([98.5, 99.5)) does not find 99.5, and 101 finds 100.6
+        ("Observation?value-quantity=99", set()),
+        ("Observation?value-quantity=ne99", {"o1", "o2", "o3", "o4"}),
+        ("Observation?value-quantity=101", {"o4"}),
+        ("Observation?value-quantity=1.5|http://unitsofmeasure.org|g/L", {"o1"}),
+        ("Observation?value-quantity=1|http://unitsofmeasure.org|g/L", {"o2"}),  # [0.5, 1.5) g/L
+        # "When a comparison prefix in the set lgt, lt, ge, le, sa & eb is provided, the
+        # implicit precision of the number is ignored": ge1e2 is >= exactly 100 (not 50)
+        ("Observation?value-quantity=ge1e2", {"o2", "o4"}),
+        ("Observation?value-quantity=le1e2", {"o1", "o2", "o3"}),
+        ("Observation?value-quantity=gt1e2", {"o4"}),
+        ("Observation?value-quantity=lt1e2", {"o1", "o3"}),
+        ("Observation?value-quantity=sa1e2", {"o4"}),
+        ("Observation?value-quantity=eb1e2", {"o1", "o3"}),
+        ("Observation?value-quantity=le1e2|http://unitsofmeasure.org|mg/dL", {"o2"}),  # 1.5 g/L is 150 mg/dL
+        ("Observation?value-quantity=ge1e2|http://unitsofmeasure.org|mg/dL", {"o1", "o2"}),
+        ("RiskAssessment?probability=ge1", set()),
+        ("RiskAssessment?probability=le0.7", set()),
+        ("Observation?code-value-quantity=8867-4$le1e2", {"o3"}),
+    ],
+)
+def test_number_precision_is_a_half_open_range_and_prefixes_ignore_it(fhir, dataset, query, expected):
+    assert found(fhir, dataset, query) == expected
+
+
 def test_references(fhir, dataset):
     p1, p3 = dataset["p1"], dataset["p3"]
     assert found(fhir, dataset, f"Observation?subject=Patient/{p1}") == {"o1", "o2"}
