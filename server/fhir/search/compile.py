@@ -483,10 +483,27 @@ def presence(parameter: SearchParameter) -> Filter:
     if parameter.type in ("date", "number", "quantity"):
         return {"s.v.p": p}
     if parameter.type == "composite":
-        return {"s.c.p": p}
+        return composite_presence(parameter)
     if parameter.type == "special":
         return {"s.g": {"$exists": True}}
     return anchored(p, _SEPARATORS[parameter.type])
+
+
+def composite_presence(parameter: SearchParameter) -> Filter:
+    """A composite has a value where it stored an entry (pairs below the resource) or, for a
+    composite of the resource itself (`Observation?code-value-quantity`, which stores no
+    entries: see terms.Plan.root_components), where each component's own parameter has one."""
+    stored: Filter = {"s.c.p": parameter.code}
+    plan = terms.plan_of(parameter)
+    if not plan.root_components:
+        return stored
+    conditions = []
+    for code in plan.root_components:
+        component = REGISTRY.get(parameter.base, code)
+        assert component is not None
+        conditions.append(presence(component))
+    on_resource = all_of(conditions)
+    return {"$or": [stored, on_resource]} if plan.components else on_resource
 
 
 def type_filter(types: tuple[str, ...], live: bool = False) -> Filter:

@@ -194,6 +194,18 @@ def test_composites(fhir, dataset):
     assert found(fhir, dataset, "Observation?component-code-value-quantity=8480-6$121") == set()
 
 
+def test_missing_on_composites_of_the_resource_itself(fhir, dataset):
+    """`code-value-quantity` pairs `Observation.code` with `Observation.value` (its
+    expression is the resource itself): an Observation with a code and a valueQuantity has
+    a value for it. search.html: "missing=true ... returns all resources that don't have a
+    value for the parameter", and missing=false those that do."""
+    assert found(fhir, dataset, "Observation?code-value-quantity:missing=false") == {"o1", "o2", "o3", "o4"}
+    assert found(fhir, dataset, "Observation?code-value-quantity:missing=true") == set()
+    assert found(fhir, dataset, "Observation?component-code-value-quantity:missing=false") == {"o3"}
+    assert found(fhir, dataset, "Observation?component-code-value-quantity:missing=true") == {"o1", "o2", "o4"}
+    assert found(fhir, dataset, "Observation?combo-code-value-quantity:missing=false") == {"o1", "o2", "o3", "o4"}
+
+
 def test_common_parameters(fhir, dataset):
     assert found(fhir, dataset, "Patient?_profile=http://example.org/StructureDefinition/vip") == {"p1"}
     assert found(fhir, dataset, "Patient?_security=urn:sec|R") == {"p1"}
