@@ -546,6 +546,12 @@ async def search_compartment(request: Request, compartment: str, id: str, type: 
     return await search_routes.search(request, search_routes.compartment_scope(compartment, id, type))
 
 
+@route("search-type", "type", "POST", "/{compartment:type}/{id}/{type}/_search")
+async def search_compartment_post(request: Request, compartment: str, id: str, type: str) -> Response:
+    scope = search_routes.compartment_scope(compartment, id, type)
+    return await search_routes.search(request, scope, await search_routes.form(request))
+
+
 @route("update", "instance", "PUT", "/{type:type}")
 async def conditional_update(request: Request, type: str) -> Response:
     negotiated = negotiate(request)

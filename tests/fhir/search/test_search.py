@@ -360,6 +360,13 @@ def test_compartments(fhir, dataset):
     assert fhir.get(f"Patient/{p1}/ValueSet").status_code == 400  # not in the compartment
     assert fhir.get(f"Observation/{p1}/Patient").status_code == 404  # not a compartment
     assert fhir.get(f"Patient/{p1}/_history").status_code == 200  # literal routes still win
+    # the POST form (http.html#search), parameters in the body and the URL
+    posted = fhir.post(f"Patient/{p1}/Observation/_search", params={"_tag": dataset.tag}, content="code=2345-7",
+                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert posted.status_code == 200, posted.text
+    assert {e["resource"]["id"] for e in posted.json()["entry"]} == {dataset["o1"], dataset["o2"]}
+    everything = fhir.post(f"Patient/{p1}/*/_search", content="", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert {e["resource"]["id"] for e in everything.json()["entry"]} >= {dataset[k] for k in ("p1", "o1", "o2", "e1", "ra1")}
 
 
 def test_unknown_parameters_strict_and_lenient(fhir, dataset):
