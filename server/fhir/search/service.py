@@ -64,12 +64,16 @@ class Page:
 def parse_request(request: SearchRequest) -> SearchQuery:
     types = request.types
     types_given = [v for k, v in request.items if k == "_type"]
+    wanted = tuple(t.strip() for v in types_given for t in v.split(",") if t.strip())
     if types_given and len(types) > 1:
-        wanted = tuple(t.strip() for v in types_given for t in v.split(",") if t.strip())
         unknown = [t for t in wanted if t not in resource_types()]
         if unknown:
             raise error(400, "value", f"_type: {', '.join(unknown)} is not a resource type", "_type")
         types = wanted
+    elif types_given and set(wanted) != set(types):
+        # a search of one type cannot widen or change it: answering with that type's
+        # resources as if _type had been heard would mislead
+        raise error(400, "value", f"_type: this is a search of {types[0]} alone", "_type")
     items = [(k, v) for k, v in request.items if k != "_type"]
     parsed = parsing.parse(types, items, request.lenient, request.max_page_size)
     if types_given:

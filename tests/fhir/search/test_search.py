@@ -379,7 +379,7 @@ def test_unknown_parameters_strict_and_lenient(fhir, dataset):
     assert "nonsense" not in self_link and "family=smith" in self_link
     for bad in ("Patient?birthdate=notadate", "Patient?gender:exact=male", "Observation?value-quantity=abc",
                 "Patient?_sort=nonsense", "Patient?_count=-1", "Patient?_summary=maybe", "Observation?code:in=http://x/vs",
-                "Patient?_include=Observation:subject", "Observation?subject.nonsense=1"):
+                "Patient?_include=Observation:subject", "Observation?subject.nonsense=1", "Patient?_type=Observation"):
         response = fhir.get(bad)
         assert response.status_code == 400, (bad, response.text)
         assert response.json()["resourceType"] == "OperationOutcome"
