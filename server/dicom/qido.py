@@ -237,7 +237,7 @@ def matcher(key: Key, value: str, fuzzy: bool) -> Json | None:
             if not tokens:
                 return None
             return {f"{field_name}~": {"$all": [re.compile("^" + re.escape(t)) for t in tokens]}}
-        return _string(field_name, fold(value))
+        return _person_name(field_name, value)
     if key.keyword == "ModalitiesInStudy" and ("\\" in value or "," in value):
         return {field_name: {"$in": [v.strip() for v in re.split(r"[,\\]", value) if v.strip()]}}
     return _string(field_name, value)
@@ -245,9 +245,29 @@ def matcher(key: Key, value: str, fuzzy: bool) -> Json | None:
 
 def _string(field_name: str, value: str) -> Json:
     if "*" in value or "?" in value:
-        pattern = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in value)
-        return {field_name: re.compile(f"^{pattern}$", re.DOTALL)}
+        return {field_name: re.compile(f"^{_wildcards(value)}$", re.DOTALL)}
     return {field_name: value}
+
+
+def _wildcards(value: str) -> str:
+    """A regular expression for `value` with the PS3.4 C.2.2.2.4 wildcards `*` and `?`."""
+    return "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in value)
+
+
+def _person_name(field_name: str, value: str) -> Json | None:
+    """Single value or wildcard matching of a person name, case-insensitively (PS3.4
+    C.2.2.2.1 allows it for PN), that ignores trailing empty components.
+
+    PS3.5 6.2 (PN): "Trailing null components and their delimiters may be omitted", so
+    "DOE^JOHN^^^" and "Doe^John" are the same name: modalities often send the first, and a
+    viewer types the second. The stored (`normalize`d) form keeps the carets as received,
+    so the query drops its own and accepts any number after the name; an all-caret name
+    is empty, which is universal matching (C.2.2.2.3). The pattern is anchored and starts
+    with the name's literal prefix, so MongoDB still answers it from the index."""
+    name = fold(value).rstrip("^")
+    if not name or name == "*":
+        return None
+    return {field_name: re.compile(f"^{_wildcards(name)}\\^*$", re.DOTALL)}
 
 
 def _range(key: Key, value: str) -> Json | str:

@@ -300,6 +300,23 @@ def test_find_declares_utf8(server, tmp_path):
         assert answers[0].PatientName.original_string == name.encode(), level
 
 
+def test_find_person_name_without_trailing_empty_components(server, tmp_path):
+    """PS3.5 6.2: trailing empty PN components and their carets may be omitted, so a C-FIND
+    for "Doe^Jim" finds a patient stored as "DOE^JIM^^^" (and the other way round)."""
+    port = str(dicom_port(server))
+    patient_id = "DPN-" + generate_uid()[-8:]
+    path = tmp_path / "pn.dcm"
+    path.write_bytes(encode(ct_instance(patient_id=patient_id, patient_name="DOE^JIM^^^")))
+    assert run("storescu", "-aec", "KUROSHIO", "127.0.0.1", port, str(path)).returncode == 0
+    for query in ("Doe^Jim", "DOE^JIM^^", "DOE^JIM^^^"):
+        out = tmp_path / query.replace("^", "_")
+        out.mkdir()
+        result = run("findscu", "-aec", "KUROSHIO", "-S", "-k", "QueryRetrieveLevel=STUDY", "-k", f"PatientID={patient_id}",
+                     "-k", f"PatientName={query}", "-X", "-od", str(out), "127.0.0.1", port)
+        assert result.returncode == 0, result.stderr
+        assert len(list(out.iterdir())) == 1, query
+
+
 def test_study_root_has_no_patient_level(mover, tmp_path):
     """PS3.4 C.6.2: Study Root levels are STUDY, SERIES and IMAGE; PATIENT is refused (0xA900)."""
     live, received = mover

@@ -62,6 +62,23 @@ def test_matching(http, corpus):
     assert uids(get(PatientID='{"$gt": ""}')) == []  # a value is data, never an operator
 
 
+def test_person_names_match_without_trailing_empty_components(http):
+    """PS3.5 6.2 (PN): "Trailing null components and their delimiters may be omitted", so
+    "Doe^John^^^" and "Doe^John" are one name; a query written either way finds it."""
+    tag = generate_uid()[-10:]
+    stored = {"Roe^Richard^^^": generate_uid(), "ROE^RITA": generate_uid()}
+    parts = [encode(ct_instance(study, patient_id=f"PN{tag}", patient_name=name)) for name, study in stored.items()]
+    body, content_type = multipart_body(parts)
+    assert http.post("studies", content=body, headers={"Content-Type": content_type}).status_code == 200
+    get = lambda name: uids(http.get("studies", params={"PatientID": f"PN{tag}", "PatientName": name}, headers=JSON))
+    assert get("Roe^Richard") == [stored["Roe^Richard^^^"]]
+    assert get("roe^richard^^^^") == [stored["Roe^Richard^^^"]]
+    assert get("Roe^Rita^^") == [stored["ROE^RITA"]]
+    assert get("Roe^R?ta") == [stored["ROE^RITA"]]
+    assert get("Roe^Ric?ard") == [stored["Roe^Richard^^^"]]  # a wildcard query ignores trailing carets too
+    assert get("Roe") == []  # still single value matching of the whole name, not a prefix
+
+
 def test_levels_includefield_paging_and_warnings(http, corpus):
     tag, (a, b, c) = corpus
     study = http.get("studies", params={"StudyInstanceUID": a}, headers=JSON).json()[0]
