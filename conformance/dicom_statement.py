@@ -174,8 +174,10 @@ def statement() -> str:
     lines += [f"| {UID(t).name} ({t}) | {m} |" for t, m in wado.FRAME_MEDIA_TYPES.items()]
     lines += [
         "",
-        "Rendered and thumbnail resources produce image/jpeg or image/png, with the `window`,",
-        "`viewport` and `quality` parameters.",
+        "Rendered and thumbnail resources produce image/jpeg or image/png, with the `accept`,",
+        "`window`, `viewport` and `quality` parameters. The `accept` parameter (PS3.18 8.3.3.1)",
+        "takes precedence over the Accept header, whose ranges its types must fall in (else",
+        "406); a type other than those two gives image/jpeg.",
         "",
         "An Accept naming the stored frame media type with another transfer syntax of that",
         "media type (e.g. image/jpeg with JPEG Lossless for a JPEG Baseline frame) is answered",

@@ -469,13 +469,45 @@ async def retrieve_bulkdata(request: Request, study: str, series: str, sop: str,
 # --- WADO-RS: rendered and thumbnails ---------------------------------------------------------
 
 
+RENDERED_TYPES = ("image/jpeg", "image/png")  # the first is the default (PS3.18 Table 8.7.4-1)
+
+
 def _image_type(request: Request) -> str:
-    for media in multipart.accept(request.headers.get("accept")):
-        if media.media_type in ("image/jpeg", "image/png"):
+    """The rendered media type: from the `accept` query parameter when there is one, else
+    from the Accept header.
+
+    PS3.18 8.3.5 says "All Retrieve transactions for Rendered Media Types shall support
+    these parameters", and its Table 8.3.5-1 starts with `accept` (8.3.3.1), which is how
+    a hyperlink (an <img src>) asks for a type. Per 8.3.3.1 its types have no wildcards
+    and "shall be compatible with a media range in the Accept Header Field"; DICOM and
+    non-DICOM types together are a 400; and "If none of the Acceptable Media Types ... are
+    supported by the origin server, the origin server response shall be in the default
+    Media Type for the Resource Category", image/jpeg for images."""
+    header = multipart.accept(request.headers.get("accept"))
+    parameter = ",".join(request.query_params.getlist("accept"))
+    if parameter:
+        asked = [media.media_type for media in multipart.accept(parameter)]  # best first
+        if any(t.startswith("application/dicom") for t in asked) and any(not t.startswith("application/dicom") for t in asked):
+            raise DicomWebError(400, "The accept parameter mixes DICOM and non-DICOM media types")
+        compatible = [t for t in asked if "*" not in t and _accepted_by(t, header)]
+        if not compatible:
+            raise DicomWebError(406, "The accept parameter names no media type the Accept header allows")
+        for media_type in compatible:
+            if media_type in RENDERED_TYPES:
+                return media_type
+        return RENDERED_TYPES[0]
+    for media in header:
+        if media.media_type in RENDERED_TYPES:
             return media.media_type
         if media.media_type in ("*/*", "image/*"):
-            return "image/jpeg"
+            return RENDERED_TYPES[0]
     raise DicomWebError(406, "Rendered images are available as image/jpeg or image/png")
+
+
+def _accepted_by(media_type: str, header: list[multipart.MediaRange]) -> bool:
+    """Whether the Accept header's media ranges take `media_type` (RFC 9110 12.5.1)."""
+    kind = media_type.split("/")[0] + "/*"
+    return any(media.media_type in (media_type, kind, "*/*") for media in header)
 
 
 async def _rendered(

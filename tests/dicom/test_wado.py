@@ -154,6 +154,30 @@ def test_delete_levels(http, dicomweb):
     assert http.delete("studies/not-a-uid").status_code == 400
 
 
+def test_rendered_accept_query_parameter(http):
+    """PS3.18 8.3.5: "All Retrieve transactions for Rendered Media Types shall support these
+    parameters", and Table 8.3.5-1 lists `accept` (8.3.3.1) first: a hyperlink such as
+    <img src=".../rendered?accept=image/png"> cannot set an Accept header. Media types the
+    server does not render fall back to the default, image/jpeg (8.3.3.1)."""
+    ds = ct_instance(size=32)
+    body, content_type = multipart_body([encode(ds)])
+    assert http.post("studies", content=body, headers={"Content-Type": content_type}).status_code == 200
+    url = f"studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    for path in (f"{url}/rendered", f"{url}/frames/1/rendered", f"{url}/thumbnail",
+                 f"studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/thumbnail"):
+        png = http.get(path, params={"accept": "image/png"})
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png", path
+        assert png.content.startswith(b"\x89PNG"), path
+    weighted = http.get(f"{url}/rendered", params={"accept": "image/gif,image/png;q=0.5,image/jpeg;q=0.2"})
+    assert weighted.headers["content-type"] == "image/png"
+    fallback = http.get(f"{url}/rendered", params={"accept": "image/gif"})
+    assert fallback.status_code == 200 and fallback.headers["content-type"] == "image/jpeg"
+    # the query parameter's types must be compatible with the Accept header (8.3.3.1)
+    assert http.get(f"{url}/rendered", params={"accept": "image/png"}, headers={"Accept": "image/jpeg"}).status_code == 406
+    mixed = http.get(f"{url}/rendered", params={"accept": "application/dicom,image/png"})
+    assert mixed.status_code == 400
+
+
 def test_rendered_refusals_are_4xx(http):
     """Malformed rendered and thumbnail requests are refused with 4xx, never a 5xx."""
     ds = ct_instance(size=16)
