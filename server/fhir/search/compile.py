@@ -29,9 +29,20 @@ MAX_IDS = 10_000
 Filter = dict[str, Any]
 
 
+def literal(text: str) -> str:
+    """`text` as a MongoDB regex that matches it literally.
+
+    `re.escape` leaves a NUL character as it is, and MongoDB refuses a pattern holding a
+    NUL byte ("Regular expression cannot contain an embedded null byte"), which made a
+    search for `name=%00` a 500. PCRE's `\\x00` escape matches the same character, so a
+    string stored with a NUL (valid FHIR) can still be found.
+    """
+    return re.escape(text).replace("\x00", "\\x00")
+
+
 def anchored(prefix: str, rest: str = "") -> Filter:
     """A regex condition on `s.k` that starts with the literal `prefix` (index-bounded)."""
-    return {"s.k": {"$regex": "^" + re.escape(prefix) + rest}}
+    return {"s.k": {"$regex": "^" + literal(prefix) + rest}}
 
 
 def any_of(conditions: list[Filter]) -> Filter:
@@ -74,8 +85,13 @@ def parse_number(text: str, name: str) -> tuple[float, float, float]:
         raise error(400, "value", f"{name}: {text!r} is not a finite number", name)
     exponent = number.as_tuple().exponent
     assert isinstance(exponent, int)
-    half = Decimal(5).scaleb(exponent - 1)
-    return float(number), float(number - half), float(number + half)
+    try:
+        # past the decimal context's exponent limits (`1e99999999`) scaleb and the sums
+        # raise InvalidOperation: such a number is refused, not a 500
+        half = Decimal(5).scaleb(exponent - 1)
+        return float(number), float(number - half), float(number + half)
+    except InvalidOperation:
+        raise error(400, "value", f"{name}: {text!r} is out of range", name) from None
 
 
 def range_condition(prefix: str, low: Any, high: Any, exact_low: Any, exact_high: Any, lo: str, hi: str, approx: Any) -> Filter:
@@ -108,7 +124,19 @@ def date_condition(prefix: str, text: str, name: str, lo: str = "lo", hi: str = 
     low, high = parse_date(text, name)
     now = datetime.now(UTC)
     gap = max(abs(now - low), timedelta(days=1)) * 0.1
-    return range_condition(prefix, low, high, low, high, lo, hi, (low - gap, high + gap))
+    return range_condition(prefix, low, high, low, high, lo, hi, approximate_dates(low, high, gap))
+
+
+def approximate_dates(low: datetime, high: datetime, gap: timedelta) -> tuple[datetime, datetime]:
+    """`ap`'s range, [low - gap, high + gap], kept within the dates Python can hold.
+
+    Every prefix computes it, so without the bounds a date near year 1 or 9999
+    (`birthdate=sa9999`, `date=eb0001`) raised OverflowError: a 500 for a valid query.
+    """
+    return (
+        low - gap if low - terms.MIN_DATE > gap else terms.MIN_DATE,
+        high + gap if terms.MAX_DATE - high > gap else terms.MAX_DATE,
+    )
 
 
 def number_condition(prefix: str, text: str, name: str, lo: str = "lo", hi: str = "hi") -> Filter:
@@ -290,7 +318,7 @@ class Compiler:
         if modifier == "exact":
             return {"s.k": f"{p}={value[:MAX_KEY]}"}
         if modifier == "contains":
-            return anchored(f"{p}:", ".*" + re.escape(normalize(value)))
+            return anchored(f"{p}:", ".*" + literal(normalize(value)))
         return anchored(f"{p}:{normalize(value)}")
 
     def uri(self, p: str, modifier: str | None, value: str) -> Filter:
@@ -354,9 +382,9 @@ class Compiler:
             kind = component.type
             if kind == "token":
                 key, prefix = token_key(part, name)
-                match[f"k{position}"] = {"$regex": "^" + re.escape(key)} if prefix else key
+                match[f"k{position}"] = {"$regex": "^" + literal(key)} if prefix else key
             elif kind == "string":
-                match[f"k{position}"] = {"$regex": "^" + re.escape(":" + normalize(unescape(part)))}
+                match[f"k{position}"] = {"$regex": "^" + literal(":" + normalize(unescape(part)))}
             elif kind in ("reference", "uri"):
                 match[f"k{position}"] = ">" + unescape(part)
             elif kind == "quantity":
@@ -394,7 +422,7 @@ class Compiler:
             condition: Filter = {"$text": {"$search": search}}
             if special == "_text":
                 words = [w for v in values for w in v.split()]
-                return {"$and": [condition, {"$or": [{"s.tx": {"$regex": re.escape(w), "$options": "i"}} for w in words]}]}
+                return {"$and": [condition, {"$or": [{"s.tx": {"$regex": literal(w), "$options": "i"}} for w in words]}]}
             return condition
         if special == "_list":
             return await self.in_list(values, name)

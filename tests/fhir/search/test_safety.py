@@ -87,3 +87,42 @@ def test_malformed_cursor_is_a_400(fhir):
     for cursor in ("not-base64!", "eyJ4IjoxfQ", "WyJuIixbeyIkZ3QiOiIifV1d"):
         response = fhir.get("Patient", params={"_cursor": cursor})
         assert response.status_code == 400, cursor
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "Patient?birthdate=sa9999",  # the `ap` range of a date near 9999 overflowed
+        "Patient?birthdate=eb0001",
+        "Patient?birthdate=ap0001",
+        "Patient?birthdate=le0001-01-01T00:00:00-14:00",
+        "Observation?date=ap9999",
+        "Patient?family=%00",  # MongoDB refuses a regex holding a NUL byte
+        "Patient?name:contains=a%00b",
+        "Patient?_text=%00",
+    ],
+)
+def test_boundary_dates_and_nul_characters_are_searchable(fhir, dataset, query):
+    response = fhir.get(f"{query}&_tag={dataset.tag}")
+    assert response.status_code == 200, response.text[:300]
+
+
+def test_a_nul_character_is_matched_literally(fhir):
+    import uuid
+
+    from tests.fhir.helpers import FHIR_JSON
+
+    tag = {"system": "urn:kuroshio-test", "code": f"nul-{uuid.uuid4()}"}
+    raw = {"resourceType": "Patient", "meta": {"tag": [tag]}, "name": [{"family": "nul\u0000family"}]}
+    created = fhir.post("Patient", json=raw, headers=FHIR_JSON)
+    assert created.status_code == 201, created.text
+    response = fhir.get(f"Patient?family=nul%00fam&_tag=urn:kuroshio-test|{tag['code']}")
+    assert response.status_code == 200, response.text[:300]
+    assert [e["resource"]["id"] for e in response.json().get("entry", [])] == [created.json()["id"]]
+
+
+def test_a_number_beyond_the_decimal_exponent_range_is_a_400(fhir):
+    for value in ("1e99999999", "1e-99999999"):
+        response = fhir.get("Observation", params={"value-quantity": f"{value}|http://unitsofmeasure.org|kg"})
+        assert response.status_code == 400, response.text[:300]
+        assert response.json()["resourceType"] == "OperationOutcome"
