@@ -108,6 +108,25 @@ def lookup(name: str, level: Level, type_: str | None, method: str) -> Operation
     return op
 
 
+def check_parameters(parameters: dict[str, Any], path: str = "Parameters") -> None:
+    """Refuse a Parameters body whose `parameter` (or any `part`) is not a list of objects
+    each with a string `name`.
+
+    Operation handlers read parameters as `[{"name": ..., "value[x]": ...}]`; a body such
+    as `{"resourceType": "Parameters", "parameter": "x"}` reached them unchecked and
+    failed with AttributeError (a 500) instead of the 400 OperationOutcome it deserves.
+    """
+    field = "parameter" if path == "Parameters" else "part"
+    entries = parameters.get(field, [])
+    if not isinstance(entries, list):
+        raise error(400, "structure", f"{path}.{field} must be an array", f"{path}.{field}")
+    for index, entry in enumerate(entries):
+        where = f"{path}.{field}[{index}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise error(400, "structure", f"{where} must be an object with a string name", where)
+        check_parameters(entry, where)
+
+
 def parameters_from_query(items: list[tuple[str, str]]) -> dict[str, Any]:
     """GET form: each query parameter becomes a string-valued operation parameter."""
     return {

@@ -43,7 +43,7 @@ from server.fhir.http import (
     transaction_session,
 )
 from server.fhir.interactions import Written, parse_etag
-from server.fhir.operations import OperationCall, lookup, parameters_from_query
+from server.fhir.operations import OperationCall, check_parameters, lookup, parameters_from_query
 from server.fhir.outcome import error, information
 from server.fhir.patch import fhirpath_patch, json_patch, merge_patch
 from server.fhir.search import conditional, search_routes
@@ -373,6 +373,7 @@ async def invoke(request: Request, name: str, type_: str | None = None, id_: str
         if not isinstance(document, dict):
             raise error(400, "invalid", "An operation body must be a Parameters resource or a resource")
         if document.get("resourceType") == "Parameters":
+            check_parameters(document)
             parameters = document
         else:
             parameters, body = {"resourceType": "Parameters", "parameter": []}, document

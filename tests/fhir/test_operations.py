@@ -70,3 +70,19 @@ def test_operation_errors(fhir):
     assert_outcome(fhir.post("Patient/$meta-add", content=parameters(), headers=FHIR_JSON), 400)
     assert_outcome(fhir.get("Patient/$frobnicate"), 404)
     assert_outcome(fhir.post("Patient/$validate", content=b"[]", headers=FHIR_JSON), 400)
+
+
+def test_malformed_parameters_body_is_a_400(fhir):
+    """A Parameters body whose `parameter` or `part` is not a list of named objects."""
+    body = created(fhir, "Patient", patient())
+    for malformed in (
+        b'{"resourceType":"Parameters","parameter":"x"}',
+        b'{"resourceType":"Parameters","parameter":[1]}',
+        b'{"resourceType":"Parameters","parameter":[{"valueString":"no name"}]}',
+        b'{"resourceType":"Parameters","parameter":[{"name":"meta","part":"x"}]}',
+        b'{"resourceType":"Parameters","parameter":[{"name":"meta","part":[["nested"]]}]}',
+    ):
+        for path in ("Patient/$validate", f"Patient/{body['id']}/$meta-add", "CodeSystem/$lookup",
+                     "ValueSet/$expand", "ConceptMap/$translate", "$closure"):
+            assert_outcome(fhir.post(path, content=malformed, headers=FHIR_JSON), 400)
+    assert fhir.get(f"Patient/{body['id']}").json()["meta"]["versionId"] == "1"
