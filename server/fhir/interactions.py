@@ -341,6 +341,10 @@ async def patch_in(
     check_if_match(current, if_match)
     assert current.body is not None
     patched = apply(jsonio.loads(current.body))
+    if not isinstance(patched, dict):
+        # a JSON Patch may replace the whole document (`"path": ""`) with an array or a
+        # scalar: not a resource, so a 400 rather than an AttributeError below
+        raise error(400, "invalid", "The patched document is not a resource (a JSON object)")
     if patched.get("resourceType") != type_ or patched.get("id") != id_:
         raise error(400, "invalid", "A patch may not change the resourceType or id")
     await incoming(patched)

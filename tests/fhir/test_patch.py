@@ -121,3 +121,12 @@ def test_json_merge_patch(fhir):
     assert response.json()["birthDate"] == "1999-09-09"
     assert_outcome(fhir.patch(path, content=b'{"birthDate":"soon"}', headers={"Content-Type": "application/merge-patch+json"}), 400)
     assert_outcome(fhir.patch(path, content=b'[1]', headers={"Content-Type": "application/merge-patch+json"}), 400)
+
+
+def test_json_patch_replacing_the_whole_document_with_a_non_object_is_a_400(fhir):
+    body = created(fhir, "Patient", patient())
+    path = f"Patient/{body['id']}"
+    for value in (b"[]", b"7", b'"text"', b"null"):
+        ops = b'[{"op":"replace","path":"","value":' + value + b"}]"
+        assert_outcome(fhir.patch(path, content=ops, headers=JSON_PATCH), 400)
+    assert fhir.get(path).json()["meta"]["versionId"] == "1"  # nothing was written
