@@ -42,13 +42,25 @@ class DicomWebError(Exception):
         self.status = status
 
 
+def warning_text(message: str) -> str:
+    """`message` as the quoted text of a `Warning: 299` header: printable ASCII only.
+
+    Messages quote the client's input (a UID, a query key), and a header value must be
+    latin-1 without control characters: a NUL (`/studies/%00`) made the server drop the
+    connection without an answer, a non-latin-1 character (`/studies/%ED%A0%80`) gave a
+    500. Anything else is written as a Python escape (`\\x00`, `\\ufffd`); the body keeps
+    the message as it is, in UTF-8.
+    """
+    quoted = message.replace('"', "'").replace("\r", " ").replace("\n", " ")
+    return "".join(c if " " <= c <= "~" else ascii(c)[1:-1] for c in quoted)
+
+
 def error_response(request: Request, status: int, message: str) -> Response:
-    warning = message.replace('"', "'").replace("\r", " ").replace("\n", " ")
     return Response(
-        message.encode(),
+        message.encode("utf-8", "backslashreplace"),
         status,
         media_type="text/plain; charset=utf-8",
-        headers={"Warning": f'299 kuroshio "{warning[:900]}"'},
+        headers={"Warning": f'299 kuroshio "{warning_text(message)[:900]}"'},
     )
 
 
@@ -234,7 +246,7 @@ async def _search(request: Request, level: str, scope: dict[str, str]) -> Respon
     warnings = []
     if query.unsupported:
         names = ", ".join(sorted(set(query.unsupported)))
-        warnings.append(f'299 kuroshio "The following query parameters are not supported and were ignored: {names}"')
+        warnings.append(f'299 kuroshio "{warning_text(f"The following query parameters are not supported and were ignored: {names}")}"')
     if len(results) == qido.MAX_LIMIT:
         warnings.append('299 kuroshio "The number of results exceeded the maximum supported by the server. '
                         'Additional results can be requested with offset."')

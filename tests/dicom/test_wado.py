@@ -485,3 +485,19 @@ def test_rle_for_pixels_rle_cannot_hold_is_406_up_front(http):
     for resource in (f"studies/{ds.StudyInstanceUID}", url):
         assert http.get(resource, headers=rle).status_code == 406, resource
     assert http.get(url, headers=DICOM_ANY).status_code == 200
+
+
+@pytest.mark.parametrize("uid", ["%00", "%ED%A0%80", "%E6%97%A5", "1.2%0A3"])
+def test_invalid_uids_in_paths_are_400_with_an_ascii_warning(http, uid):
+    study = "1.3.6.1.4.1.5962.1.2.1.20040119072730.12322"
+    for method, path in [("GET", f"studies/{uid}"), ("GET", f"studies/{uid}/metadata"),
+                         ("DELETE", f"studies/{uid}"), ("GET", f"studies/{study}/series/{uid}/thumbnail"),
+                         ("GET", f"studies/{study}/series/{uid}/instances/{uid}/frames/1")]:
+        response = http.request(method, path)
+        assert response.status_code == 400, (method, path, response.status_code)
+        assert response.headers["Warning"].startswith("299 ") and response.headers["Warning"].isascii()
+    # the 405 and 404 messages quote the path
+    for method, path, status in [("DELETE", f"studies/{uid}/metadata", 405), ("GET", f"no-such/{uid}", 404)]:
+        response = http.request(method, path)
+        assert response.status_code == status, (method, path, response.status_code)
+        assert response.headers["Warning"].startswith("299 ") and response.headers["Warning"].isascii()
