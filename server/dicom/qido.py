@@ -34,6 +34,7 @@ LEVEL_NAMES = {"study": STUDY, "series": SERIES, "instance": INSTANCE}
 SCOPES = {"study": ("study",), "series": ("study", "series"), "instance": ("study", "series", "instance")}
 CONTROL = {"includefield", "fuzzymatching", "limit", "offset"}
 MAX_LIMIT = 10_000  # results per request; more are paged with offset (Warning says so)
+MAX_WILDCARD_VALUE = 1024  # characters of a value matched as a pattern (see _wildcards)
 
 
 class QueryError(ValueError):
@@ -236,11 +237,17 @@ def matcher(key: Key, value: str, fuzzy: bool) -> Json | None:
             tokens = name_tokens(value.replace("*", " ").replace("?", " "))
             if not tokens:
                 return None
-            return {f"{field_name}~": {"$all": [re.compile("^" + re.escape(t)) for t in tokens]}}
+            return {f"{field_name}~": {"$all": [re.compile("^" + literal(t)) for t in tokens]}}
         return _person_name(field_name, value)
     if key.keyword == "ModalitiesInStudy" and ("\\" in value or "," in value):
         return {field_name: {"$in": [v.strip() for v in re.split(r"[,\\]", value) if v.strip()]}}
     return _string(field_name, value)
+
+
+def literal(text: str) -> str:
+    """`text` as a regex matching it literally, with a NUL written `\\x00`: `re.escape`
+    keeps the NUL itself, which MongoDB refuses in a pattern (a 500 for `PatientID=a%00*`)."""
+    return re.escape(text).replace("\x00", "\\x00")
 
 
 def _string(field_name: str, value: str) -> Json:
@@ -250,8 +257,16 @@ def _string(field_name: str, value: str) -> Json:
 
 
 def _wildcards(value: str) -> str:
-    """A regular expression for `value` with the PS3.4 C.2.2.2.4 wildcards `*` and `?`."""
-    return "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in value)
+    """A regular expression for `value` with the PS3.4 C.2.2.2.4 wildcards `*` and `?`.
+
+    MongoDB refuses a regex past its compiled size ("regular expression is too large": a
+    500 for a value of a few thousand wildcards), so a longer value than any real pattern
+    is refused, and runs of `*` (which match what one does) are collapsed.
+    """
+    if len(value) > MAX_WILDCARD_VALUE:
+        raise QueryError(f"A value matched as a pattern may have at most {MAX_WILDCARD_VALUE} characters")
+    value = re.sub(r"\*+", "*", value)
+    return "".join(".*" if c == "*" else "." if c == "?" else literal(c) for c in value)
 
 
 def _person_name(field_name: str, value: str) -> Json | None:

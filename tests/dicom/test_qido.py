@@ -142,3 +142,28 @@ def test_instance_searches_return_higher_level_attributes(http, corpus):
     in_study = http.get(f"studies/{a}/instances", headers=JSON).json()
     for tag_, keyword in series_tags.items():
         assert in_study[0].get(tag_, {}).get("Value"), keyword
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "PatientName=" + "*" * 5000,  # MongoDB refused the regex as too large: a 500
+        "PatientName=" + "*a" * 3000,
+        "%ED%A0%80=1",  # a key that is not UTF-8: its 400's Warning header failed to encode
+        "%C3%A9=1",  # a key outside latin-1... and one inside it
+        "%E6%97%A5=1",
+        "StudyInstanceUID=%00",  # a NUL in the Warning header dropped the connection
+    ],
+)
+def test_odd_queries_are_400_with_an_ascii_warning(http, query):
+    response = http.get(f"studies?{query}", headers=JSON)
+    assert response.status_code == 400, response.text
+    assert response.headers["Warning"].startswith("299 ")
+    assert response.headers["Warning"].isascii()
+
+
+def test_a_nul_character_in_a_wildcard_value_matches_literally(http, corpus):
+    tag, _ = corpus
+    for params in ({"PatientID": f"Q{tag}-\x00*"}, {"PatientName": "M\x00*"},
+                   {"PatientName": "m\x00ller", "fuzzymatching": "true"}):
+        assert uids(http.get("studies", params=params, headers=JSON)) == []
