@@ -227,7 +227,7 @@ class ApplicationEntity:
         level = LEVELS[raw_level]
         params: list[tuple[str, str]] = []
         requested: list[str] = []
-        for element in identifier:
+        for element in identifier_elements(identifier):
             if element.tag in (0x00080052, 0x00080005) or element.tag.group == 0x0002:
                 continue
             requested.append(f"{element.tag:08X}")
@@ -419,6 +419,23 @@ class SubAssociations:
             self.current.release()  # type: ignore[union-attr]
 
 
+def identifier_elements(identifier: Dataset) -> Iterator[pydicom.DataElement]:
+    """The elements of a C-FIND/C-MOVE/C-GET identifier, one of ambiguous VR that the
+    identifier cannot settle given as UN with its bytes.
+
+    pydicom resolves "US or SS", "OB or OW" and the like from other attributes (Pixel
+    Representation, Bits Allocated) when an element is read, and raises AttributeError when
+    they are absent, as they are in an identifier that asks for Smallest Image Pixel Value
+    or Pixel Data: the handler failed (0xC311) and pynetdicom logged a traceback.
+    """
+    for tag in list(identifier.keys()):
+        try:
+            yield identifier[tag]
+        except AttributeError:
+            raw = identifier.get_item(tag)
+            yield pydicom.DataElement(tag, "UN", raw.value if raw is not None else b"")
+
+
 def check_unique_keys(identifier: Dataset, level: str, study_root: bool) -> None:
     """Refuse (QueryError) a C-MOVE/C-GET identifier that is not the unique keys of its level
     and of the levels above (PS3.4 C.4.2.2.1, C.4.3.2.1): without this an empty or wildcard
@@ -427,13 +444,15 @@ def check_unique_keys(identifier: Dataset, level: str, study_root: bool) -> None
     above the level may be absent (they only narrow the match); other keys only empty."""
     levels = list(UNIQUE_KEYS)[1 if study_root else 0:]
     keys = [UNIQUE_KEYS[name] for name in levels[:levels.index(level) + 1]]
-    for element in identifier:
+    for element in identifier_elements(identifier):
         if element.tag in (0x00080052, 0x00080005) or element.tag.group == 0x0002 or element.keyword in keys:
             continue
         if element.value not in (None, "", b""):
             raise qido.QueryError(f"{element.keyword or element.tag} is not a unique key of this level or above")
     for keyword in keys:
-        element = identifier.data_element(keyword)
+        # an absent key is treated as an empty one: data_element raises KeyError for it,
+        # which pynetdicom answered with 0xC413 and a logged traceback
+        element = identifier.data_element(keyword) if keyword in identifier else None
         given = element is not None and element.value not in (None, "")
         values = _match_text(element).split("\\") if given else []
         if keyword == keys[-1] and not values or keyword != keys[-1] and len(values) > 1:
@@ -492,8 +511,14 @@ def _needs_decoding(item: wado.Stored, accepted: list[PresentationContext]) -> b
 
 
 def _vr(tag: str) -> str:
+    """The VR of an attribute answered without a value in a C-FIND response.
+
+    Where the dictionary gives a choice ("OB or OW" for Pixel Data, "US or SS"), the first
+    is taken: pydicom cannot encode an ambiguous VR without the attributes that settle it,
+    so asking for such an attribute made the whole response fail to encode.
+    """
     try:
-        return pydicom.datadict.dictionary_VR(int(tag, 16))
+        return pydicom.datadict.dictionary_VR(int(tag, 16)).split(" or ")[0]
     except KeyError:
         return "UN"
 

@@ -442,3 +442,44 @@ def test_get_sends_in_the_contexts_the_requester_proposed(server):
     assert status.Status == 0xB000, status
     assert (status.NumberOfCompletedSuboperations, status.NumberOfFailedSuboperations) == (1, 1)
     assert [ds.SOPInstanceUID for ds in received] == [ct.SOPInstanceUID]
+
+
+def test_retrieve_without_the_unique_key_of_its_level_is_a900(server):
+    """An identifier that lacks the level's unique key (not empty: absent) is refused with
+    0xA900 like an empty one; it raised KeyError in the handler (pynetdicom then answered
+    0xC413 and logged a traceback)."""
+    port = dicom_port(server)
+    for query, model in [
+        (identifier(QueryRetrieveLevel="STUDY"), StudyRootQueryRetrieveInformationModelGet),
+        (identifier(QueryRetrieveLevel="SERIES", StudyInstanceUID="1.2.3"), StudyRootQueryRetrieveInformationModelGet),
+        (identifier(QueryRetrieveLevel="IMAGE", StudyInstanceUID="1.2.3", SeriesInstanceUID="1.2.4"),
+         StudyRootQueryRetrieveInformationModelGet),
+        (identifier(QueryRetrieveLevel="PATIENT"), PatientRootQueryRetrieveInformationModelGet),
+    ]:
+        status, got = c_get(port, query, model)
+        assert status.Status == 0xA900 and status.ErrorComment and got == [], query
+
+
+def test_find_may_ask_for_attributes_of_ambiguous_vr(server, tmp_path):
+    """A C-FIND identifier asking for Pixel Data, LUT Data or Smallest Image Pixel Value
+    (whose dictionary VR is "OB or OW", "US or SS"...) is answered; the response failed to
+    encode (0xC312)."""
+    port = str(dicom_port(server))
+    ds = ct_instance(patient_id="DIMSE-AMBIGUOUS")
+    path = tmp_path / "ambiguous.dcm"
+    path.write_bytes(encode(ds))
+    assert run("storescu", "-aec", "KUROSHIO", "127.0.0.1", port, str(path)).returncode == 0
+    query = identifier(QueryRetrieveLevel="IMAGE", PatientID="DIMSE-AMBIGUOUS", SOPInstanceUID="")
+    query.add_new(0x7FE00010, "OB", b"")
+    query.add_new(0x00280106, "US", None)
+    query.add_new(0x00283006, "US", None)
+    ae = AE()
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", int(port), ae_title="KUROSHIO")
+    assert assoc.is_established
+    responses = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+    assoc.release()
+    # pynetdicom's SCU, logging a response it cannot fully decode (it cannot settle the
+    # ambiguous VRs either), yields that pending response twice, once without identifier
+    assert {status.Status for status, _ in responses[:-1]} == {0xFF00} and responses[-1][0].Status == 0x0000
+    assert {i.SOPInstanceUID for _, i in responses[:-1] if i is not None} == {ds.SOPInstanceUID}
