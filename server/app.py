@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pymongo.errors import ConnectionFailure, PyMongoError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -40,6 +41,7 @@ from terminology import operations as terminology_operations  # noqa: F401  (reg
 from terminology.definitions import install as install_terminology
 
 log = logging.getLogger("kuroshio")
+CLIENT_CLOSED_REQUEST = 499  # audited status of a request its client abandoned mid-body
 
 # Path prefix -> how errors are rendered there; the FHIR form is the default.
 ErrorRenderer = Callable[[Request, int, str], Response]
@@ -131,6 +133,12 @@ class AuditedExchange:
 
         try:
             await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            # The client closed the connection before its body was all sent: there is no one
+            # to answer and nothing went wrong here, so no traceback (it was logged as an
+            # unhandled error) and no 500; the audit records 499, nginx's "client closed".
+            log.info("client disconnected during %s %s", scope.get("method"), scope.get("path"))
+            status = status or CLIENT_CLOSED_REQUEST
         except Exception as exc:
             if for_the_transaction(Request(scope), exc):
                 raise

@@ -77,3 +77,28 @@ def test_405_lists_every_method_of_the_path(fhir):
     # the reserved words after the base are not resource types
     searched = fhir.post("_search", content=b"_type=Patient&_count=1", headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert searched.status_code == 200 and searched.json()["type"] == "searchset"
+
+
+def test_a_client_that_leaves_mid_body_leaves_no_traceback(server):
+    """A client that declares a longer body than it sends and closes the connection is
+    logged in one line; it was logged as an unhandled error with a traceback."""
+    import socket
+    import time
+    import uuid
+
+    id_ = f"gone-{uuid.uuid4()}"
+    host, port = server.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as connection:
+        connection.sendall(
+            f"PUT /fhir/Patient/{id_} HTTP/1.1\r\nHost: x\r\nContent-Type: application/fhir+json\r\n"
+            f"Content-Length: 1000\r\n\r\n{{\"resourceType\":".encode()
+        )
+        time.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and id_ not in server.log_path.read_text(errors="replace"):
+        time.sleep(0.2)
+    log = server.log_path.read_text(errors="replace")
+    lines = [line for line in log.splitlines() if id_ in line]
+    assert lines and all("unhandled error" not in line and "Exception in ASGI" not in line for line in lines), lines
+    after = log[log.index(lines[0]):].splitlines()[1:3]
+    assert not any(line.startswith("Traceback") for line in after), after
