@@ -13,6 +13,7 @@ had read it; that scan cost twice the parse.) Output always goes through orjson,
 from __future__ import annotations
 
 import json
+import re
 from decimal import Decimal
 from typing import Any
 
@@ -82,7 +83,7 @@ def parse(body: bytes) -> Any:
     if not body.strip():
         raise error(400, "invalid", "The request body is empty; a JSON document is required")
     try:
-        return loads(body)
+        document = loads(body)
     except UnicodeDecodeError as exc:
         raise error(400, "invalid", f"The request body is not UTF-8: {exc}") from None
     except simplejson.JSONDecodeError as exc:
@@ -92,6 +93,27 @@ def parse(body: bytes) -> Any:
         ) from None
     except RecursionError:
         raise error(400, "too-costly", "The request body is nested too deeply") from None
+    check_text(body, document)
+    return document
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def check_text(body: bytes, document: Any) -> None:
+    """Refuse a document holding a lone surrogate escape (`"\\ud800"`): valid JSON syntax,
+    but not text, so it cannot be encoded as UTF-8.
+
+    It used to be refused only when stored (`dumps`), and code that reads the document
+    first failed on it with a 500: the narrative check, the transaction's scan for
+    conditional references. Only a body with an escape in the surrogate range is re-encoded
+    to check (a pair, as for an emoji, passes).
+    """
+    if b"\\u" in body and _SURROGATE_ESCAPE.search(body):
+        try:
+            orjson.dumps(document, default=_exact_decimal)
+        except TypeError as exc:
+            raise error(400, "invalid", f"The request body holds a character that is not text: {exc}") from None
 
 
 def parse_resource(body: bytes) -> JSONObject:

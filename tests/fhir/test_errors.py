@@ -102,3 +102,18 @@ def test_a_client_that_leaves_mid_body_leaves_no_traceback(server):
     assert lines and all("unhandled error" not in line and "Exception in ASGI" not in line for line in lines), lines
     after = log[log.index(lines[0]):].splitlines()[1:3]
     assert not any(line.startswith("Traceback") for line in after), after
+
+
+def test_a_lone_surrogate_anywhere_is_a_400(fhir):
+    """A lone surrogate escape is valid JSON but not text: refused with the body, before
+    the narrative check or a transaction's scan read it (both were 500s)."""
+    narrative = b'{"resourceType":"Patient","text":{"status":"generated","div":"<div xmlns=\\"http://www.w3.org/1999/xhtml\\">\\ud800</div>"}}'
+    in_transaction = (b'{"resourceType":"Bundle","type":"transaction","entry":[{"resource":{"resourceType":"Patient",'
+                      b'"name":[{"family":"\\udc00"}]},"request":{"method":"POST","url":"Patient"}}]}')
+    in_key = b'{"resourceType":"Patient","\\ud800":1}'
+    for path, body in (("Patient", narrative), ("Patient/$validate", narrative), ("", in_transaction), ("Patient", in_key)):
+        response = fhir.post(path, content=body, headers=FHIR_JSON)
+        assert_outcome(response, 400)
+    pair = b'{"resourceType":"Patient","name":[{"family":"\\ud83d\\ude00"}]}'  # an emoji, escaped
+    created = fhir.post("Patient", content=pair, headers=FHIR_JSON)
+    assert created.status_code == 201 and created.json()["name"][0]["family"] == "\U0001F600"
