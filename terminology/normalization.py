@@ -67,6 +67,23 @@ def concepts_at(resource: dict[str, Any], path: str) -> list[dict[str, Any]]:
     return [n for n in nodes if isinstance(n, dict)]
 
 
+def well_formed(codings: Any) -> bool:
+    """Whether `codings` has the shape normalization reads: a list of objects whose system
+    and code are strings and extension a list, where present.
+
+    Incoming hooks run before validation, so a resource may hold anything here: a
+    `"coding": 5` or a `"code": ["x"]` raised TypeError (a 500, before the 400 validation
+    would have given).
+    """
+    return isinstance(codings, list) and all(
+        isinstance(c, dict)
+        and isinstance(c.get("system", ""), str)
+        and isinstance(c.get("code", ""), str)
+        and isinstance(c.get("extension", []), list)
+        for c in codings
+    )
+
+
 def is_added(coding: dict[str, Any]) -> bool:
     return any(e.get("url") == MAPPED_BY for e in coding.get("extension", []) if isinstance(e, dict))
 
@@ -99,7 +116,9 @@ class Normalizer:
         changed = False
         for path in RULES.get(str(resource.get("resourceType")), ()):
             for concept in concepts_at(resource, path):
-                codings = [c for c in concept.get("coding", []) if isinstance(c, dict)]
+                codings = concept.get("coding", [])
+                if not well_formed(codings):
+                    continue  # left as sent, for validation to refuse with a 400
                 kept = [c for c in codings if not is_added(c)]
                 present = {(c.get("system"), c.get("code")) for c in kept}
                 new = list(kept)

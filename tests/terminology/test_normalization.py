@@ -178,3 +178,16 @@ def test_synthea_worked_example(fhir, loaded, tmp_path: Path):
     for copy_, expected in (("original", 0), ("localized", hemoglobin)):
         params = {"code": f"{HOSPITAL}|{LOCAL_FOR_LOINC['718-7'][0]}", "_tag": f"{WORKED_EXAMPLE}|{copy_}-{run}", "_summary": "count"}
         assert fhir.get("Observation", params=params).json()["total"] == expected, copy_
+
+
+def test_malformed_codings_are_left_for_validation(fhir, loaded):
+    """Normalization runs before validation: codings of the wrong JSON shape were a 500
+    (TypeError) instead of validation's 400, and nothing is written."""
+    for coding in (5, "x", [1, {"system": HOSPITAL, "code": "HBA1C"}], [{"system": HOSPITAL, "code": ["HBA1C"]}],
+                   [{"system": {"a": 1}, "code": "HBA1C"}], [{"system": HOSPITAL, "code": "HBA1C", "extension": 7}]):
+        resource = {"resourceType": "Observation", "id": f"bad-coding-{uuid.uuid4()}", "status": "final",
+                    "code": {"coding": coding}}
+        response = fhir.put(f"Observation/{resource['id']}", content=json.dumps(resource), headers=FHIR_JSON)
+        assert response.status_code == 400, (coding, response.status_code, response.text[:200])
+        assert response.json()["resourceType"] == "OperationOutcome"
+        assert fhir.get(f"Observation/{resource['id']}").status_code == 404
