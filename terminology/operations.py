@@ -63,6 +63,9 @@ def flag(call: OperationCall, name: str, default: bool = False) -> bool:
     raise tx_error(400, "invalid", f"The parameter '{name}' must be true or false, not '{v}'")
 
 
+MAX_INTEGER = 2**31 - 1  # the largest FHIR integer
+
+
 def number(call: OperationCall, name: str) -> int | None:
     v = value(call, name)
     if v is None:
@@ -73,6 +76,10 @@ def number(call: OperationCall, name: str) -> int | None:
         raise tx_error(400, "invalid", f"The parameter '{name}' must be an integer, not '{v}'") from None
     if n < 0:
         raise tx_error(400, "invalid", f"The parameter '{name}' must not be negative")
+    if n > MAX_INTEGER:
+        # a FHIR integer is 32-bit; a larger offset reached MongoDB's skip, which takes
+        # 64 bits at most (OverflowError, a 500)
+        raise tx_error(400, "invalid", f"The parameter '{name}' must be at most {MAX_INTEGER} (a FHIR integer)")
     return n
 
 

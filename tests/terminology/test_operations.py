@@ -222,3 +222,18 @@ def test_terminology_capabilities(fhir, server):
     assert caps["implementation"]["url"] == server.fhir
     assert fhir.get("metadata", params={"mode": "normative"}).json()["resourceType"] == "CapabilityStatement"
     assert fhir.get("metadata", params={"mode": "nonsense"}).status_code == 400
+
+
+def test_count_and_offset_beyond_a_fhir_integer_are_400(fhir):
+    """A count past 64 bits reached MongoDB's limit (OverflowError, a 500), with or without an offset."""
+    url = f"http://example.org/cs/{uuid.uuid4()}"
+    fhir.post("CodeSystem", content=json.dumps(code_system(url)), headers=FHIR_JSON)
+    vs_url = f"http://example.org/vs/{uuid.uuid4()}"
+    vs = {"resourceType": "ValueSet", "url": vs_url, "status": "active", "compose": {"include": [{"system": url}]}}
+    assert fhir.post("ValueSet", content=json.dumps(vs), headers=FHIR_JSON).status_code == 201
+    for extra in ({"count": "99999999999999999999"}, {"count": "5", "offset": "99999999999999999999"},
+                  {"count": "2147483648"}, {"offset": "2147483648"}):
+        response = fhir.get("ValueSet/$expand", params={"url": vs_url, **extra})
+        assert response.status_code == 400, (extra, response.text[:200])
+        assert response.json()["resourceType"] == "OperationOutcome"
+    assert fhir.get("ValueSet/$expand", params={"url": vs_url, "offset": "2147483647", "count": "2147483647"}).status_code == 200
