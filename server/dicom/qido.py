@@ -26,6 +26,7 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from server.dicom.levels import INSTANCE, SERIES, STUDY, TAGS, Key, Level
 from server.store.blobs import is_uid
+from server.store.database import regex_literal
 from server.store.dicom import DicomIndex
 
 Json = dict[str, Any]
@@ -237,17 +238,11 @@ def matcher(key: Key, value: str, fuzzy: bool) -> Json | None:
             tokens = name_tokens(value.replace("*", " ").replace("?", " "))
             if not tokens:
                 return None
-            return {f"{field_name}~": {"$all": [re.compile("^" + literal(t)) for t in tokens]}}
+            return {f"{field_name}~": {"$all": [re.compile("^" + regex_literal(t)) for t in tokens]}}
         return _person_name(field_name, value)
     if key.keyword == "ModalitiesInStudy" and ("\\" in value or "," in value):
         return {field_name: {"$in": [v.strip() for v in re.split(r"[,\\]", value) if v.strip()]}}
     return _string(field_name, value)
-
-
-def literal(text: str) -> str:
-    """`text` as a regex matching it literally, with a NUL written `\\x00`: `re.escape`
-    keeps the NUL itself, which MongoDB refuses in a pattern (a 500 for `PatientID=a%00*`)."""
-    return re.escape(text).replace("\x00", "\\x00")
 
 
 def _string(field_name: str, value: str) -> Json:
@@ -266,7 +261,7 @@ def _wildcards(value: str) -> str:
     if len(value) > MAX_WILDCARD_VALUE:
         raise QueryError(f"A value matched as a pattern may have at most {MAX_WILDCARD_VALUE} characters")
     value = re.sub(r"\*+", "*", value)
-    return "".join(".*" if c == "*" else "." if c == "?" else literal(c) for c in value)
+    return "".join(".*" if c == "*" else "." if c == "?" else regex_literal(c) for c in value)
 
 
 def _person_name(field_name: str, value: str) -> Json | None:

@@ -12,6 +12,7 @@ Writes acknowledge only once they are journaled on a majority of the replica set
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC
 from dataclasses import dataclass, field
@@ -164,6 +165,17 @@ class Store:
         does not wait that long for a courtesy."""
         with pymongo.timeout(CLOSE_SECONDS):
             await self.client.close()
+
+
+def regex_literal(text: str) -> str:
+    """`text` as a MongoDB regular expression that matches it literally.
+
+    `re.escape` leaves a NUL character as it is, and MongoDB refuses a pattern holding a
+    NUL byte ("Regular expression cannot contain an embedded null byte"): a search for
+    `name=%00` (FHIR) or `PatientID=a%00*` (QIDO) was a 500. PCRE's `\\x00` escape matches
+    the same character, so a value stored with a NUL can still be found.
+    """
+    return re.escape(text).replace("\x00", "\\x00")
 
 
 async def find_first(

@@ -23,26 +23,16 @@ from server.fhir.search.parameters import COMPARATORS, REGISTRY, SearchParameter
 from server.fhir.search.query import Criterion, SearchQuery, split_unescaped, unescape
 from server.fhir.search.terms import MAX_KEY, date_range, normalize, reference_literal
 from server.fhir.search.ucum import UCUM, canonical_range
+from server.store.database import regex_literal
 from server.store.search import SearchStore
 
 MAX_IDS = 10_000
 Filter = dict[str, Any]
 
 
-def literal(text: str) -> str:
-    """`text` as a MongoDB regex that matches it literally.
-
-    `re.escape` leaves a NUL character as it is, and MongoDB refuses a pattern holding a
-    NUL byte ("Regular expression cannot contain an embedded null byte"), which made a
-    search for `name=%00` a 500. PCRE's `\\x00` escape matches the same character, so a
-    string stored with a NUL (valid FHIR) can still be found.
-    """
-    return re.escape(text).replace("\x00", "\\x00")
-
-
 def anchored(prefix: str, rest: str = "") -> Filter:
     """A regex condition on `s.k` that starts with the literal `prefix` (index-bounded)."""
-    return {"s.k": {"$regex": "^" + literal(prefix) + rest}}
+    return {"s.k": {"$regex": "^" + regex_literal(prefix) + rest}}
 
 
 def any_of(conditions: list[Filter]) -> Filter:
@@ -318,7 +308,7 @@ class Compiler:
         if modifier == "exact":
             return {"s.k": f"{p}={value[:MAX_KEY]}"}
         if modifier == "contains":
-            return anchored(f"{p}:", ".*" + literal(normalize(value)))
+            return anchored(f"{p}:", ".*" + regex_literal(normalize(value)))
         return anchored(f"{p}:{normalize(value)}")
 
     def uri(self, p: str, modifier: str | None, value: str) -> Filter:
@@ -382,9 +372,9 @@ class Compiler:
             kind = component.type
             if kind == "token":
                 key, prefix = token_key(part, name)
-                match[f"k{position}"] = {"$regex": "^" + literal(key)} if prefix else key
+                match[f"k{position}"] = {"$regex": "^" + regex_literal(key)} if prefix else key
             elif kind == "string":
-                match[f"k{position}"] = {"$regex": "^" + literal(":" + normalize(unescape(part)))}
+                match[f"k{position}"] = {"$regex": "^" + regex_literal(":" + normalize(unescape(part)))}
             elif kind in ("reference", "uri"):
                 match[f"k{position}"] = ">" + unescape(part)
             elif kind == "quantity":
@@ -422,7 +412,7 @@ class Compiler:
             condition: Filter = {"$text": {"$search": search}}
             if special == "_text":
                 words = [w for v in values for w in v.split()]
-                return {"$and": [condition, {"$or": [{"s.tx": {"$regex": literal(w), "$options": "i"}} for w in words]}]}
+                return {"$and": [condition, {"$or": [{"s.tx": {"$regex": regex_literal(w), "$options": "i"}} for w in words]}]}
             return condition
         if special == "_list":
             return await self.in_list(values, name)
