@@ -11,7 +11,6 @@ chain that would need more ids answers 400 (too-costly) rather than running unbo
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
