@@ -42,8 +42,8 @@ class DicomWebError(Exception):
         self.status = status
 
 
-def warning_text(message: str) -> str:
-    """`message` as the quoted text of a `Warning: 299` header: printable ASCII only.
+def warning(message: str) -> str:
+    """`message` as a `Warning: 299` header value, its quoted text printable ASCII only.
 
     Messages quote the client's input (a UID, a query key), and a header value must be
     latin-1 without control characters: a NUL (`/studies/%00`) made the server drop the
@@ -52,7 +52,8 @@ def warning_text(message: str) -> str:
     the message as it is, in UTF-8.
     """
     quoted = message.replace('"', "'").replace("\r", " ").replace("\n", " ")
-    return "".join(c if " " <= c <= "~" else ascii(c)[1:-1] for c in quoted)
+    text = "".join(c if " " <= c <= "~" else ascii(c)[1:-1] for c in quoted)
+    return f'299 kuroshio "{text[:900]}"'
 
 
 def error_response(request: Request, status: int, message: str) -> Response:
@@ -60,7 +61,7 @@ def error_response(request: Request, status: int, message: str) -> Response:
         message.encode("utf-8", "backslashreplace"),
         status,
         media_type="text/plain; charset=utf-8",
-        headers={"Warning": f'299 kuroshio "{warning_text(message)[:900]}"'},
+        headers={"Warning": warning(message)},
     )
 
 
@@ -246,10 +247,10 @@ async def _search(request: Request, level: str, scope: dict[str, str]) -> Respon
     warnings = []
     if query.unsupported:
         names = ", ".join(sorted(set(query.unsupported)))
-        warnings.append(f'299 kuroshio "{warning_text(f"The following query parameters are not supported and were ignored: {names}")}"')
+        warnings.append(warning(f"The following query parameters are not supported and were ignored: {names}"))
     if len(results) == qido.MAX_LIMIT:
-        warnings.append('299 kuroshio "The number of results exceeded the maximum supported by the server. '
-                        'Additional results can be requested with offset."')
+        warnings.append(warning("The number of results exceeded the maximum supported by the server. "
+                                "Additional results can be requested with offset."))
     headers = {"Warning": ", ".join(warnings)} if warnings else {}
     return Response(qido.encode(results), 200, media_type=DICOM_JSON, headers=headers)
 
