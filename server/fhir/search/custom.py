@@ -135,6 +135,8 @@ async def meta_everywhere(call: OperationCall) -> OperationResult:
         code, _, rest = key.partition("|") if key.startswith(("_tag|", "_security|")) else key.partition(">")
         if code in ("_tag", "_security"):
             system, _, value = rest.partition("|")
+            if not value:  # `_tag|system|`: a Coding with a system and no code is no tag
+                continue
             coding = {"system": system, "code": value} if system else {"code": value}
             meta.setdefault("tag" if code == "_tag" else "security", []).append(coding)
         elif code == "_profile":

@@ -6,6 +6,7 @@ serve every parameter of every type:
 
 - `k`: strings, each prefixed by the parameter code, for exact and prefix matching:
     `code|system|value` and `code#value`  token (system|code, and code in any system)
+    `code|system|`                        token with a system and no code (found by `system|`)
     `code~text`                           token :text (display / text, normalized)
     `code!tsys|tcode|value`               token :of-type (Identifier.type + value)
     `code:normalized` / `code=exact`      string (prefix, :contains) and string :exact
@@ -226,13 +227,20 @@ def _token_parts(value: Any, kind: str) -> list[tuple[str | None, str | None, st
 
 
 def token_keys(value: Any, kind: str) -> list[str]:
-    """Token keys without the parameter code (`|system|code`, `#code`, `~text`)."""
+    """Token keys without the parameter code (`|system|code`, `#code`, `~text`).
+
+    A value with a system and no code (an Identifier without `value`, a Coding without
+    `code`) gets `|system|` alone: `system|` is "any value in this system" (search.html,
+    token), and its anchored prefix `code|system|` finds it with the coded ones.
+    """
     keys = []
     for system, code, text in _token_parts(value, kind):
         if isinstance(code, str) and code:
             code = code[:MAX_KEY]
             keys.append(f"|{system if isinstance(system, str) else ''}|{code}")
             keys.append(f"#{code}")
+        elif isinstance(system, str) and system:
+            keys.append(f"|{system}|")
         if isinstance(text, str) and text:
             keys.append(f"~{normalize(text)}")
     if kind == "Identifier" and type(value) is dict and isinstance(value.get("value"), str):

@@ -54,7 +54,10 @@ def test_unusable_custom_parameter_is_stored_but_not_used(fhir):
 def test_meta_at_type_and_system_level(fhir):
     tag = {"system": "urn:meta-test", "code": uuid.uuid4().hex}
     profile = f"http://example.org/StructureDefinition/{tag['code']}"
-    resource = {"resourceType": "Basic", "meta": {"tag": [tag], "profile": [profile], "security": [{"system": "urn:sec", "code": "N"}]},
+    # a tag with a system and no code is found by `_tag=urn:meta-test|` but names no tag
+    system_only = {"system": "urn:meta-test-system-only"}
+    resource = {"resourceType": "Basic", "meta": {"tag": [tag, system_only], "profile": [profile],
+                                                  "security": [{"system": "urn:sec", "code": "N"}]},
                 "code": {"text": "x"}}
     assert fhir.post("Basic", json=resource, headers=FHIR_JSON).status_code == 201
     for url in ("Basic/$meta", "$meta"):
@@ -62,4 +65,5 @@ def test_meta_at_type_and_system_level(fhir):
         assert response.status_code == 200, response.text
         meta = response.json()["parameter"][0]["valueMeta"]
         assert tag in meta["tag"] and profile in meta["profile"] and {"system": "urn:sec", "code": "N"} in meta["security"]
+        assert all(coding.get("code") for coding in meta["tag"] + meta["security"]), meta
     assert tag not in fhir.get("Patient/$meta").json()["parameter"][0]["valueMeta"].get("tag", [])

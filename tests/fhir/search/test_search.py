@@ -80,6 +80,42 @@ def test_tokens(fhir, dataset, query, expected):
     assert found(fhir, dataset, query) == expected
 
 
+def test_system_bar_finds_values_with_a_system_and_no_code(fhir, db):
+    """`identifier=system|` is any identifier in that system (search.html, token): one
+    with a system and no value too, and likewise a Coding with a system and no code. A
+    resource stored before that term existed is found after `$reindex`."""
+    system = f"urn:system-only-{uuid.uuid4().hex[:8]}"
+
+    def create(resource: dict) -> str:
+        response = fhir.post(resource["resourceType"], json=resource, headers=FHIR_JSON)
+        assert response.status_code == 201, response.text
+        return response.json()["id"]
+
+    def ids(type_: str, **params: str) -> set[str]:
+        response = fhir.get(type_, params=params)
+        assert response.status_code == 200, response.text
+        return {e["resource"]["id"] for e in response.json().get("entry", []) if e["search"]["mode"] == "match"}
+
+    bare = create({"resourceType": "Patient", "identifier": [{"system": system}]})
+    valued = create({"resourceType": "Patient", "identifier": [{"system": system, "value": "1"}]})
+    longer = create({"resourceType": "Patient", "identifier": [{"system": system + "x"}]})
+    coded = create({"resourceType": "Observation", "status": "final", "code": {"coding": [{"system": system}]}})
+    assert ids("Patient", identifier=f"{system}|") == {bare, valued}
+    assert ids("Patient", identifier=f"{system}|1") == {valued}
+    assert ids("Patient", identifier=f"{system}x|") == {longer}
+    assert ids("Patient", **{"identifier:not": f"{system}|", "_id": f"{bare},{valued},{longer}"}) == {longer}
+    assert ids("Patient", **{"identifier:missing": "true", "_id": bare}) == set()
+    assert ids("Observation", code=f"{system}|") == {coded}
+    bundle = fhir.get("Patient", params={"identifier": f"{system}|", "__explain": "true"}).json()
+    outcome = next(e["resource"] for e in bundle["entry"] if e["search"]["mode"] == "outcome")
+    assert json.loads(outcome["issue"][0]["diagnostics"])["indexes"] == ["search_keys"]
+    # the terms as stored before this key existed
+    db["fhir_resources"].update_one({"_id": f"Patient/{bare}"}, {"$pull": {"s.k": f"identifier|{system}|"}})
+    assert ids("Patient", identifier=f"{system}|") == {valued}
+    assert fhir.post("Patient/$reindex", json={"resourceType": "Parameters"}, headers=FHIR_JSON).status_code == 200
+    assert ids("Patient", identifier=f"{system}|") == {bare, valued}
+
+
 @pytest.mark.parametrize(
     "query,expected",
     [
