@@ -312,7 +312,10 @@ class Compiler:
 
     def uri(self, p: str, modifier: str | None, value: str) -> Filter:
         if modifier == "below":
-            return anchored(f"{p}>{value}")
+            # path segments (search.html, uri): the value itself or the value and `/...`;
+            # `http://acme.org/fhir` does not find `http://acme.org/fhirx`
+            base = value[:-1] if value.endswith("/") else value
+            return anchored(f"{p}>{base}", "(/|$)")
         if modifier == "above":
             return {"s.k": {"$in": [f"{p}>{u}" for u in uri_ancestors(value)]}}
         return {"s.k": f"{p}>{value[:MAX_KEY]}"}
@@ -555,10 +558,12 @@ def requires_terms(condition: Filter) -> bool:
 
 
 def uri_ancestors(value: str) -> list[str]:
-    """`http://a/b/c` and every shorter path of it (uri :above)."""
-    found = [value]
-    head, sep, _ = value.rpartition("/")
-    while sep and head and not head.endswith("/") and not head.endswith(":"):
-        found.append(head)
+    """`http://a/b/c` and every shorter path of it down to the host, each with and without
+    a trailing `/` (uri :above): the stored URLs that `:below` would find `value` from."""
+    path = value[:-1] if value.endswith("/") else value
+    found = [path, path + "/"]
+    head, sep, _ = path.rpartition("/")
+    while sep and head and not head.endswith(("/", ":")):
+        found += [head, head + "/"]
         head, sep, _ = head.rpartition("/")
     return found
