@@ -235,25 +235,21 @@ class ApplicationEntity:
                 continue
             params.append((element.keyword or f"{element.tag:08X}", _match_text(element)))
         query_level = "study" if level == "patient" else level
-        query = qido.parse(query_level, params, {})
-        query.limit = qido.MAX_LIMIT + 1  # one more than is answered: whether there are more
-        return level, query, requested
+        return level, qido.parse(query_level, params, {}), requested
 
     async def find(self, level: str, query: qido.QidoQuery) -> tuple[list[qido.Json], bool]:
         """The matches (of at most qido.MAX_LIMIT studies, series or instances) and whether
         they are all there are."""
-        results = await qido.search(self.archive.index, query, "")
-        complete = len(results) <= qido.MAX_LIMIT
-        results = results[:qido.MAX_LIMIT]
+        results, more = await qido.search(self.archive.index, query, "")
         if level != "patient":
-            return results, complete
+            return results, not more
         patients: dict[tuple[str, str], qido.Json] = {}
         for study in results:
             key = tuple(_first(study.get(qido.TAGS[k])) for k in ("PatientID", "IssuerOfPatientID"))
             patient = patients.setdefault(key, {t: v for t, v in study.items() if t in PATIENT_TAGS})  # type: ignore[arg-type]
             counted = _first(patient.get("00201200")) or 0
             patient["00201200"] = {"vr": "IS", "Value": [counted + 1]}
-        return list(patients.values()), complete
+        return list(patients.values()), not more
 
     # --- C-GET / C-MOVE -----------------------------------------------------------------
 

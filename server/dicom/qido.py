@@ -350,18 +350,22 @@ async def resolve(index: DicomIndex, query: QidoQuery) -> Json:
 
 async def search(
     index: DicomIndex, query: QidoQuery, base: str, available: Callable[[str], str] | None = None
-) -> list[Json]:
-    """Run a query against the index; results in the DICOM JSON model. `available` maps a
-    stored transfer syntax to the AvailableTransferSyntaxUID announced (QIDO-RS: the one a
-    web retrieval gives, `wado.web_syntax`); without it, the stored one (C-FIND)."""
+) -> tuple[list[Json], bool]:
+    """Run a query against the index: at most `query.limit` results in the DICOM JSON
+    model, and whether more match (the index is asked for one more than is answered: a
+    page of exactly `limit` says nothing about the next). `available` maps a stored
+    transfer syntax to the AvailableTransferSyntaxUID announced (QIDO-RS: the one a web
+    retrieval gives, `wado.web_syntax`); without it, the stored one (C-FIND)."""
     level = query.level
     mongo_filter = await resolve(index, query)
     projection = None if level != "instance" or needs_metadata(query) else {"meta": 0, "frames": 0, "bulk": 0}
     if level == "instance" and projection is None:
         projection = {"frames": 0, "bulk": 0}
-    docs = await index.find(level, mongo_filter, projection, query.offset, query.limit, _ORDER[level])
+    docs = await index.find(level, mongo_filter, projection, query.offset, query.limit + 1, _ORDER[level])
+    more = len(docs) > query.limit
+    docs = docs[:query.limit]
     if not docs:
-        return []
+        return [], more
     # Higher-level attributes (PS3.18 10.6.3.3: returned for the levels the path does not fix).
     parents: dict[str, dict[str, Json]] = {}
     if level in ("series", "instance"):
@@ -391,7 +395,7 @@ async def search(
             if modality:
                 extra[TAGS["Modality"]] = modality
             results.append(attributes_of(doc, INSTANCE, query, _instance_computed(doc, base, available), extra))
-    return results
+    return results, more
 
 
 def _parent(doc: Json | None, computed: Callable[[Json, str], Json], base: str) -> Json:

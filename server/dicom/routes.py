@@ -243,12 +243,12 @@ async def _search(request: Request, level: str, scope: dict[str, str]) -> Respon
         query = qido.parse(level, request.query_params.multi_items(), scope)
     except (qido.QueryError, wado.BadRequest) as exc:
         raise DicomWebError(400, str(exc)) from None
-    results = await qido.search(archive_of(request).index, query, base(request), wado.web_syntax)
+    results, more = await qido.search(archive_of(request).index, query, base(request), wado.web_syntax)
     warnings = []
     if query.unsupported:
         names = ", ".join(sorted(set(query.unsupported)))
         warnings.append(warning(f"The following query parameters are not supported and were ignored: {names}"))
-    if len(results) == qido.MAX_LIMIT:
+    if more and query.limit == qido.MAX_LIMIT:  # cut by the server's maximum, not the client's limit
         warnings.append(warning("The number of results exceeded the maximum supported by the server. "
                                 "Additional results can be requested with offset."))
     headers = {"Warning": ", ".join(warnings)} if warnings else {}

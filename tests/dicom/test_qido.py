@@ -3,9 +3,14 @@ names (case rules, fuzzy), includefield, paging, Warning headers, and malformed 
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+
+import httpx
 import pytest
 from pydicom.uid import generate_uid
 
+from server.dicom import qido
 from tests.dicom.conftest import ct_instance, encode, multipart_body
 
 JSON = {"Accept": "application/dicom+json"}
@@ -168,3 +173,51 @@ def test_a_nul_character_in_a_wildcard_value_matches_literally(http, corpus):
     for params in ({"PatientID": f"Q{tag}-\x00*"}, {"PatientName": "M\x00*"}, {"PatientName": "M\x00ller^J"},
                    {"PatientName": "m\x00ller", "fuzzymatching": "true"}):
         assert uids(http.get("studies", params=params, headers=JSON)) == []
+
+
+async def _searches_in_process(mongod_uri: str, data_dir, studies: dict[str, int], searches: list[tuple[str, dict]]) -> list[httpx.Response]:
+    """Store `studies` (UID -> instance count) by STOW-RS into an in-process app on a
+    private database of the test mongod, run `searches` (path under /dicomweb, params),
+    and drop the database."""
+    from server.app import create_app
+    from server.config import Settings
+
+    settings = Settings(mongodb_uri=mongod_uri, mongodb_database=f"kuroshio_qido_{uuid.uuid4().hex[:8]}",
+                        data_dir=data_dir, validation_workers=0)
+    app = create_app(settings, dimse=False)
+    try:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url=f"{settings.base_url}/dicomweb/", timeout=60) as client:
+                for study, count in studies.items():
+                    series = generate_uid()
+                    body, content_type = multipart_body([encode(ct_instance(study, series, number=n)) for n in range(1, count + 1)])
+                    stored = await client.post("studies", content=body, headers={"Content-Type": content_type})
+                    assert stored.status_code == 200, stored.text
+                return [await client.get(path, params=params, headers=JSON) for path, params in searches]
+    finally:
+        from pymongo import AsyncMongoClient
+
+        mongo: AsyncMongoClient = AsyncMongoClient(mongod_uri)
+        await mongo.drop_database(settings.mongodb_database)
+        await mongo.close()
+
+
+def test_more_results_warning_only_when_more_match_than_the_maximum(mongod, tmp_path, monkeypatch):
+    """QIDO-RS (PS3.18): the "number of results exceeded the maximum" Warning is
+    sent when more match than the server answers (qido.MAX_LIMIT, 2 here), not when exactly
+    that many do, nor when the client's own `limit` cut the answer. In process, so that the
+    limit can be lowered (it is read per request)."""
+    monkeypatch.setattr(qido, "MAX_LIMIT", 2)
+    three, two = generate_uid(), generate_uid()
+    responses = asyncio.run(_searches_in_process(mongod.uri, tmp_path, {three: 3, two: 2}, [
+        (f"studies/{three}/instances", {}),
+        (f"studies/{two}/instances", {}),
+        (f"studies/{two}/instances", {"limit": "1"}),
+        (f"studies/{three}/instances", {"offset": "1"}),
+        ("studies", {"limit": "5"}),
+    ]))
+    counts = [len(r.json()) for r in responses]
+    warned = ["exceeded the maximum" in r.headers.get("Warning", "") for r in responses]
+    assert counts == [2, 2, 1, 2, 2]
+    assert warned == [True, False, False, False, False]
