@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     mongodb_cache_size_gb: float | None = Field(None, ge=0.25, le=10_000)
     # Largest accepted request body for the FHIR API; DICOM uploads stream and have none.
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    # Most entries in one batch or transaction Bundle (more: 413 before any of them runs),
+    # a bound on what one request may cost. Synthea's patient bundles reach about 7,400.
+    bundle_max_entries: int = Field(10_000, ge=1)
     # HTTP server processes sharing the port (one of them also runs the DIMSE AE);
     # default: one per CPU this process may run on, at most 8 (each holds ~150 MB).
     workers: int = Field(default_factory=lambda: min(len(os.sched_getaffinity(0)), 8), ge=1, le=64)

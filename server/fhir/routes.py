@@ -236,7 +236,7 @@ async def batch_or_transaction(request: Request) -> Response:
     bundle = jsonio.parse_resource(await request.body()) if content_kind(request) == "json" else None
     if bundle is None:
         raise error(415, "not-supported", "Send the Bundle as application/fhir+json")
-    kind = transaction.check_bundle(bundle)
+    kind = transaction.check_bundle(bundle, settings(request).bundle_max_entries)
     representation = prefer_return(request) == "representation" and "prefer" in request.headers
 
     async def dispatch(

@@ -545,12 +545,22 @@ async def batch(bundle: dict[str, Any], base: str, dispatch: Dispatch, represent
     return Bundle("batch-response", responses).to_bytes()
 
 
-def check_bundle(bundle: dict[str, Any]) -> str:
-    """The kind of Bundle posted to the base: 'batch' or 'transaction'."""
+def check_bundle(bundle: dict[str, Any], max_entries: int) -> str:
+    """The kind of Bundle posted to the base: 'batch' or 'transaction'. One of more than
+    `max_entries` entries is refused before any entry runs: each entry may be a search, so
+    without a bound one request could hold a worker for minutes."""
     if bundle.get("resourceType") != "Bundle":
         raise error(400, "invalid", "Only a batch or transaction Bundle can be posted to the base")
     kind = bundle.get("type")
     if kind not in ("batch", "transaction"):
         raise error(400, "invalid", f"Bundle.type must be batch or transaction, not {kind!r}", "Bundle.type")
+    entries = bundle.get("entry")
+    if isinstance(entries, list) and len(entries) > max_entries:
+        raise error(
+            413, "too-costly",
+            f"The {kind} has {len(entries)} entries; this server takes at most {max_entries} in one Bundle "
+            "(setting KUROSHIO_BUNDLE_MAX_ENTRIES). Nothing was done: send several smaller Bundles.",
+            "Bundle.entry",
+        )
     return str(kind)
 

@@ -524,3 +524,28 @@ def test_other_database_errors_in_a_get_entry_are_still_500(mongod, tmp_path):
     assert created_["response"]["status"].startswith("201")
     assert failed["response"]["status"] == "500 Internal Server Error"
     assert calls == [True, False]  # a non-transient error: the transaction is not re-run
+
+
+def test_bundles_over_the_entry_limit_are_refused_before_any_entry_runs(mongod, tmp_path):
+    """KUROSHIO_BUNDLE_MAX_ENTRIES (3 here) bounds batch and transaction Bundles: at the
+    limit they run, one entry more is a 413 too-costly OperationOutcome naming the limit and
+    the setting, and none of its entries ran (not even a batch's independent ones)."""
+    from tests.conftest import start_server, stop_server
+    from tests.fhir.helpers import assert_outcome
+
+    live = start_server(mongod.uri, tmp_path / "server", {"KUROSHIO_BUNDLE_MAX_ENTRIES": "3", "KUROSHIO_WORKERS": "1"})
+    try:
+        with httpx.Client(base_url=live.fhir + "/", timeout=60) as client:
+            for kind in ("batch", "transaction"):
+                family = f"Limit-{uuid.uuid4().hex[:8]}"
+                at_limit = post_bundle(client, bundle(kind, *[entry("POST", "Patient", patient(family)) for _ in range(3)]))
+                assert at_limit.status_code == 200, at_limit.text
+                assert [e["response"]["status"][:3] for e in at_limit.json()["entry"]] == ["201"] * 3
+                over = post_bundle(client, bundle(kind, *[entry("POST", "Patient", patient(family)) for _ in range(4)]))
+                issue = assert_outcome(over, 413, "too-costly")["issue"][0]
+                assert "4 entries" in issue["diagnostics"] and "at most 3" in issue["diagnostics"], issue
+                assert "KUROSHIO_BUNDLE_MAX_ENTRIES" in issue["diagnostics"] and issue["expression"] == ["Bundle.entry"]
+                found = client.get("Patient", params={"family:exact": family, "_summary": "count"}).json()
+                assert found["total"] == 3, (kind, found)
+    finally:
+        stop_server(live)
