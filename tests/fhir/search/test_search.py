@@ -385,6 +385,11 @@ def test_total_summary_and_elements(fhir, dataset):
     assert "text" not in data and "name" in data
     elements = search(fhir, dataset, "Patient?family=muller&_elements=gender")["entry"][0]["resource"]
     assert elements["gender"] == "male" and "name" not in elements and elements["id"] == dataset["p1"]
+    # the matches are reduced, included resources come whole (conformance/fhir-search.md)
+    bundle = search(fhir, dataset, f"Observation?subject=Patient/{dataset['p1']}&_include=Observation:subject&_elements=status")
+    modes = {e["search"]["mode"]: e["resource"] for e in bundle["entry"]}
+    assert "subject" not in modes["match"] and modes["match"]["status"]
+    assert modes["include"]["name"][0]["family"] == "Müller" and "SUBSETTED" not in str(modes["include"]["meta"])
 
 
 def test_post_search_with_a_form(fhir, dataset):
