@@ -42,6 +42,7 @@ def serve(
     import uvicorn
 
     from server import workers as workers_
+    from server.protocol import HttpProtocol
     from server.store.mongod import EmbeddedMongod, EmbeddedMongodUnavailable, free_port
 
     logging.basicConfig(level=logging.INFO, format=workers_.LOG_FORMAT)
@@ -65,7 +66,7 @@ def serve(
         console.print(f"DICOMweb at {settings.base_url}/dicomweb; DIMSE AE {settings.dicom_ae_title} on port {settings.dicom_port}")
         options = dict(
             host=settings.host, port=settings.port, log_level="info", access_log=False,
-            loop="uvloop" if sys.platform != "win32" else "asyncio", http="httptools", timeout_graceful_shutdown=10,
+            loop="uvloop" if sys.platform != "win32" else "asyncio", http=HttpProtocol, timeout_graceful_shutdown=10,
         )
         # uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown; make that a no-op
         # so the embedded mongod is stopped cleanly by the ExitStack before we exit.

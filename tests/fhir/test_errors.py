@@ -117,3 +117,28 @@ def test_a_lone_surrogate_anywhere_is_a_400(fhir):
     pair = b'{"resourceType":"Patient","name":[{"family":"\\ud83d\\ude00"}]}'  # an emoji, escaped
     created = fhir.post("Patient", content=pair, headers=FHIR_JSON)
     assert created.status_code == 201 and created.json()["name"][0]["family"] == "\U0001F600"
+
+
+def test_a_request_malformed_below_the_app_gets_an_operation_outcome(server):
+    """Requests the HTTP parser refuses never reach a route; they get 400 and an
+    OperationOutcome (uvicorn's own answer is plain text), and the connection closes."""
+    import json
+    import socket
+
+    host, port = server.base_url.removeprefix("http://").split(":")
+    for request in (b"BR\x00KEN /fhir/metadata HTTP/1.1\r\nHost: x\r\n\r\n",
+                    b"GET /fhir/metadata HTTP/1.1\r\nHost x no colon\r\n\r\n",
+                    b"GET /fhir/\x00metadata HTTP/1.1\r\nHost: x\r\n\r\n"):
+        with socket.create_connection((host, int(port)), timeout=10) as connection:
+            connection.sendall(request)
+            answer = b""
+            while chunk := connection.recv(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        assert lines[0] == "HTTP/1.1 400 Bad Request", (request, answer)
+        headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+        assert headers["content-type"].startswith("application/fhir+json")
+        assert int(headers["content-length"]) == len(body)
+        outcome = json.loads(body)
+        assert outcome["resourceType"] == "OperationOutcome" and outcome["issue"][0]["code"] == "structure"
