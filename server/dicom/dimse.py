@@ -26,7 +26,6 @@ from typing import Any, TypeVar
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
@@ -271,9 +270,9 @@ class ApplicationEntity:
 
         An instance goes as stored where the peer `accepted` (the presentation contexts of
         the association that carries its sub-operation) its transfer syntax, or where
-        pynetdicom converts it (uncompressed syntaxes); otherwise, up to
-        wado.TRANSCODE_MAX_BYTES, decoded to Explicit VR Little Endian by WADO's transcoder,
-        so that a peer taking uncompressed syntaxes only still gets it.
+        pynetdicom converts it (the little endian uncompressed syntaxes); otherwise, up to
+        wado.TRANSCODE_MAX_BYTES, decoded (or, from Big Endian, converted) to Explicit VR
+        Little Endian by WADO's transcoder, so that a peer taking those only still gets it.
 
         Memory is bounded by the largest instance, not the study: about three times its
         size while it is sent (the decoded dataset plus pynetdicom's encoded copies).
@@ -498,8 +497,10 @@ def _context_batches(stored: list[wado.Stored]) -> list[list[PresentationContext
 
 def _needs_decoding(item: wado.Stored, accepted: list[PresentationContext]) -> bool:
     """Whether no accepted context takes the instance as stored or by pynetdicom's own
-    conversion (which joins the uncompressed syntaxes only)."""
-    if not UID(item.transfer_syntax).is_compressed:
+    conversion, which joins the little endian uncompressed syntaxes only: an instance
+    stored in Explicit VR Big Endian is converted by WADO's transcoder like a compressed
+    one (a peer that accepted Explicit VR Little Endian for its SOP class failed it)."""
+    if item.transfer_syntax in UNCOMPRESSED:
         return False
     return not any(
         cx.abstract_syntax == item.sop_class and item.transfer_syntax in cx.transfer_syntax for cx in accepted

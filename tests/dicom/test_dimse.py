@@ -36,6 +36,7 @@ from server.store.database import Store
 from server.store.mongod import free_port
 from tests.conftest import start_server, stop_server
 from tests.dicom.conftest import ct_instance, dicom_port, encode, multipart_body
+from tests.dicom.test_wado import assert_little_endian_copy, big_endian_study
 
 pytestmark = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk is installed by scripts/test")
 
@@ -483,3 +484,20 @@ def test_find_may_ask_for_attributes_of_ambiguous_vr(server, tmp_path):
     # ambiguous VRs either), yields that pending response twice, once without identifier
     assert {status.Status for status, _ in responses[:-1]} == {0xFF00} and responses[-1][0].Status == 0x0000
     assert {i.SOPInstanceUID for _, i in responses[:-1] if i is not None} == {ds.SOPInstanceUID}
+
+
+def test_get_converts_big_endian_instances_for_peers_taking_little_endian(server, tmp_path):
+    """A C-GET by getscu (one context a SOP class, Explicit VR Little Endian accepted) of
+    instances stored in Explicit VR Big Endian: each arrives, converted to Explicit VR Little
+    Endian (pynetdicom converts between the little endian syntaxes only; the sub-operations
+    failed with "no presentation context")."""
+    with httpx.Client(base_url=f"{server.base_url}/dicomweb/", timeout=60) as http:
+        study, series, stored = big_endian_study(http)
+    result = run("getscu", "-v", "-aec", "KUROSHIO", "-S", "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={study}",
+                 "-k", f"SeriesInstanceUID={series}", "-od", str(tmp_path), "127.0.0.1", str(dicom_port(server)))
+    assert result.returncode == 0 and "Failed Suboperations    : 0" in result.stdout + result.stderr, result.stderr
+    arrived = {pydicom.dcmread(path).SOPInstanceUID: path.read_bytes() for path in tmp_path.iterdir()}
+    assert arrived.keys() == stored.keys()
+    for sop, body in arrived.items():
+        assert_little_endian_copy(body, stored[sop])
+
