@@ -501,3 +501,39 @@ def test_get_converts_big_endian_instances_for_peers_taking_little_endian(server
     for sop, body in arrived.items():
         assert_little_endian_copy(body, stored[sop])
 
+
+def test_find_says_when_matching_keys_were_not_used(server, tmp_path):
+    """PS3.4 C.4.1.1.4: a Pending status 0xFF01 says that optional keys of the identifier
+    were not supported for matching (here InstitutionName, which the index does not hold, a
+    private attribute and a sequence item), so the SCU knows the matches are not filtered by
+    them; 0xFF00 says every key was matched. Every response was 0xFF00."""
+    port = str(dicom_port(server))
+    patient_id = "DIMSE-FF01-" + generate_uid()[-8:]
+    ds = ct_instance(patient_id=patient_id)
+    ds.InstitutionName = "Kuroshio General"
+    path = tmp_path / "ff01.dcm"
+    path.write_bytes(encode(ds))
+    assert run("storescu", "-aec", "KUROSHIO", "127.0.0.1", port, str(path)).returncode == 0
+    code = Dataset()
+    code.CodeValue = "X-1"
+    private = identifier(QueryRetrieveLevel="STUDY", PatientID=patient_id, StudyInstanceUID="")
+    private.add_new(0x00090010, "LO", "KUROSHIO TEST")
+    queries = {
+        0xFF00: [identifier(QueryRetrieveLevel="STUDY", PatientID=patient_id, StudyInstanceUID="", InstitutionName=""),
+                 identifier(QueryRetrieveLevel="IMAGE", PatientID=patient_id, Modality="CT", SOPInstanceUID="")],
+        0xFF01: [identifier(QueryRetrieveLevel="STUDY", PatientID=patient_id, StudyInstanceUID="", InstitutionName="Other*"),
+                 identifier(QueryRetrieveLevel="STUDY", PatientID=patient_id, StudyInstanceUID="", ProcedureCodeSequence=[code]),
+                 private],
+    }
+    ae = AE()
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", int(port), ae_title="KUROSHIO")
+    assert assoc.is_established
+    try:
+        for pending, sent in queries.items():
+            for query in sent:
+                responses = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+                assert [status.Status for status, _ in responses] == [pending, 0x0000], query
+                assert responses[0][1].StudyInstanceUID == ds.StudyInstanceUID
+    finally:
+        assoc.release()
