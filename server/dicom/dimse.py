@@ -26,7 +26,6 @@ from typing import Any, TypeVar
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
@@ -52,6 +51,7 @@ T = TypeVar("T")
 
 SUCCESS = 0x0000
 PENDING = 0xFF00
+PENDING_KEYS_NOT_SUPPORTED = 0xFF01  # C-FIND: optional keys not supported for matching (PS3.4 C.4.1.1.4)
 CANCEL = 0xFE00
 NOT_AUTHORIZED = 0x0124
 OUT_OF_RESOURCES = 0xA700  # C-FIND: "Refused: Out of Resources" (PS3.4 C.4.1.1.4)
@@ -206,20 +206,23 @@ class ApplicationEntity:
             return
         audit.record(*admitted, SUCCESS if complete else OUT_OF_RESOURCES,
                      f"C-FIND {level} {len(results)} matches{'' if complete else ' (more not sent)'}")
+        # a key with a value that was not matched (not a key of the level or its parents
+        # here, a private attribute, a sequence): the matches are not filtered by it
+        pending = PENDING_KEYS_NOT_SUPPORTED if query.unsupported else PENDING
         for result in results:
             if event.is_cancelled:
                 yield CANCEL, None
                 return
-            yield PENDING, response_identifier(result, requested, level, self.ae.ae_title)
+            yield pending, response_identifier(result, requested, level, self.ae.ae_title)
         if not complete:
             # Success would say every match was sent (PS3.4 C.4.1.3.1); a final Failure
             # ends the pending responses and says they are not all
             yield failure(OUT_OF_RESOURCES, f"More than {qido.MAX_LIMIT} matches: narrow the query"), None
 
     def query(self, identifier: Dataset, model: str) -> tuple[str, qido.QidoQuery, list[str]]:
-        """The query level, the QidoQuery, and the requested tags of a C-FIND/MOVE/GET
-        identifier of information `model` (a SOP Class UID: Study Root has no PATIENT
-        level, PS3.4 C.6.2)."""
+        """The query level, the QidoQuery (whose `unsupported` names the keys with a value
+        it does not match on), and the requested tags of a C-FIND/MOVE/GET identifier of
+        information `model` (a SOP Class UID: Study Root has no PATIENT level, PS3.4 C.6.2)."""
         raw_level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
         allowed = [name for name in LEVELS if name != "PATIENT" or model not in STUDY_ROOT]
         if raw_level not in allowed:
@@ -227,15 +230,22 @@ class ApplicationEntity:
         level = LEVELS[raw_level]
         params: list[tuple[str, str]] = []
         requested: list[str] = []
+        sequences: list[str] = []  # sequence matching (PS3.4 C.2.2.2.6) is not supported
         for element in identifier_elements(identifier):
             if element.tag in (0x00080052, 0x00080005) or element.tag.group == 0x0002:
                 continue
             requested.append(f"{element.tag:08X}")
-            if element.VR == "SQ" or element.value in (None, "", b""):
+            if element.VR == "SQ":
+                if any(_has_value(item) for item in element.value or []):
+                    sequences.append(element.keyword or f"{element.tag:08X}")
+                continue
+            if element.value in (None, "", b""):
                 continue
             params.append((element.keyword or f"{element.tag:08X}", _match_text(element)))
         query_level = "study" if level == "patient" else level
-        return level, qido.parse(query_level, params, {}), requested
+        query = qido.parse(query_level, params, {})
+        query.unsupported.extend(sequences)
+        return level, query, requested
 
     async def find(self, level: str, query: qido.QidoQuery) -> tuple[list[qido.Json], bool]:
         """The matches (of at most qido.MAX_LIMIT studies, series or instances) and whether
@@ -271,9 +281,9 @@ class ApplicationEntity:
 
         An instance goes as stored where the peer `accepted` (the presentation contexts of
         the association that carries its sub-operation) its transfer syntax, or where
-        pynetdicom converts it (uncompressed syntaxes); otherwise, up to
-        wado.TRANSCODE_MAX_BYTES, decoded to Explicit VR Little Endian by WADO's transcoder,
-        so that a peer taking uncompressed syntaxes only still gets it.
+        pynetdicom converts it (the little endian uncompressed syntaxes); otherwise, up to
+        wado.TRANSCODE_MAX_BYTES, decoded (or, from Big Endian, converted) to Explicit VR
+        Little Endian by WADO's transcoder, so that a peer taking those only still gets it.
 
         Memory is bounded by the largest instance, not the study: about three times its
         size while it is sent (the decoded dataset plus pynetdicom's encoded copies).
@@ -498,8 +508,10 @@ def _context_batches(stored: list[wado.Stored]) -> list[list[PresentationContext
 
 def _needs_decoding(item: wado.Stored, accepted: list[PresentationContext]) -> bool:
     """Whether no accepted context takes the instance as stored or by pynetdicom's own
-    conversion (which joins the uncompressed syntaxes only)."""
-    if not UID(item.transfer_syntax).is_compressed:
+    conversion, which joins the little endian uncompressed syntaxes only: an instance
+    stored in Explicit VR Big Endian is converted by WADO's transcoder like a compressed
+    one (a peer that accepted Explicit VR Little Endian for its SOP class failed it)."""
+    if item.transfer_syntax in UNCOMPRESSED:
         return False
     return not any(
         cx.abstract_syntax == item.sop_class and item.transfer_syntax in cx.transfer_syntax for cx in accepted
@@ -522,6 +534,15 @@ def _vr(tag: str) -> str:
 def _first(element: qido.Json | None) -> Any:
     values = (element or {}).get("Value")
     return values[0] if values else None
+
+
+def _has_value(item: Dataset) -> bool:
+    """Whether a sequence item of an identifier holds a matching value (at any depth)."""
+    return any(
+        any(_has_value(nested) for nested in element.value or []) if element.VR == "SQ"
+        else element.value not in (None, "", b"")
+        for element in identifier_elements(item)
+    )
 
 
 def _match_text(element: pydicom.DataElement) -> str:

@@ -268,9 +268,13 @@ def little_endian(ds: pydicom.Dataset) -> None:
     """Make a data set read from Explicit VR Big Endian encode as Explicit VR Little Endian
     (pydicom's dcmwrite re-encodes the values it decodes, not those it keeps as bytes:
     OW, OF, OL, OD, OV, swapped here, nested data sets included). UN values of private
-    elements, whose structure nobody knows, are left as they are."""
+    elements, whose structure nobody knows, are left as they are. The data set is then
+    marked as read little endian: pynetdicom sends a data set in the encoding it was read
+    in (a C-STORE sub-operation of it found no Big Endian context and failed); `walk` has
+    decoded every element, so none is copied as the Big Endian bytes it was read as."""
     ds.walk(_swap_element)
     ds.file_meta.TransferSyntaxUID = UID(EXPLICIT_LE)
+    ds.set_original_encoding(False, True, ds.original_character_set)
 
 
 def _swap_element(ds: pydicom.Dataset, elem: pydicom.DataElement) -> None:

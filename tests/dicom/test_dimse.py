@@ -36,6 +36,7 @@ from server.store.database import Store
 from server.store.mongod import free_port
 from tests.conftest import start_server, stop_server
 from tests.dicom.conftest import ct_instance, dicom_port, encode, multipart_body
+from tests.dicom.test_wado import assert_little_endian_copy, big_endian_study
 
 pytestmark = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk is installed by scripts/test")
 
@@ -483,3 +484,56 @@ def test_find_may_ask_for_attributes_of_ambiguous_vr(server, tmp_path):
     # ambiguous VRs either), yields that pending response twice, once without identifier
     assert {status.Status for status, _ in responses[:-1]} == {0xFF00} and responses[-1][0].Status == 0x0000
     assert {i.SOPInstanceUID for _, i in responses[:-1] if i is not None} == {ds.SOPInstanceUID}
+
+
+def test_get_converts_big_endian_instances_for_peers_taking_little_endian(server, tmp_path):
+    """A C-GET by getscu (one context a SOP class, Explicit VR Little Endian accepted) of
+    instances stored in Explicit VR Big Endian: each arrives, converted to Explicit VR Little
+    Endian (pynetdicom converts between the little endian syntaxes only; the sub-operations
+    failed with "no presentation context")."""
+    with httpx.Client(base_url=f"{server.base_url}/dicomweb/", timeout=60) as http:
+        study, series, stored = big_endian_study(http)
+    result = run("getscu", "-v", "-aec", "KUROSHIO", "-S", "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={study}",
+                 "-k", f"SeriesInstanceUID={series}", "-od", str(tmp_path), "127.0.0.1", str(dicom_port(server)))
+    assert result.returncode == 0 and "Failed Suboperations    : 0" in result.stdout + result.stderr, result.stderr
+    arrived = {pydicom.dcmread(path).SOPInstanceUID: path.read_bytes() for path in tmp_path.iterdir()}
+    assert arrived.keys() == stored.keys()
+    for sop, body in arrived.items():
+        assert_little_endian_copy(body, stored[sop])
+
+
+def test_find_says_when_matching_keys_were_not_used(server, tmp_path):
+    """PS3.4 C.4.1.1.4: a Pending status 0xFF01 says that optional keys of the identifier
+    were not supported for matching (here InstitutionName, which the index does not hold, a
+    private attribute and a sequence item), so the SCU knows the matches are not filtered by
+    them; 0xFF00 says every key was matched. Every response was 0xFF00."""
+    port = str(dicom_port(server))
+    patient_id = "DIMSE-FF01-" + generate_uid()[-8:]
+    ds = ct_instance(patient_id=patient_id)
+    ds.InstitutionName = "Kuroshio General"
+    path = tmp_path / "ff01.dcm"
+    path.write_bytes(encode(ds))
+    assert run("storescu", "-aec", "KUROSHIO", "127.0.0.1", port, str(path)).returncode == 0
+    code = Dataset()
+    code.CodeValue = "X-1"
+    private = identifier(QueryRetrieveLevel="STUDY", PatientID=patient_id, StudyInstanceUID="")
+    private.add_new(0x00090010, "LO", "KUROSHIO TEST")
+    queries = {
+        0xFF00: [identifier(QueryRetrieveLevel="STUDY", PatientID=patient_id, StudyInstanceUID="", InstitutionName=""),
+                 identifier(QueryRetrieveLevel="IMAGE", PatientID=patient_id, Modality="CT", SOPInstanceUID="")],
+        0xFF01: [identifier(QueryRetrieveLevel="STUDY", PatientID=patient_id, StudyInstanceUID="", InstitutionName="Other*"),
+                 identifier(QueryRetrieveLevel="STUDY", PatientID=patient_id, StudyInstanceUID="", ProcedureCodeSequence=[code]),
+                 private],
+    }
+    ae = AE()
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", int(port), ae_title="KUROSHIO")
+    assert assoc.is_established
+    try:
+        for pending, sent in queries.items():
+            for query in sent:
+                responses = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+                assert [status.Status for status, _ in responses] == [pending, 0x0000], query
+                assert responses[0][1].StudyInstanceUID == ds.StudyInstanceUID
+    finally:
+        assoc.release()
