@@ -257,8 +257,10 @@ class ApplicationEntity:
         for study in results:
             key = tuple(_first(study.get(qido.TAGS[k])) for k in ("PatientID", "IssuerOfPatientID"))
             patient = patients.setdefault(key, {t: v for t, v in study.items() if t in PATIENT_TAGS})  # type: ignore[arg-type]
-            counted = _first(patient.get("00201200")) or 0
-            patient["00201200"] = {"vr": "IS", "Value": [counted + 1]}
+            # Number of Patient Related Studies / Series / Instances, summed over the studies
+            for patient_tag, study_count in PATIENT_COUNTS.items():
+                added = 1 if study_count is None else _first(study.get(study_count)) or 0
+                patient[patient_tag] = {"vr": "IS", "Value": [(_first(patient.get(patient_tag)) or 0) + added]}
         return list(patients.values()), not more
 
     # --- C-GET / C-MOVE -----------------------------------------------------------------
@@ -482,6 +484,8 @@ def _refuse_retrieve(status: Dataset) -> Iterator[Any]:
     yield status, None
 
 
+# patient-level count -> the study-level count it sums (None: the studies themselves)
+PATIENT_COUNTS = {"00201200": None, "00201202": "00201206", "00201204": "00201208"}
 PATIENT_TAGS = {qido.TAGS[k] for k in ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "SpecificCharacterSet")}
 
 

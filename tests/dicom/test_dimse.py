@@ -103,6 +103,27 @@ def test_store_find_get_move(server, tmp_path, dicomweb):
         assert dataset_bytes(retrieved[sent.SOPInstanceUID]) == dataset_bytes(path)
 
 
+
+def test_find_patient_level_counts_its_studies_series_and_instances(server, tmp_path):
+    """PS3.4 C.6.1.1.2: Number of Patient Related Studies, Series and Instances, each the
+    sum over the patient's studies (series and instances were returned empty)."""
+    port = str(dicom_port(server))
+    patient = f"DIMSE-COUNT-{uuid.uuid4().hex[:8]}"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    paths = write_study(tmp_path / "a", 2, patient_id=patient)[2] + write_study(tmp_path / "b", 1, patient_id=patient)[2]
+    assert run("storescu", "-aec", "KUROSHIO", "127.0.0.1", port, *map(str, paths)).returncode == 0
+    out = tmp_path / "found"
+    out.mkdir()
+    result = run("findscu", "-aec", "KUROSHIO", "-P", "-k", "QueryRetrieveLevel=PATIENT", "-k", f"PatientID={patient}",
+                 "-k", "NumberOfPatientRelatedStudies", "-k", "NumberOfPatientRelatedSeries",
+                 "-k", "NumberOfPatientRelatedInstances", "-X", "-od", str(out), "127.0.0.1", port)
+    assert result.returncode == 0, result.stderr
+    [answer] = [pydicom.dcmread(p) for p in out.iterdir()]
+    assert (answer.NumberOfPatientRelatedStudies, answer.NumberOfPatientRelatedSeries,
+            answer.NumberOfPatientRelatedInstances) == (2, 2, 3)
+
+
 class Peer:
     """A pynetdicom Storage SCP, AE title PEER, that accepts every Storage SOP Class in every
     transfer syntax (preferring Explicit VR Little Endian): what it received (SOP Instance UID -> SOP class, transfer syntax) and
