@@ -62,6 +62,12 @@ MOVE_DESTINATION_UNKNOWN = 0xA801
 # A received data set goes to a temporary PS3.10 file as its PDUs arrive, not to memory: a
 # whole slide image level can be gigabytes (pynetdicom's documented switch for this).
 _config.STORE_RECV_CHUNKED_DATASET = True
+# pynetdicom logs every DIMSE message at INFO and dumps C-FIND/MOVE/GET identifiers with
+# it: patient names and IDs in a plain log file, a line per instance of a transfer. The
+# audit trail records each operation; the log keeps associations and problems.
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
+logging.getLogger("pynetdicom._handlers").setLevel(logging.WARNING)
 MAXIMUM_PDU_SIZE = 4 * 1024 * 1024
 
 STORAGE_SOP_CLASSES = sorted({str(cx.abstract_syntax) for cx in AllStoragePresentationContexts})

@@ -124,6 +124,23 @@ def test_find_patient_level_counts_its_studies_series_and_instances(server, tmp_
             answer.NumberOfPatientRelatedInstances) == (2, 2, 3)
 
 
+
+def test_dimse_messages_leave_no_patient_data_in_the_server_log(server, tmp_path):
+    """pynetdicom logs every DIMSE message at INFO, C-FIND identifiers included: patient
+    names and IDs in a plain log file. The audit trail records each operation instead."""
+    port = str(dicom_port(server))
+    patient = f"LOGGED-{uuid.uuid4().hex[:8]}"
+    paths = write_study(tmp_path, 1, patient_id=patient)[2]
+    assert run("storescu", "-aec", "KUROSHIO", "127.0.0.1", port, *map(str, paths)).returncode == 0
+    result = run("findscu", "-aec", "KUROSHIO", "-S", "-k", "QueryRetrieveLevel=STUDY", "-k", f"PatientID={patient}",
+                 "-k", "PatientName", "127.0.0.1", port)
+    assert result.returncode == 0, result.stderr
+    time.sleep(0.5)
+    log = server.log_path.read_text(errors="replace")
+    assert patient not in log and "Müller" not in log
+    assert "Association" in log  # association-level lines stay
+
+
 class Peer:
     """A pynetdicom Storage SCP, AE title PEER, that accepts every Storage SOP Class in every
     transfer syntax (preferring Explicit VR Little Endian): what it received (SOP Instance UID -> SOP class, transfer syntax) and
