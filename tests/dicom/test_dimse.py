@@ -540,6 +540,29 @@ def test_get_converts_big_endian_instances_for_peers_taking_little_endian(server
         assert_little_endian_copy(body, stored[sop])
 
 
+
+def test_get_inflates_deflated_instances_for_peers_taking_little_endian(server, tmp_path):
+    """An instance stored in Deflated Explicit VR Little Endian, which the peer did not
+    accept either, arrives inflated, in Explicit VR Little Endian, with the same pixels."""
+    ds = pydicom.dcmread(get_testdata_file("image_dfl.dcm"))
+    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1.99"
+    study, series = generate_uid(), generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    out = io.BytesIO()
+    ds.save_as(out)
+    body, content_type = multipart_body([out.getvalue()])
+    with httpx.Client(base_url=f"{server.base_url}/dicomweb/", timeout=60) as http:
+        assert http.post("studies", content=body, headers={"Content-Type": content_type}).status_code == 200
+    result = run("getscu", "-v", "-aec", "KUROSHIO", "-S", "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={study}",
+                 "-k", f"SeriesInstanceUID={series}", "-od", str(tmp_path), "127.0.0.1", str(dicom_port(server)))
+    assert result.returncode == 0 and "Failed Suboperations    : 0" in result.stdout + result.stderr, result.stderr
+    [path] = list(tmp_path.iterdir())
+    arrived = pydicom.dcmread(path)
+    assert arrived.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1" and arrived.SOPInstanceUID == ds.SOPInstanceUID
+    assert np.array_equal(arrived.pixel_array, pydicom.dcmread(io.BytesIO(out.getvalue())).pixel_array)
+
+
 def test_find_says_when_matching_keys_were_not_used(server, tmp_path):
     """PS3.4 C.4.1.1.4: a Pending status 0xFF01 says that optional keys of the identifier
     were not supported for matching (here InstitutionName, which the index does not hold, a
