@@ -8,20 +8,14 @@ the error form of the server's main API, and JSON any client can read.
 
 from __future__ import annotations
 
-import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-
-def malformed_request_body(message: str) -> bytes:
-    return orjson.dumps({
-        "resourceType": "OperationOutcome",
-        "issue": [{"severity": "error", "code": "structure", "diagnostics": message}],
-    })
+from server.fhir.outcome import Issue, outcome_bytes
 
 
 class HttpProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
-        body = malformed_request_body(f"{msg} The request line or headers are not HTTP/1.1 (RFC 9112).")
+        body = outcome_bytes([Issue("structure", f"{msg} The request line or headers are not HTTP/1.1 (RFC 9112).")])
         head = [b"HTTP/1.1 400 Bad Request\r\n"]
         head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
         head += [

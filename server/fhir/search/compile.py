@@ -314,8 +314,7 @@ class Compiler:
         if modifier == "below":
             # path segments (search.html, uri): the value itself or the value and `/...`;
             # `http://acme.org/fhir` does not find `http://acme.org/fhirx`
-            base = value[:-1] if value.endswith("/") else value
-            return anchored(f"{p}>{base}", "(/|$)")
+            return anchored(f"{p}>{value.removesuffix('/')}", "(/|$)")
         if modifier == "above":
             return {"s.k": {"$in": [f"{p}>{u}" for u in uri_ancestors(value)]}}
         return {"s.k": f"{p}>{value[:MAX_KEY]}"}
@@ -560,7 +559,7 @@ def requires_terms(condition: Filter) -> bool:
 def uri_ancestors(value: str) -> list[str]:
     """`http://a/b/c` and every shorter path of it down to the host, each with and without
     a trailing `/` (uri :above): the stored URLs that `:below` would find `value` from."""
-    path = value[:-1] if value.endswith("/") else value
+    path = value.removesuffix("/")
     found = [path, path + "/"]
     head, sep, _ = path.rpartition("/")
     while sep and head and not head.endswith(("/", ":")):
