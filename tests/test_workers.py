@@ -185,7 +185,7 @@ def test_a_replacement_that_cannot_start_is_retried_while_the_other_worker_serve
         wait_for(lambda: b"failed to start; trying again" in two_workers.log_path.read_bytes(), timeout=120)
         assert two_workers.process.poll() is None
         assert _pid_alive(other)
-        assert httpx.get(f"{two_workers.fhir}/metadata").status_code == 200
+        assert httpx.get(f"{two_workers.fhir}/metadata", timeout=30).status_code == 200
     finally:
         squatter.close()
     wait_for(lambda: len(listeners(two_workers.dicom_port)) == 1, timeout=120)
