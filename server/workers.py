@@ -34,6 +34,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -145,11 +146,13 @@ def run_worker(settings: Settings, number: int, options: dict[str, Any], supervi
 class Worker:
     """The supervisor's view of one worker."""
 
+    number: int
     process: BaseProcess
     channel: socket.socket
     handed: int = 0
     closed: int = 0
     ready: bool = False
+    ended: bool = False
 
     @property
     def load(self) -> tuple[int, int]:
@@ -183,12 +186,11 @@ def supervise(settings: Settings, options: dict[str, Any], listener: socket.sock
         process.start()
         theirs.close()
         ours.setblocking(False)
-        workers[number] = Worker(process, ours)
-        selector.register(ours, selectors.EVENT_READ, ("reports", number))
-        selector.register(process.sentinel, selectors.EVENT_READ, ("ended", number))
+        worker = workers[number] = Worker(number, process, ours)
+        selector.register(ours, selectors.EVENT_READ, ("reports", worker))
+        selector.register(process.sentinel, selectors.EVENT_READ, ("ended", worker))
 
-    def read_reports(number: int) -> None:
-        worker = workers[number]
+    def read_reports(worker: Worker) -> None:
         while True:
             try:
                 message = worker.channel.recv(CLOSED.size)
@@ -197,8 +199,8 @@ def supervise(settings: Settings, options: dict[str, Any], listener: socket.sock
             if not message:  # the worker is gone; its sentinel says how
                 return
             worker.closed, worker.ready = CLOSED.unpack(message)[0], True
-            served.add(number)
-            retry_interval.pop(number, None)
+            served.add(worker.number)
+            retry_interval.pop(worker.number, None)
 
     def retry_later(number: int) -> None:
         interval = min(retry_interval.get(number, RETRY_FIRST_SECONDS / 2) * 2, RETRY_MAX_SECONDS)
@@ -223,52 +225,62 @@ def supervise(settings: Settings, options: dict[str, Any], listener: socket.sock
     for number in range(settings.workers):
         start(number)
     started = True
-    while not stopping:
-        for key, _ in selector.select(timeout=0.5):
-            if key.fileobj is listener:
-                hand_over()
-                continue
-            what, number = key.data
-            worker = workers[number]
-            if what == "reports":
-                read_reports(number)
-                continue
-            selector.unregister(worker.channel)
-            selector.unregister(worker.process.sentinel)
-            worker.channel.close()
-            worker.process.join()
-            worker.ready = False
-            if stopping:
-                continue
-            if worker.process.exitcode != STARTUP_FAILURE:
-                log.warning("worker %d (pid %s) ended with %s; starting a new one", number, worker.process.pid, worker.process.exitcode)
-                start(number)
-            elif number in served:
-                retry_later(number)
-            else:
-                log.error("worker %d failed to start; stopping the server", number)
-                started, stopping = False, True
-                break
-        for number, when in list(retry_at.items()):
-            if when <= time.monotonic() and not stopping:
-                del retry_at[number]
-                start(number)
-        ready = any(w.ready for w in workers.values())
-        if ready and not accepting:
-            listener.listen(BACKLOG)  # again after a pause: harmless
-            selector.register(listener, selectors.EVENT_READ)
-            accepting = True
-        elif accepting and not ready:  # connections wait in the backlog for a worker
-            selector.unregister(listener)
-            accepting = False
+    try:  # whatever ends the loop, even a fault of ours, the workers end with it
+        while not stopping:
+            for key, _ in selector.select(timeout=0.5):
+                if key.fileobj is listener:
+                    hand_over()
+                    continue
+                what, worker = key.data
+                if worker.ended:  # its channel's EOF, fetched by the same select as its end: its channel is closed
+                    continue
+                if what == "reports":
+                    read_reports(worker)
+                    continue
+                number, worker.ended = worker.number, True
+                selector.unregister(worker.channel)
+                selector.unregister(worker.process.sentinel)
+                worker.channel.close()
+                worker.process.join()
+                worker.ready = False
+                if stopping:
+                    continue
+                if worker.process.exitcode != STARTUP_FAILURE:
+                    log.warning("worker %d (pid %s) ended with %s; starting a new one", number, worker.process.pid, worker.process.exitcode)
+                    start(number)
+                elif number in served:
+                    retry_later(number)
+                else:
+                    log.error("worker %d failed to start; stopping the server", number)
+                    started, stopping = False, True
+                    break
+            for number, when in list(retry_at.items()):
+                if when <= time.monotonic() and not stopping:
+                    del retry_at[number]
+                    start(number)
+            ready = any(w.ready for w in workers.values())
+            if ready and not accepting:
+                listener.listen(BACKLOG)  # again after a pause: harmless
+                selector.register(listener, selectors.EVENT_READ)
+                accepting = True
+            elif accepting and not ready:  # connections wait in the backlog for a worker
+                selector.unregister(listener)
+                accepting = False
+    finally:
+        stop_workers(listener, workers.values())
+    return started
+
+
+def stop_workers(listener: socket.socket, workers: Iterable[Worker]) -> None:
+    """Close the HTTP socket, then end the workers: gracefully, then by force. Without this
+    a supervisor would wait forever at exit on its live (non-daemon) workers."""
     listener.close()
-    for worker in workers.values():
+    for worker in workers:
         if worker.process.is_alive():
             worker.process.terminate()
     deadline = time.monotonic() + STOP_GRACE_SECONDS
-    for worker in workers.values():
+    for worker in workers:
         worker.process.join(max(0.0, deadline - time.monotonic()))
         if worker.process.is_alive():
             worker.process.kill()
             worker.process.join()
-    return started

@@ -93,6 +93,17 @@ def echo(port: int) -> bool:
     return status.Status == 0
 
 
+def both_serve(server: LiveServer) -> bool:
+    """Two connections opened at once go one to each worker, and both are answered."""
+    port = int(server.base_url.rsplit(":", 1)[1])
+    connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=30) for _ in range(2)]
+    try:
+        return {serving_worker(port, c) for c in connections} == children(server.process.pid)
+    finally:
+        for connection in connections:
+            connection.close()
+
+
 @pytest.fixture()
 def two_workers(mongod, tmp_path) -> Iterator[LiveServer]:
     live = start_server(mongod.uri, tmp_path, {"KUROSHIO_WORKERS": "2"})
@@ -138,22 +149,12 @@ def test_each_connection_goes_to_the_worker_with_the_fewest_open(two_workers):
 
 
 def test_a_dead_worker_is_replaced_and_takes_over_the_dicom_port(two_workers):
-    port = int(two_workers.base_url.rsplit(":", 1)[1])
     dimse_worker = next(iter(listeners(two_workers.dicom_port)))
     os.kill(dimse_worker, signal.SIGKILL)
     wait_for(lambda: len(children(two_workers.process.pid)) == 2 and dimse_worker not in children(two_workers.process.pid))
     wait_for(lambda: len(listeners(two_workers.dicom_port)) == 1)
     assert echo(two_workers.dicom_port)
-
-    def both_serve() -> bool:
-        connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=30) for _ in range(2)]
-        try:
-            return {serving_worker(port, c) for c in connections} == children(two_workers.process.pid)
-        finally:
-            for connection in connections:
-                connection.close()
-
-    wait_for(both_serve)
+    wait_for(lambda: both_serve(two_workers))
 
 
 def test_a_replacement_that_cannot_start_is_retried_while_the_other_worker_serves(two_workers):
@@ -162,6 +163,7 @@ def test_a_replacement_that_cannot_start_is_retried_while_the_other_worker_serve
     serves, and the replacement is started again until it succeeds."""
     import socket
 
+    wait_for(lambda: both_serve(two_workers))  # "the other worker" has started
     dimse_worker = next(iter(listeners(two_workers.dicom_port)))
     other = (children(two_workers.process.pid) - {dimse_worker}).pop()
     squatter = socket.socket()
