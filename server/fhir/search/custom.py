@@ -46,11 +46,13 @@ def usable(resource: dict[str, Any]) -> list[SearchParameter]:
         return []
 
 
-_custom_by_id: dict[str, list[SearchParameter]] = {}
+# id -> (version, its parameters): a refresh reads each version once, so an unusable one is
+# logged once per process, not at every refresh
+_custom_by_id: dict[str, tuple[int, list[SearchParameter]]] = {}
 
 
 def _install() -> None:
-    REGISTRY.replace_custom(p for params in _custom_by_id.values() for p in params)
+    REGISTRY.replace_custom(p for _, params in _custom_by_id.values() for p in params)
 
 
 async def after_write(session: AsyncClientSession, new: NewVersion) -> None:
@@ -60,17 +62,17 @@ async def after_write(session: AsyncClientSession, new: NewVersion) -> None:
     if new.body is None:
         _custom_by_id.pop(new.id, None)
     else:
-        _custom_by_id[new.id] = usable(jsonio.loads(new.body))
+        _custom_by_id[new.id] = new.version, usable(jsonio.loads(new.body))
     _install()
 
 
 async def refresh(db: SearchStore) -> None:
     """Load every stored custom SearchParameter (other processes may have written some)."""
-    found: dict[str, list[SearchParameter]] = {}
+    found: dict[str, tuple[int, list[SearchParameter]]] = {}
     async for doc in db.bodies({"t": "SearchParameter", "deleted": False}):
-        parameters = usable(jsonio.loads(doc["body"]))
-        if parameters:
-            found[doc["_id"].split("/", 1)[1]] = parameters
+        id_ = doc["_id"].split("/", 1)[1]
+        known = _custom_by_id.get(id_)
+        found[id_] = known if known and known[0] == doc["v"] else (doc["v"], usable(jsonio.loads(doc["body"])))
     _custom_by_id.clear()
     _custom_by_id.update(found)
     _install()

@@ -39,16 +39,23 @@ def test_custom_search_parameter_and_reindex(fhir):
     assert fhir.get("Patient/$reindex").status_code == 405  # changes data: POST only
 
 
-def test_unusable_custom_parameter_is_stored_but_not_used(fhir):
+def test_unusable_custom_parameter_is_stored_but_not_used(fhir, server):
+    """It is refused for search, and each server process says why in its log once, not
+    at every refresh."""
     code = f"broken-{uuid.uuid4().hex[:8]}"
     definition = {
         "resourceType": "SearchParameter", "url": f"http://example.org/SearchParameter/{code}", "name": code,
         "status": "active", "description": "broken", "code": code, "base": ["Patient"], "type": "token",
         "expression": "Patient.nonsense((",
     }
-    assert fhir.post("SearchParameter", json=definition, headers=FHIR_JSON).status_code == 201
+    created = fhir.post("SearchParameter", json=definition, headers=FHIR_JSON)
+    assert created.status_code == 201
     assert fhir.post("Patient", json={"resourceType": "Patient"}, headers=FHIR_JSON).status_code == 201
     assert fhir.get("Patient", params={code: "x"}).status_code == 400  # unknown parameter
+    time.sleep(2 * REFRESH_SECONDS + 1)
+    said = f"SearchParameter {created.json()['id']} is not used for search"
+    processes = [line.split()[3] for line in server.log_path.read_text().splitlines() if said in line]
+    assert processes and len(processes) == len(set(processes)), processes
 
 
 def test_meta_at_type_and_system_level(fhir):
