@@ -83,7 +83,9 @@ async def find_or_create(db: FhirStore, fhir_base: str, resource: Resource, iden
     except FhirError as exc:
         if exc.status != 412:  # 412: the criteria match more than one resource
             raise
-        log.warning("several %s resources have identifier %s; referencing it by identifier only", type_, identifier)
+        # the system only: the value is a patient identifier, which the log must not hold
+        log.warning("several %s resources share an identifier of system %r; referencing it by identifier only",
+                    type_, identifier.get("system"))
         return {"type": type_, "identifier": identifier}
     return {"reference": f"{type_}/{written.id}"}
 

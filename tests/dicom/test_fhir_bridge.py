@@ -88,8 +88,9 @@ def test_existing_patient_is_referenced_not_duplicated(dicomweb, fhir):
     assert wait_for(fhir, f"ImagingStudy/{again}", lambda r: r.status_code == 200).json()["subject"] == subject
 
 
-def test_ambiguous_patient_is_referenced_by_identifier_only(dicomweb, fhir):
-    """Two Patients with the identifier: the bridge does not pick one, nor add a third."""
+def test_ambiguous_patient_is_referenced_by_identifier_only(dicomweb, fhir, server):
+    """Two Patients with the identifier: the bridge does not pick one, nor add a third;
+    its warning in the server log names the identifier's system, not the patient's id."""
     patient_id = "TWICE-" + generate_uid()[-8:]
     identifier = {"system": "urn:oid:1.2.392.200119", "value": patient_id}
     for _ in range(2):
@@ -101,3 +102,6 @@ def test_ambiguous_patient_is_referenced_by_identifier_only(dicomweb, fhir):
     resource = wait_for(fhir, f"ImagingStudy/{study}", lambda r: r.status_code == 200).json()
     assert resource["subject"] == {"type": "Patient", "identifier": identifier}
     assert len(_patients(fhir, f"urn:oid:1.2.392.200119|{patient_id}")) == 2
+    log = server.log_path.read_text()
+    assert "share an identifier of system 'urn:oid:1.2.392.200119'" in log
+    assert patient_id not in log
