@@ -67,6 +67,7 @@ def serve(
         options = dict(
             host=settings.host, port=settings.port, log_level="info", access_log=False,
             loop="uvloop" if sys.platform != "win32" else "asyncio", http=HttpProtocol, timeout_graceful_shutdown=10,
+            timeout_keep_alive=settings.keep_alive_seconds,
         )
         # uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown; make that a no-op
         # so the embedded mongod is stopped cleanly by the ExitStack before we exit.

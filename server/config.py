@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     # Most entries in one batch or transaction Bundle (more: 413 before any of them runs),
     # a bound on what one request may cost. Synthea's patient bundles reach about 7,400.
     bundle_max_entries: int = Field(10_000, ge=1)
+    # How long an idle HTTP connection is kept open. Longer than the idle timeout of the
+    # clients and load balancers in front (60 s for many): a server closing first races
+    # the client's next request on that connection, which then fails with no response.
+    keep_alive_seconds: int = Field(75, ge=1)
     # HTTP server processes sharing the port (one of them also runs the DIMSE AE);
     # default: one per CPU this process may run on, at most 8 (each holds ~150 MB).
     workers: int = Field(default_factory=lambda: min(len(os.sched_getaffinity(0)), 8), ge=1, le=64)
