@@ -34,7 +34,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Collection
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -271,7 +271,7 @@ def supervise(settings: Settings, options: dict[str, Any], listener: socket.sock
     return started
 
 
-def stop_workers(listener: socket.socket, workers: Iterable[Worker]) -> None:
+def stop_workers(listener: socket.socket, workers: Collection[Worker]) -> None:
     """Close the HTTP socket, then end the workers: gracefully, then by force. Without this
     a supervisor would wait forever at exit on its live (non-daemon) workers."""
     listener.close()

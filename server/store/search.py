@@ -183,6 +183,11 @@ class SearchStore:
         cursor = await self.resources.aggregate(pipeline)
         return [doc["_id"] async for doc in cursor]
 
+    async def versions(self, query: Filter) -> dict[str, int]:
+        """The current version of each matching document, by key: what changed, without
+        reading the bodies."""
+        return {doc["_id"]: doc["v"] async for doc in self.resources.find(query, {"v": 1})}
+
     async def bodies(self, query: Filter) -> AsyncIterator[dict[str, Any]]:
         """Current documents (id, version, body) in `_id` order, for re-indexing."""
         cursor = self.resources.find(query, {"v": 1, "body": 1}, sort=[("_id", ASCENDING)], batch_size=500)

@@ -69,10 +69,17 @@ async def after_write(session: AsyncClientSession, new: NewVersion) -> None:
 async def refresh(db: SearchStore) -> None:
     """Load every stored custom SearchParameter (other processes may have written some)."""
     found: dict[str, tuple[int, list[SearchParameter]]] = {}
-    async for doc in db.bodies({"t": "SearchParameter", "deleted": False}):
-        id_ = doc["_id"].split("/", 1)[1]
+    changed = []
+    for key, version in (await db.versions({"t": "SearchParameter", "deleted": False})).items():
+        id_ = key.split("/", 1)[1]
         known = _custom_by_id.get(id_)
-        found[id_] = known if known and known[0] == doc["v"] else (doc["v"], usable(jsonio.loads(doc["body"])))
+        if known and known[0] == version:
+            found[id_] = known
+        else:
+            changed.append(key)
+    if changed:  # only new versions are read and parsed
+        async for doc in db.bodies({"_id": {"$in": changed}}):
+            found[doc["_id"].split("/", 1)[1]] = doc["v"], usable(jsonio.loads(doc["body"]))
     _custom_by_id.clear()
     _custom_by_id.update(found)
     _install()
