@@ -5,6 +5,7 @@ C-MOVE (to a storescp started here) returning the bytes that were sent."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import shutil
 import subprocess
@@ -407,6 +408,35 @@ def test_find_past_the_limit_says_so(mongod, tmp_path, monkeypatch):
         asyncio.run_coroutine_threadsafe(store.client.drop_database(database), loop).result()
         asyncio.run_coroutine_threadsafe(store.close(), loop).result()
         loop.call_soon_threadsafe(loop.stop)
+
+
+def test_the_acceptor_never_stops_the_process_to_collect_garbage(mongod, tmp_path, monkeypatch):
+    """pynetdicom's accept loop ran a full gc.collect() every 60 polls (30 s), which froze
+    every thread of the server process, the HTTP event loop too, for about 170 ms. The
+    server that `start` runs answers a C-ECHO and polls 120 times without collecting."""
+    collections: list[object] = []
+    monkeypatch.setattr(gc, "collect", lambda *args: collections.append(args) or 0)
+    loop = asyncio.new_event_loop()
+    database = f"kuroshio_gc_{uuid.uuid4().hex[:8]}"
+    store = loop.run_until_complete(Store.open(mongod.uri, database))
+    entity = ApplicationEntity(Archive(store, tmp_path / "blobs"), "KUROSHIO", {}, loop)
+    port = free_port()
+    entity.start("127.0.0.1", port)
+    try:
+        ae = AE()
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.1", port, ae_title="KUROSHIO")
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+        assert entity.server is not None
+        for _ in range(120):
+            entity.server.service_actions()  # what serve_forever calls after each poll
+    finally:
+        entity.stop()
+        loop.run_until_complete(store.client.drop_database(database))
+        loop.run_until_complete(store.close())
+        loop.close()
+    assert collections == []
 
 
 def test_compressed_instances_reach_peers_that_take_uncompressed_only(mover, tmp_path):
