@@ -11,6 +11,7 @@ included), and the interface's own form elsewhere. A client never sees a traceba
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -165,6 +166,15 @@ def for_the_transaction(request: Request, exc: Exception) -> bool:
     return isinstance(exc, PyMongoError) and transaction_session(request) is not None
 
 
+def settle_heap() -> None:
+    """Take what start-up built (R4 definitions, search plans, terminology: about 200,000
+    objects) out of the cyclic garbage collector's view. They live as long as the process,
+    yet every full collection walked them all, holding the GIL: a 150 ms stall of every
+    request in flight, measured under a load of creates. Refcounting still frees them."""
+    gc.collect()
+    gc.freeze()
+
+
 def create_app(settings: Settings, dimse: bool = True) -> FastAPI:
     """The app of one server process; with `dimse`, it also runs the DIMSE AE."""
     if not settings.mongodb_uri:
@@ -182,6 +192,7 @@ def create_app(settings: Settings, dimse: bool = True) -> FastAPI:
         custom_parameters = asyncio.create_task(search_custom.refresh_loop(SearchStore(store)))
         # DICOM: archive, DIMSE AE and ImagingStudy reflection (server/dicom/service.py)
         dicom = await dicom_service.start(app, settings, store, app.state.fhir_store, dimse)
+        settle_heap()
         try:
             yield
         finally:
