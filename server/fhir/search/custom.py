@@ -69,17 +69,17 @@ async def after_write(session: AsyncClientSession, new: NewVersion) -> None:
 async def refresh(db: SearchStore) -> None:
     """Load every stored custom SearchParameter (other processes may have written some)."""
     found: dict[str, tuple[int, list[SearchParameter]]] = {}
-    changed = []
+    changed: dict[str, str] = {}  # key -> id, of the versions not parsed here yet
     for key, version in (await db.versions({"t": "SearchParameter", "deleted": False})).items():
         id_ = key.split("/", 1)[1]
         known = _custom_by_id.get(id_)
         if known and known[0] == version:
             found[id_] = known
         else:
-            changed.append(key)
+            changed[key] = id_
     if changed:  # only new versions are read and parsed
-        async for doc in db.bodies({"_id": {"$in": changed}}):
-            found[doc["_id"].split("/", 1)[1]] = doc["v"], usable(jsonio.loads(doc["body"]))
+        async for doc in db.bodies({"_id": {"$in": list(changed)}}):
+            found[changed[doc["_id"]]] = doc["v"], usable(jsonio.loads(doc["body"]))
     _custom_by_id.clear()
     _custom_by_id.update(found)
     _install()
