@@ -106,7 +106,11 @@ def both_serve(server: LiveServer) -> bool:
 
 @pytest.fixture()
 def two_workers(mongod, tmp_path) -> Iterator[LiveServer]:
+    """A server whose two workers have both started: the supervisor accepts connections
+    as soon as the first is ready, and hands them all to it until the second is."""
     live = start_server(mongod.uri, tmp_path, {"KUROSHIO_WORKERS": "2"})
+    wait_for(lambda: both_serve(live))
+    time.sleep(0.5)  # the workers' reports of those connections' closes
     yield live
     stop_server(live)
 
@@ -163,7 +167,6 @@ def test_a_replacement_that_cannot_start_is_retried_while_the_other_worker_serve
     serves, and the replacement is started again until it succeeds."""
     import socket
 
-    wait_for(lambda: both_serve(two_workers))  # "the other worker" has started
     dimse_worker = next(iter(listeners(two_workers.dicom_port)))
     other = (children(two_workers.process.pid) - {dimse_worker}).pop()
     squatter = socket.socket()
