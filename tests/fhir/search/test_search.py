@@ -80,6 +80,33 @@ def test_tokens(fhir, dataset, query, expected):
     assert found(fhir, dataset, query) == expected
 
 
+def test_le_and_lt_find_any_value_of_a_parameter_with_several(fhir):
+    """`le`/`lt` match when some value starts early enough, and that is the earliest one:
+    a Goal with targets due in 2020 and 2030 is due `le2021` and `ge2029`, not `lt2020`."""
+    marker = f"urn:goal-{uuid.uuid4().hex[:8]}"
+    goal = {
+        "resourceType": "Goal", "lifecycleStatus": "active", "identifier": [{"system": marker, "value": "1"}],
+        "description": {"text": "two targets"}, "subject": {"reference": "Patient/anyone"},
+        "target": [{"dueDate": "2030-06-01"}, {"dueDate": "2020-03-01"}],
+    }
+    response = fhir.post("Goal", json=goal, headers=FHIR_JSON)
+    assert response.status_code == 201, response.text
+
+    def matches(value: str) -> bool:
+        response = fhir.get("Goal", params={"identifier": f"{marker}|1", "target-date": value})
+        assert response.status_code == 200, response.text
+        return response.json().get("total", len(response.json().get("entry", []))) == 1
+
+    assert matches("le2021-01-01")
+    assert matches("le2020-03-01")
+    assert matches("lt2020-03-02")
+    assert not matches("lt2020-03-01")
+    assert not matches("le2020-02-29")
+    assert matches("ge2029")
+    assert matches("le2021,ge2035")
+    assert not matches("lt2020,ge2035")
+
+
 def test_system_bar_finds_values_with_a_system_and_no_code(fhir, db):
     """`identifier=system|` is any identifier in that system (search.html, token): one
     with a system and no value too, and likewise a Coding with a system and no code. A
@@ -134,6 +161,10 @@ def test_system_bar_finds_values_with_a_system_and_no_code(fhir, db):
         ("Observation?date:missing=true", {"o4"}),
         ("Encounter?date=2020-01-03", set()),
         ("Encounter?date=ge2020-01-03", {"e1"}),
+        ("Encounter?date=ge2020-01-05", {"e1"}),  # the period ends within the searched day
+        ("Encounter?date=le2020-01-01", {"e1"}),  # and starts within this one
+        ("Encounter?date=ge2020-01-06", set()),
+        ("Encounter?date=le2019-12-31", set()),
         ("Patient?birthdate=1980", {"p2"}),
         ("Patient?birthdate=1980-05-01", set()),  # the year is wider than the day
         ("Patient?birthdate=lt1985", {"p1", "p2"}),
