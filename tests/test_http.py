@@ -11,6 +11,7 @@ from pathlib import Path
 
 from server.app import create_app
 from server.config import Settings
+from server.fhir.search import ucum
 from server.store.mongod import EmbeddedMongod
 from tests.conftest import LiveServer
 
@@ -51,7 +52,11 @@ def test_start_up_objects_are_frozen_out_of_full_collections(mongod: EmbeddedMon
             return gc.get_freeze_count()
 
     gc.unfreeze()
+    ucum.registry.cache_clear()
     try:
         assert asyncio.run(started()) > 50_000
+        # UCUM's registry (built on a write's first quantity, it was left to every walk)
+        assert ucum.registry.cache_info().currsize == 1
+        assert not any(o is ucum.registry() for o in gc.get_objects())
     finally:
         gc.unfreeze()  # this test process's objects go back to the collector

@@ -16,7 +16,10 @@ UCUM = "http://unitsofmeasure.org"
 
 
 @cache
-def _registry() -> Any:
+def registry() -> Any:
+    """ucumvert's registry, built once per process. Building it takes about a second and
+    some 43,000 objects: start-up builds it (server/app.py) so that no write or search
+    waits for it and so that it is frozen out of the garbage collector's full walks."""
     from ucumvert import PintUcumRegistry
 
     return PintUcumRegistry()
@@ -27,14 +30,14 @@ def _linear(code: str) -> tuple[float, float, str] | None:
     """(factor, offset, canonical unit) for a UCUM code, or None if it is not UCUM."""
     if not code or len(code) > 64:
         return None
-    registry = _registry()
+    ucum = registry()
     try:
-        parsed = registry.from_ucum(code)
+        parsed = ucum.from_ucum(code)
         units = getattr(parsed, "units", None)
         if units is None:  # a bare annotation such as {score} is the unity
             return 1.0, 0.0, "1"
-        zero = registry.Quantity(0.0, units).to_base_units()
-        one = registry.Quantity(1.0, units).to_base_units()
+        zero = ucum.Quantity(0.0, units).to_base_units()
+        one = ucum.Quantity(1.0, units).to_base_units()
     except Exception:  # ucumvert and pint raise many kinds of parse and dimension errors
         return None
     factor = float(one.magnitude) - float(zero.magnitude)
