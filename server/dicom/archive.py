@@ -7,14 +7,17 @@ Ingest of one instance, in this order (DESIGN.md, durability before acknowledgem
 2. parsed once and validated (`instance.parse`), refused with a DICOM failure reason
    and removed without trace if broken (parsing reads the page cache, so it runs while
    step 1's fsync is under way: a C-STORE waits for the longer of the two, not both);
-3. linked into the UID layout (`BlobStore.place`), and the directories of a batch
-   fsynced once (`BlobStore.sync`);
+3. linked into the UID layout once its fsync is done (`BlobStore.place`), and the
+   directories of a batch fsynced once (`BlobStore.sync`);
 4. indexed (QIDO attributes, DICOM JSON without bulk data, frame and bulk data offsets)
-   in one durable MongoDB transaction per batch (`DicomIndex.add`);
+   in one durable MongoDB transaction per batch (`DicomIndex.add`), which commits only
+   once step 3 is done, so the index never names bytes that a crash could lose;
 5. only then reported as stored, and the study marked for FHIR reflection.
 
-Steps 1-3 are blocking work (fsync, parsing) and run in worker threads (`prepare`);
-step 4 runs on the event loop for a batch of instances at once.
+Steps 1-2 are blocking work and run in worker threads (`prepare`). Step 4 runs on the
+event loop for a batch of instances at once, and its writes go to MongoDB while step 3
+waits on the disk in a thread (`_settle`): a C-STORE, which the sender waits for, pays
+the longer of the two, not their sum.
 
 Policy for a SOP Instance UID that is already stored: the same data set bytes are a
 success (idempotent, nothing changes; the file meta header may differ, as it does between
@@ -29,8 +32,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -74,13 +77,14 @@ class Outcome:
 
 @dataclass(slots=True)
 class Prepared:
-    """An instance after the blocking steps: parsed and placed, or refused."""
+    """An instance parsed and being sealed (`staged`, placed at commit), or refused."""
 
     parsed: ParsedInstance | None = None
     key: BlobKey | None = None
     record: InstanceRecord | None = None
     refusal: Refused | None = None
-    directories: set[Path] = field(default_factory=set)  # to fsync before indexing
+    staged: StagedFile | None = None
+    sealing: Future[None] | None = None
 
 
 class Archive:
@@ -98,30 +102,48 @@ class Archive:
     # --- blocking part (worker threads) -------------------------------------------------
 
     def prepare(self, staged: StagedFile, expected_study: str | None = None) -> Prepared:
-        """Seal, parse, validate and place one staged instance (blocking)."""
+        """Parse and validate one staged instance while its fsync runs (blocking).
+
+        A refused one is discarded once sealed; an accepted one is placed by `commit`.
+        """
+        sealing = _SEALING.submit(staged.seal)
+        accepted = False
         try:
-            sealing = _SEALING.submit(staged.seal)
-            try:
-                parsed = parse(staged.path)
-                if expected_study is not None and parsed.study != expected_study:
-                    raise Refused(
-                        DOES_NOT_MATCH_SOP_CLASS,
-                        f"The instance belongs to study {parsed.study}, not {expected_study} named in the request",
-                        parsed,
-                    )
-                key = BlobKey(parsed.study, parsed.series, parsed.sop, staged.digest(parsed.dataset_start))
-                record = record_of(parsed, key, staged.size)
-            finally:
-                sealing.result()  # durable before it is placed (and before `discard` closes it)
-            directories = self.blobs.place(staged, key)
-            return Prepared(parsed, key, record, directories=directories)
+            parsed = parse(staged.path)
+            if expected_study is not None and parsed.study != expected_study:
+                raise Refused(
+                    DOES_NOT_MATCH_SOP_CLASS,
+                    f"The instance belongs to study {parsed.study}, not {expected_study} named in the request",
+                    parsed,
+                )
+            key = BlobKey(parsed.study, parsed.series, parsed.sop, staged.digest(parsed.dataset_start))
+            prepared = Prepared(parsed, key, record_of(parsed, key, staged.size), staged=staged, sealing=sealing)
+            accepted = True
+            return prepared
         except Refused as refusal:
             return Prepared(refusal.parsed, refusal=refusal)
         except OSError as exc:
             log.error("cannot store an instance: %s", exc)
             return Prepared(refusal=Refused(OUT_OF_RESOURCES, "The server could not write the instance"))
         finally:
-            staged.discard()
+            if not accepted:
+                _discard_when_sealed(staged, sealing)
+
+    def _settle(self, batch: list[Prepared]) -> None:
+        """Make a batch's accepted instances durable in the layout (blocking): each one
+        sealed, then linked into place, then the changed directories fsynced. Raises
+        OSError if any of them cannot be; the staging files go either way."""
+        directories: set[Path] = set()
+        try:
+            for p in batch:
+                if p.staged is not None and p.sealing is not None and p.key is not None:
+                    p.sealing.result()  # a placed blob is complete: a writer of the same bytes may index it
+                    directories |= self.blobs.place(p.staged, p.key)
+            self.blobs.sync(directories)
+        finally:
+            for p in batch:
+                if p.staged is not None and p.sealing is not None:
+                    _discard_when_sealed(p.staged, p.sealing)
 
     # --- indexing (event loop) ----------------------------------------------------------
 
@@ -134,14 +156,22 @@ class Archive:
 
     async def _commit_batch(self, batch: list[Prepared]) -> list[Outcome]:
         records = [p.record for p in batch if p.record is not None]
-        directories = set().union(*(p.directories for p in batch))
+        settling = asyncio.ensure_future(asyncio.to_thread(self._settle, batch))
         try:
-            await asyncio.to_thread(self.blobs.sync, directories)  # links durable first
-            result = await self.index.add(records, datetime.now(UTC)) if records else None
-        except Exception:
-            # The placed blobs stay: one may be an earlier, indexed copy of the same bytes.
-            log.exception("storing %d instances failed", len(records))
-            return [_refused(p, PROCESSING_FAILURE, "The instance could not be made durable or indexed") for p in batch]
+            result = await self.index.add(records, datetime.now(UTC), settling) if records else None
+            await settling
+        except Exception as exc:
+            # Nothing was indexed. The placed blobs stay: one may be an earlier, indexed
+            # copy of the same bytes.
+            await asyncio.wait([settling])
+            if settling.exception() is not None:
+                log.error("cannot store %d instances: %s", len(records), settling.exception())
+                status, message = OUT_OF_RESOURCES, "The server could not write the instance"
+            else:
+                log.error("indexing %d instances failed", len(records), exc_info=exc)
+                status, message = PROCESSING_FAILURE, "The instance could not be indexed"
+            return [_refused(p, p.refusal.reason, str(p.refusal)) if p.refusal else _refused(p, status, message)
+                    for p in batch]
         kept: dict[str, str] = {}
         if result is not None:
             kept.update(result.existing_blob)
@@ -226,6 +256,12 @@ def record_of(parsed: ParsedInstance, key: BlobKey, size: int) -> InstanceRecord
 
 def _stored(parsed: ParsedInstance) -> Outcome:
     return Outcome(SUCCESS, "", parsed.sop_class, parsed.sop, parsed.study, parsed.series)
+
+
+def _discard_when_sealed(staged: StagedFile, sealing: Future[None]) -> None:
+    """Remove a staging file once `seal` is done with it (`discard` closes the descriptor
+    that `seal` may still be fsyncing), without waiting for that here."""
+    sealing.add_done_callback(lambda _: staged.discard())
 
 
 def _refused(p: Prepared, status: int, message: str) -> Outcome:

@@ -23,8 +23,10 @@ Instance UID impossible even between concurrent writers.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from bson import Binary
@@ -144,23 +146,26 @@ class DicomIndex:
 
     # --- writes -----------------------------------------------------------------------
 
-    async def add(self, records: list[InstanceRecord], moment: datetime) -> IndexOutcome:
+    async def add(
+        self, records: list[InstanceRecord], moment: datetime, blobs_durable: Awaitable[object]
+    ) -> IndexOutcome:
         """Index new instances in one transaction (already indexed ones are left as they are).
 
-        The common case (all new, series known to their study or new) is tried first
-        without reading; a duplicate key aborts it and the checked form runs instead.
+        The transaction commits only after `blobs_durable` completes (and is aborted if it
+        raises): its writes overlap the fsyncs of the bytes they name. The common case (all
+        new, series known to their study or new) is tried first without reading; a
+        duplicate key aborts it and the checked form runs instead.
         """
 
-        async def optimistic(session: AsyncClientSession) -> IndexOutcome:
-            return await self._add_in(session, records, moment, checked=False)
-
-        async def checked(session: AsyncClientSession) -> IndexOutcome:
-            return await self._add_in(session, records, moment, checked=True)
+        async def attempt(session: AsyncClientSession, checked: bool) -> IndexOutcome:
+            outcome = await self._add_in(session, records, moment, checked)
+            await blobs_durable
+            return outcome
 
         try:
-            return await self.store.transaction(optimistic)
+            return await self.store.transaction(partial(attempt, checked=False))
         except (DuplicateKeyError, BulkWriteError):
-            return await self.store.transaction(checked)
+            return await self.store.transaction(partial(attempt, checked=True))
 
     async def _add_in(
         self, session: AsyncClientSession, records: list[InstanceRecord], moment: datetime, checked: bool

@@ -14,7 +14,9 @@ import time
 import httpx
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
 
 from server.dicom import wado
 from server.dicom.instance import Refused, parse
@@ -262,3 +264,41 @@ def test_parts_other_than_application_dicom_are_refused(http, db):
     assert len(response.json()["00081199"]["Value"]) == 2
     assert db.dicom_instances.count_documents({"_id": labelled_pdf.SOPInstanceUID}) == 0
     assert db.dicom_instances.count_documents({"_id": {"$in": [labelled_dicom.SOPInstanceUID, unlabelled.SOPInstanceUID]}}) == 2
+
+
+def test_an_instance_that_cannot_be_written_is_refused_without_trace(server, http, db):
+    """A blob that cannot be made durable (here its study's directory is taken by a file) is
+    refused with 0xA700 (Out of Resources) by STOW-RS and C-STORE alike: nothing indexed,
+    no staging file left, and the same instances are stored once the disk allows it. The
+    index transaction's writes run while the bytes are fsynced; this is the case where
+    they must not be committed."""
+    study = generate_uid()
+    instances = [ct_instance(study=study) for _ in range(2)]
+    root = server.data_dir / "dicom"
+    blocker = root / study
+    blocker.write_bytes(b"not a directory")
+    try:
+        body, content_type = multipart_body([encode(ds) for ds in instances])
+        response = http.post("studies", content=body, headers={"Content-Type": content_type})
+        assert response.status_code == 409, response.text
+        failed = response.json()["00081198"]["Value"]
+        assert [item["00081197"]["Value"] for item in failed] == [[0xA700], [0xA700]]
+        ae = AE()
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", dicom_port(server), ae_title="KUROSHIO")
+        assert assoc.is_established
+        status = assoc.send_c_store(instances[0])
+        assoc.release()
+        assert status.Status == 0xA700
+        assert db.dicom_instances.count_documents({"st": study}) == 0
+        assert db.dicom_studies.count_documents({"_id": study}) == 0
+        assert db.dicom_series.count_documents({"st": study}) == 0
+        deadline = time.monotonic() + 10
+        while any((root / ".incoming").iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any((root / ".incoming").iterdir())
+    finally:
+        blocker.unlink()
+    response = http.post("studies", content=body, headers={"Content-Type": content_type})
+    assert response.status_code == 200, response.text
+    assert db.dicom_studies.find_one({"_id": study})["n"] == 2

@@ -32,7 +32,9 @@ def test_chunked_metadata_round_trip(mongod, slide_files, monkeypatch):
         store = await Store.open(mongod.uri, DATABASE)
         try:
             index = store_dicom.DicomIndex(store)
-            await index.add([record], datetime.now(UTC))
+            blobs_durable = asyncio.get_running_loop().create_future()
+            blobs_durable.set_result(None)  # no blob here: the index alone is tested
+            await index.add([record], datetime.now(UTC), blobs_durable)
             raw = await index.instances.find_one({"_id": parsed.sop})
             assert "meta" not in raw and raw["mc"] == -(-len(record.metadata) // 1000)
             for projection in (None, {"meta": 1, "se": 1}, {"frames": 0, "bulk": 0}):
