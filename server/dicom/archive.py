@@ -170,8 +170,7 @@ class Archive:
             else:
                 log.error("indexing %d instances failed", len(records), exc_info=exc)
                 status, message = PROCESSING_FAILURE, "The instance could not be indexed"
-            return [_refused(p, p.refusal.reason, str(p.refusal)) if p.refusal else _refused(p, status, message)
-                    for p in batch]
+            return [_refused(p, status, message) for p in batch]
         kept: dict[str, str] = {}
         if result is not None:
             kept.update(result.existing_blob)
@@ -180,8 +179,7 @@ class Archive:
         orphans: list[Prepared] = []
         for p in batch:
             if p.refusal is not None or p.parsed is None or p.key is None:
-                outcomes.append(_refused(p, p.refusal.reason if p.refusal else PROCESSING_FAILURE,
-                                         str(p.refusal) if p.refusal else ""))
+                outcomes.append(_refused(p, PROCESSING_FAILURE, ""))
             elif result is not None and p.parsed.sop in result.series_conflict:
                 orphans.append(p)
                 owner = result.series_conflict[p.parsed.sop]
@@ -265,6 +263,9 @@ def _discard_when_sealed(staged: StagedFile, sealing: Future[None]) -> None:
 
 
 def _refused(p: Prepared, status: int, message: str) -> Outcome:
+    """The failure outcome of `p`: its own refusal if it has one, else `status`."""
+    if p.refusal is not None:
+        status, message = p.refusal.reason, str(p.refusal)
     parsed = p.parsed
     if parsed is None:
         return Outcome(status, message)
