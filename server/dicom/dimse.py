@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import socket
+import threading
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from pathlib import Path
+from tempfile import NamedTemporaryFile
+from typing import IO, Any, TypeVar
 
 import pydicom
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, dimse_messages, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext, build_context
@@ -62,6 +66,48 @@ MOVE_DESTINATION_UNKNOWN = 0xA801
 # A received data set goes to a temporary PS3.10 file as its PDUs arrive, not to memory: a
 # whole slide image level can be gigabytes (pynetdicom's documented switch for this).
 _config.STORE_RECV_CHUNKED_DATASET = True
+
+
+def _received_data_set_file(**options: Any) -> IO[bytes]:
+    """The file pynetdicom writes a received C-STORE data set into (its NamedTemporaryFile).
+
+    For our AE it is in the blob store's staging directory, not in /tmp: staging it is
+    then a hard link, where a /tmp on another file system (a RAM-backed tmpfs, Debian's
+    default) meant a copy of every instance and a slide held in memory while it arrived;
+    and one that a crash leaves behind is swept with the other staging files. pynetdicom
+    decodes PDUs in the association's DUL thread, which knows its association and AE.
+    Other AEs of this process (a test's SCU) keep pynetdicom's default.
+    """
+    ae = getattr(getattr(threading.current_thread(), "assoc", None), "ae", None)
+    directory = ae.received_dir if isinstance(ae, _AE) else None
+    return NamedTemporaryFile(dir=directory, prefix="dimse-", **options)
+
+
+dimse_messages.NamedTemporaryFile = _received_data_set_file  # type: ignore[attr-defined]
+
+
+def _discard_unserved(event: Event) -> None:
+    """Delete the data set files of C-STOREs the association will never serve: the one
+    being received when its connection closed and any still queued. pynetdicom deletes a
+    file only after its C-STORE is handled, so an aborted transfer (a slide cut off half
+    way) would otherwise stay on disk. Runs in the DUL thread, the only writer of the
+    message being received; a queued message is taken from the queue, so the association
+    thread either serves it (and pynetdicom deletes its file) or never sees it."""
+    dimse = event.assoc.dimse
+    files = []
+    if dimse.message is not None and dimse.message._data_set_file is not None:
+        files.append(dimse.message._data_set_file)
+        dimse.message._data_set_file = None
+    while True:
+        try:
+            _, primitive = dimse.msg_queue.get_nowait()
+        except queue.Empty:
+            break
+        if getattr(primitive, "_dataset_file", None) is not None:
+            files.append(primitive._dataset_file)
+    for file in files:
+        file.close()
+        Path(file.name).unlink(missing_ok=True)
 # pynetdicom logs every DIMSE message at INFO and dumps C-FIND/MOVE/GET identifiers with
 # it: patient names and IDs in a plain log file, a line per instance of a transfer. The
 # audit trail records each operation; the log keeps associations and problems.
@@ -123,6 +169,7 @@ class ApplicationEntity:
         self.remotes = remotes
         self.loop = loop
         self.ae = _AE(ae_title=ae_title)
+        self.ae.received_dir = archive.blobs.incoming
         # Large PDUs (fewer, from the sender), but bounded: a PDU is held in memory whole,
         # and a slide sent as one unlimited PDU would be gigabytes.
         self.ae.maximum_pdu_size = MAXIMUM_PDU_SIZE
@@ -141,6 +188,7 @@ class ApplicationEntity:
     def start(self, host: str, port: int) -> None:
         handlers = [
             (evt.EVT_CONN_OPEN, _nodelay),
+            (evt.EVT_CONN_CLOSE, _discard_unserved),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
             (evt.EVT_C_FIND, self.on_find),
@@ -188,7 +236,11 @@ class ApplicationEntity:
         admitted = self.admitted(event, "C-STORE")
         if admitted is None:
             return NOT_AUTHORIZED
-        staged = self.archive.blobs.stage_file(event.dataset_path)  # the PS3.10 file pynetdicom wrote as PDUs came
+        received = event.dataset_path  # the PS3.10 file pynetdicom wrote as PDUs came
+        try:
+            staged = self.archive.blobs.stage_file(received)
+        finally:  # the staged link (or copy) holds the bytes now: one name fewer to leave behind
+            received.unlink(missing_ok=True)
         prepared = self.archive.prepare(staged)
         outcome: Outcome = self.run(self.archive.commit([prepared]))[0]
         audit.record(*admitted, outcome.status, f"C-STORE {outcome.sop or ''} {outcome.message}".strip())
@@ -380,8 +432,11 @@ class _Acceptor(ThreadedAssociationServer):
 
 class _AE(AE):
     """pynetdicom's AE, whose `associate` gives a C-MOVE handler's `SubAssociations` (passed
-    in the keyword arguments the handler yields for it) in place of one association, and
-    whose `start_server` runs our `_Acceptor`."""
+    in the keyword arguments the handler yields for it) in place of one association, whose
+    `start_server` runs our `_Acceptor`, and whose received data sets are written in
+    `received_dir` (`_received_data_set_file`)."""
+
+    received_dir: Path | None = None
 
     def make_server(self, address: Any, *args: Any, server_class: Any = None, **kwargs: Any) -> Any:
         if server_class is ThreadedAssociationServer:  # start_server(block=False)

@@ -236,7 +236,10 @@ def c_get(port: int, query: Dataset, model: str = StudyRootQueryRetrieveInformat
     received: list[Dataset] = []
 
     def on_store(event: evt.Event) -> int:
-        received.append(event.dataset)
+        received.append(event.dataset)  # read whole: the file can go
+        # pynetdicom's C-GET SCU leaves the file it received the data set into (the
+        # server's module turns that on for the process: _config.STORE_RECV_CHUNKED_DATASET)
+        event.dataset_path.unlink()
         return 0x0000
 
     ae = AE()

@@ -16,6 +16,9 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode as encode_data_set
 from pynetdicom.sop_class import CTImageStorage
 
 from server.dicom import wado
@@ -302,3 +305,45 @@ def test_an_instance_that_cannot_be_written_is_refused_without_trace(server, htt
     response = http.post("studies", content=body, headers={"Content-Type": content_type})
     assert response.status_code == 200, response.text
     assert db.dicom_studies.find_one({"_id": study})["n"] == 2
+
+
+def wait_for(condition, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+def test_a_cstore_cut_off_half_way_leaves_no_file(server, db):
+    """pynetdicom writes a C-STORE's data set to a file as its PDUs arrive. That file is
+    among the blob store's staging files (so staging links it, never copies it out of a
+    /tmp on another file system), and it is deleted when the association ends before the
+    data set does, as it is once a whole one has been stored."""
+    incoming = server.data_dir / "dicom" / ".incoming"
+    ds = ct_instance(size=256)
+    ae = AE()
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", dicom_port(server), ae_title="KUROSHIO")
+    assert assoc.is_established
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = ds.SOPClassUID
+    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    request.Priority = 2
+    request.DataSet = io.BytesIO(encode_data_set(ds, False, True))
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    fragments = list(message.encode_msg(assoc.accepted_contexts[0].context_id, 16_384))
+    assert len(fragments) > 4
+    for fragment in fragments[:-1]:  # all but the last piece of the data set
+        assoc.dul.send_pdu(fragment)
+    assert wait_for(lambda: any(path.stat().st_size > 64_000 for path in incoming.glob("dimse-*")))
+    assoc.abort()
+    assert wait_for(lambda: not any(incoming.glob("dimse-*")))
+    assert db.dicom_instances.count_documents({"_id": ds.SOPInstanceUID}) == 0
+
+    assoc = ae.associate("127.0.0.1", dicom_port(server), ae_title="KUROSHIO")
+    assert assoc.send_c_store(ds).Status == 0
+    assoc.release()
+    assert db.dicom_instances.count_documents({"_id": ds.SOPInstanceUID}) == 1
+    assert not any(incoming.iterdir())
