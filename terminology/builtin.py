@@ -8,6 +8,8 @@ UCUM is possible only for enumerated codes, as for every grammar-based system.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from functools import cache
 from typing import Any
 
@@ -26,7 +28,33 @@ def _ucum() -> tuple[Any, Any]:
     return get_ucum_parser(), PintUcumRegistry()
 
 
+# UCUM bounds no exponent, but pint computes `10*N` as the exact integer 10**N: a
+# Quantity in `10*30000000` took a worker 42 s, and a larger one never returned. Units in
+# use need small ones (10*12, m3, s-2), so a code with an exponent past 99 is refused as
+# one this server cannot process, like a code that does not parse.
+MAX_EXPONENT_DIGITS = 2
+_DIGITS = re.compile(r"\d+")
+_ANNOTATION = re.compile(r"\{[^}]*\}")
+
+
+def _exponents(code: str) -> Iterator[str]:
+    """The exponents of a UCUM code: the digits right after a unit symbol (`m2`, `10*-3`),
+    not the factors (`/100`, the `10` of `10*`) nor annotations (`{2 cells}`)."""
+    code = _ANNOTATION.sub("", code)
+    for match in _DIGITS.finditer(code):
+        before = code[: match.start()].rstrip("+-")[-1:]
+        if before and before not in "./(":
+            yield match.group()
+
+
+def ucum_bounded(code: str) -> bool:
+    """Whether every exponent of `code` is at most 99 (see MAX_EXPONENT_DIGITS)."""
+    return all(len(exponent.lstrip("0")) <= MAX_EXPONENT_DIGITS for exponent in _exponents(code))
+
+
 def ucum_valid(code: str) -> bool:
+    if not ucum_bounded(code):
+        return False
     parser, _ = _ucum()
     try:
         parser.parse(code)
@@ -40,9 +68,9 @@ def ucum_canonical(code: str) -> str | None:
     _, registry = _ucum()
     try:
         quantity = registry.from_ucum(code).to_base_units()
-    except Exception:  # units pint cannot reduce (arbitrary units like [IU])
+        return f"{quantity.magnitude:g} {quantity.units}"
+    except Exception:  # units pint cannot reduce (arbitrary units like [IU]); a factor past a float
         return None
-    return f"{quantity.magnitude:g} {quantity.units}"
 
 
 class UcumConcepts:

@@ -136,6 +136,20 @@ def test_ucum_is_a_grammar_not_a_list(fhir):
     assert any(part.get("valueString", "").endswith("kilogram / meter ** 3") for p in canonical for part in p["part"])
 
 
+def test_ucum_exponents_past_99_are_not_units_this_server_computes(fhir):
+    """pint computes `10*N` exactly: unbounded, `10*3000001` took 1.4 s and then failed to
+    print as a float (a 500), larger ones held a worker for minutes."""
+    ucum = "http://unitsofmeasure.org"
+    for code in ("10*400", "10*3000001"):
+        looked = fhir.get("CodeSystem/$lookup", params={"system": ucum, "code": code}, timeout=10)
+        assert looked.status_code == 404, looked.text
+        checked = fhir.get("CodeSystem/$validate-code", params={"url": ucum, "code": code}, timeout=10)
+        assert checked.status_code == 200 and out(checked.json(), "result") == [False], checked.text
+    looked = fhir.get("CodeSystem/$lookup", params={"system": ucum, "code": "10*12/L"}).json()
+    canonical = [part.get("valueString") for p in looked["parameter"] if p["name"] == "property" for part in p["part"]]
+    assert "1e+15 1 / meter ** 3" in canonical
+
+
 def test_bad_input_gets_operation_outcomes(fhir):
     unknown = fhir.get("ValueSet/$expand", params={"url": "http://example.org/no-such-vs"})
     assert unknown.status_code == 404 and unknown.json()["resourceType"] == "OperationOutcome"

@@ -12,6 +12,8 @@ import math
 from functools import cache, lru_cache
 from typing import Any
 
+from terminology.builtin import ucum_bounded
+
 UCUM = "http://unitsofmeasure.org"
 
 
@@ -28,7 +30,7 @@ def registry() -> Any:
 @lru_cache(maxsize=4096)
 def _linear(code: str) -> tuple[float, float, str] | None:
     """(factor, offset, canonical unit) for a UCUM code, or None if it is not UCUM."""
-    if not code or len(code) > 64:
+    if not code or len(code) > 64 or not ucum_bounded(code):
         return None
     ucum = registry()
     try:

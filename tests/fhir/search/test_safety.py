@@ -126,3 +126,23 @@ def test_a_number_beyond_the_decimal_exponent_range_is_a_400(fhir):
         response = fhir.get("Observation", params={"value-quantity": f"{value}|http://unitsofmeasure.org|kg"})
         assert response.status_code == 400, response.text[:300]
         assert response.json()["resourceType"] == "OperationOutcome"
+
+
+def test_a_ucum_exponent_past_99_is_a_unit_code_not_a_computation(fhir):
+    """pint computes `10*N` as the exact integer 10**N: a Quantity in `10*30000000` held a
+    worker for 42 s, and one in `10*999999999` never came back. Such a code is kept and
+    found as a code, and never converted to canonical units."""
+    import uuid
+
+    from tests.fhir.helpers import FHIR_JSON
+
+    tag = {"system": "urn:kuroshio-test", "code": f"ucum-{uuid.uuid4()}"}
+    code = "10*999999999"
+    raw = {"resourceType": "Observation", "status": "final", "code": {"text": "count"}, "meta": {"tag": [tag]},
+           "valueQuantity": {"value": 1, "system": "http://unitsofmeasure.org", "code": code}}
+    created = fhir.post("Observation", json=raw, headers=FHIR_JSON, timeout=10)
+    assert created.status_code == 201, created.text
+    response = fhir.get("Observation", params={"value-quantity": f"1|http://unitsofmeasure.org|{code}",
+                                               "_tag": f"urn:kuroshio-test|{tag['code']}"}, timeout=10)
+    assert response.status_code == 200, response.text[:300]
+    assert [e["resource"]["id"] for e in response.json().get("entry", [])] == [created.json()["id"]]
