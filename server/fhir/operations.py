@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from server.fhir import interactions, jsonio
+from server.fhir import interactions, jsonio, r4validator
 from server.fhir.outcome import FhirError, Issue, error, outcome_json
 from server.fhir.validation import validate
 from server.store.fhir import FhirStore
@@ -108,14 +108,37 @@ def lookup(name: str, level: Level, type_: str | None, method: str) -> Operation
     return op
 
 
-def check_parameters(parameters: dict[str, Any], path: str = "Parameters") -> None:
-    """Refuse a Parameters body whose `parameter` (or any `part`) is not a list of objects
-    each with a string `name`.
+def check_parameters(parameters: dict[str, Any]) -> None:
+    """Refuse a Parameters body that handlers cannot read: one whose elements, nested
+    resources included, do not have the JSON shapes R4 gives them (a `valueMeta` whose
+    `tag` is a string, a ValueSet whose `compose` is), or whose `parameter` (or any
+    `part`) is not a list of objects each with a string `name`.
 
-    Operation handlers read parameters as `[{"name": ..., "value[x]": ...}]`; a body such
-    as `{"resourceType": "Parameters", "parameter": "x"}` reached them unchecked and
-    failed with AttributeError (a 500) instead of the 400 OperationOutcome it deserves.
+    Handlers read values as R4 shapes them; a body such as `{"resourceType":
+    "Parameters", "parameter": "x"}` or an inline ValueSet with `"compose": "x"` reached
+    them unchecked and failed with AttributeError (a 500) instead of a 400. Only shapes
+    are checked here: a missing or invalid value is the operation's to report in its own
+    terms (a $validate-code result, an $expand error). Inline resources may carry
+    elements R4 lacks or repeats it does not allow: terminology clients send R5
+    definitions (`tx-resource`), and the engine reads what it knows of them.
     """
+    problems = [issue for issue in r4validator.validate(parameters).issues if _unreadable(issue)]
+    if problems:
+        raise FhirError(400, problems)
+    _check_names(parameters)
+
+
+R5_TOLERATED = ("unknown element", "must be a single value, not an array")
+
+
+def _unreadable(issue: Issue) -> bool:
+    if issue.code != "structure":
+        return False
+    inline = any(".resource." in expression for expression in issue.expression)
+    return not (inline and issue.diagnostics.split(": ", 1)[-1].startswith(R5_TOLERATED))
+
+
+def _check_names(parameters: dict[str, Any], path: str = "Parameters") -> None:
     field = "parameter" if path == "Parameters" else "part"
     entries = parameters.get(field, [])
     if not isinstance(entries, list):
@@ -124,7 +147,7 @@ def check_parameters(parameters: dict[str, Any], path: str = "Parameters") -> No
         where = f"{path}.{field}[{index}]"
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise error(400, "structure", f"{where} must be an object with a string name", where)
-        check_parameters(entry, where)
+        _check_names(entry, where)
 
 
 def parameters_from_query(items: list[tuple[str, str]]) -> dict[str, Any]:

@@ -81,6 +81,18 @@ def test_malformed_parameters_body_is_a_400(fhir):
         b'{"resourceType":"Parameters","parameter":[{"valueString":"no name"}]}',
         b'{"resourceType":"Parameters","parameter":[{"name":"meta","part":"x"}]}',
         b'{"resourceType":"Parameters","parameter":[{"name":"meta","part":[["nested"]]}]}',
+        # values and inline resources not shaped as R4 shapes them (each was a 500 somewhere)
+        b'{"resourceType":"Parameters","parameter":[{"name":"meta","valueMeta":{"tag":"x"}}]}',
+        b'{"resourceType":"Parameters","parameter":[{"name":"meta","valueMeta":{"tag":[{"system":"s","code":"c"},null]}}]}',
+        b'{"resourceType":"Parameters","parameter":[{"name":"valueSet","resource":{"resourceType":"ValueSet","compose":"x"}}]}',
+        b'{"resourceType":"Parameters","parameter":[{"name":"valueSet","resource":{"resourceType":"ValueSet",'
+        b'"status":"active","compose":{"include":[{"system":"http://loinc.org","concept":["x"]}]}}}]}',
+        b'{"resourceType":"Parameters","parameter":[{"name":"valueSet","resource":{"resourceType":"ValueSet",'
+        b'"status":"active","expansion":{"timestamp":"2024-01-01","contains":[null]}}}]}',
+        b'{"resourceType":"Parameters","parameter":[{"name":"conceptMap","resource":{"resourceType":"ConceptMap",'
+        b'"status":"active","group":"x"}},{"name":"system","valueUri":"http://loinc.org"},{"name":"code","valueCode":"x"}]}',
+        b'{"resourceType":"Parameters","parameter":[{"name":"url","valueUri":"http://example.org/vs"},'
+        b'{"name":"tx-resource","resource":{"resourceType":"CodeSystem","status":"active","content":"complete","concept":"x"}}]}',
     ):
         for path in ("Patient/$validate", f"Patient/{body['id']}/$meta-add", "CodeSystem/$lookup",
                      "ValueSet/$expand", "ConceptMap/$translate", "$closure"):
