@@ -19,7 +19,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from server.fhir import jsonio
 from server.fhir.operations import OperationCall, OperationResult, meta_operation, operation
 from server.fhir.search import terms
-from server.fhir.search.fhirpath import evaluate_library
+from server.fhir.search.fhirpath import check_syntax, evaluate_library
 from server.fhir.search.parameters import REGISTRY, SearchParameter, from_resource
 from server.store.fhir import NewVersion
 from server.store.search import SearchStore
@@ -39,6 +39,7 @@ def usable(resource: dict[str, Any]) -> list[SearchParameter]:
         for parameter in parameters:
             plan = terms.plan(parameter)
             if plan.extractor.fallback is not None:  # fhirpathpy parses lazily: try it once
+                check_syntax(plan.extractor.fallback)
                 evaluate_library(plan.extractor.fallback, {"resourceType": parameter.base, "id": "x"})
         return parameters
     except Exception as exc:  # ValueError from our checks, anything from fhirpathpy

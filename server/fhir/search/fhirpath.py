@@ -313,6 +313,30 @@ def _fhirpathpy_compiled(expression: str) -> Callable[..., list[Any]]:
     return fp_compile(expression, models["r4"])
 
 
+def check_syntax(expression: str) -> None:
+    """Raise ValueError unless `expression` parses as FHIRPath, whole. fhirpathpy's own
+    parser ignores syntax errors (its listener does nothing with them) and evaluates the
+    tree antlr recovered: `Patient.name.where((((` compiled, then failed at every write
+    of a Patient with a name. Its generated lexer and parser are used here with a
+    listener that raises."""
+    from antlr4 import CommonTokenStream, InputStream
+    from antlr4.error.ErrorListener import ErrorListener
+    from fhirpathpy.parser.generated.FHIRPathLexer import FHIRPathLexer
+    from fhirpathpy.parser.generated.FHIRPathParser import FHIRPathParser
+
+    class Raising(ErrorListener):  # type: ignore[misc]
+        def syntaxError(self, recognizer: Any, symbol: Any, line: int, column: int, message: str, error: Any) -> None:
+            raise ValueError(f"not FHIRPath at character {column + 1}: {message}")
+
+    lexer = FHIRPathLexer(InputStream(expression))
+    lexer.removeErrorListeners()
+    lexer.addErrorListener(Raising())
+    parser = FHIRPathParser(CommonTokenStream(lexer))
+    parser.removeErrorListeners()
+    parser.addErrorListener(Raising())
+    parser.entireExpression()
+
+
 def evaluate_library(expression: str, resource: dict[str, Any]) -> list[Any]:
     """fhirpathpy's evaluation (plain JSON values in, plain values out)."""
     return list(_fhirpathpy_compiled(expression)(resource, {"resource": resource}))

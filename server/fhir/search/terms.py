@@ -558,6 +558,9 @@ def _sort_key(keys: list[str], ranges: list[Entry], parameter_type: str) -> Any:
     return None
 
 
+_FAILED_CUSTOM: set[str] = set()  # URLs of custom parameters whose evaluation failed here
+
+
 def index(resource: dict[str, Any]) -> dict[str, Any]:
     """The search terms of one stamped resource (the `s` field of its document)."""
     type_ = resource["resourceType"]
@@ -587,7 +590,9 @@ def index(resource: dict[str, Any]) -> dict[str, Any]:
             except Exception:  # fhirpathpy failing on a custom expression: no terms, not a failed write
                 if not parameter.custom:
                     raise
-                log.warning("custom search parameter %s failed on %s", parameter.url, type_, exc_info=True)
+                if parameter.url not in _FAILED_CUSTOM:  # once per process, not once per write
+                    _FAILED_CUSTOM.add(parameter.url)
+                    log.warning("custom search parameter %s failed on %s (said once)", parameter.url, type_, exc_info=True)
                 continue
         elif kind == "composite":
             values = [(None, "")] if item.components else []
