@@ -49,7 +49,8 @@ def statement() -> str:
         "each request passes the server's authorization policy and is audited. Several",
         "associations are served at once (one thread each, at most 32). Maximum PDU size",
         f"received: {dimse.MAXIMUM_PDU_SIZE} bytes; a received data set is written to a file as",
-        "it arrives, never held in memory whole. TCP_NODELAY is set on every association socket. C-MOVE",
+        "it arrives, never held in memory whole, among the blob store's staging files (deleted if",
+        "the association ends before the data set). TCP_NODELAY is set on every association socket. C-MOVE",
         "destinations are the AEs listed in `KUROSHIO_DICOM_REMOTE_AES` (`AET@host:port,...`);",
         f"any other destination is answered 0x{dimse.MOVE_DESTINATION_UNKNOWN:04X} (Move Destination unknown).",
         "",
@@ -162,11 +163,20 @@ def statement() -> str:
         "instance whose Bits Allocated is over 8 but not 16, 32 or 64 has no little endian form:",
         "406. Each part's Content-Type names its transfer syntax. Without a transfer-syntax",
         "parameter, instances are sent in Explicit VR Little Endian and frames uncompressed",
-        "(`application/octet-stream`). Instances can be transcoded to: "
+        "(`application/octet-stream`), decoded before the response starts"
+        + f" (at most {wado.TRANSCODE_MAX_BYTES} bytes decoded a request): a frame that cannot be",
+        "decoded is 406 or, when the Accept header also takes the stored media type (`*/*`,",
+        "`multipart/related` without a type), sent as stored. A frame list names each frame at",
+        "most once (PS3.18: non duplicate frame numbers); a repeated frame is 400. A bulk data",
+        "URI serves only the values the metadata gives a BulkDataURI for (any other tag is 404),",
+        "as little endian octets. Instances can be transcoded to: "
         + ", ".join(f"{UID(t).name} ({t})" for t in wado.TRANSCODE_TARGETS)
         + "; other requested syntaxes are answered 406 unless every instance is stored in it."
         + " RLE Lossless takes pixel cells of 8 or 16 bits allocated, 1 or 3 samples: asked"
         + " for RLE, an instance with others (a 32-bit dose grid) is 406 before anything is sent."
+        + " Every instance to be transcoded is transcoded before the response starts: one that"
+        + " cannot be (pixel data no installed decoder takes, such as 12-bit JPEG Extended, or"
+        + " attributes the encoder refuses) is 406, naming it."
         + " "
         + " and ".join(UID(t).name for t in sorted(wado.NOT_FOR_WEB))
         + " are never offered (PS3.18 8.7.3): asking for them is 406."
@@ -183,7 +193,12 @@ def statement() -> str:
         "Rendered and thumbnail resources produce image/jpeg or image/png, with the `accept`,",
         "`window`, `viewport` and `quality` parameters. The `accept` parameter (PS3.18 8.3.3.1)",
         "takes precedence over the Accept header, whose ranges its types must fall in (else",
-        "406); a type other than those two gives image/jpeg.",
+        "406); a type other than those two gives image/jpeg. `window` is center,width[,function]",
+        "with finite numbers, a width above 0 and a function of "
+        + ", ".join(wado.WINDOW_FUNCTIONS) + " (default linear); else 400. A stored window or",
+        "Modality LUT that cannot be applied (Window Width below 1, an unknown VOI LUT Function,",
+        "a Modality LUT item without its LUT Descriptor) is ignored: the image is shown over the",
+        "range of its values.",
         "",
         "An Accept naming the stored frame media type with another transfer syntax of that",
         "media type (e.g. image/jpeg with JPEG Lossless for a JPEG Baseline frame) is answered",
@@ -247,7 +262,9 @@ def statement() -> str:
         "  ignored (`Doe^John` matches `DOE^JOHN^^^`, PS3.5 6.2); `fuzzymatching=true` matches name",
         "  components by prefix, case- and accent-insensitively.",
         "- string: exact, or `*` and `?` wildcards (case-sensitive).",
-        "- number: exact.",
+        "- number: exact; a value that is not an integer in the range of the key's VR"
+        + f" ({', '.join(f'{vr} {lo} to {hi}' for vr, (lo, hi) in qido.INTEGER_RANGES.items())})"
+        + " is 400 (C-FIND: 0xA900).",
         "- `includefield` takes keywords, tags or `all`; `limit` and `offset` page the results.",
         "  Parameters that are not matching keys of the level are ignored and listed in a",
         "  `Warning: 299` header.",

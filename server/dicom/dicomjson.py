@@ -120,7 +120,7 @@ def _pydicom(
         handler: Callable[[DataElement], str] | None = lambda _e: f"bulkdata/{key}"
     else:
         handler = None
-    encoded = element.to_json_dict(handler, 1024)
+    encoded = _storable(element.to_json_dict(handler, 1024))
     unit = WORD_BYTES.get(element.VR, 1)
     if "InlineBinary" in encoded and unit > 1 and isinstance(raw, RawDataElement) and not raw.is_little_endian:
         # the web is little endian (PS3.18 F.2.7, 8.7.3): a Big Endian instance's words swapped
@@ -198,7 +198,19 @@ def _numbers(vr: str, parts: list[str], kind: type) -> Json | None:
             return None
     if len(values) == 1 and values[0] is None:
         return {"vr": vr}
-    return {"vr": vr, "Value": values}
+    return _storable({"vr": vr, "Value": values})
+
+
+def _storable(encoded: Json) -> Json:
+    """`encoded` unless it is an IS value past 64 bits, which the index cannot hold (JSON and
+    BSON integers are 64-bit: STOW answered 500) and no valid IS value, of at most 12
+    characters (PS3.5 6.2), is: a ValueError then, so the instance is refused as not
+    understood, like other malformed IS values."""
+    if encoded["vr"] == "IS" and any(
+        isinstance(v, int) and not -(2**63) <= v < 2**63 for v in encoded.get("Value", [])
+    ):
+        raise ValueError("An Integer String (IS) value has more than 12 characters and exceeds 64 bits")
+    return encoded
 
 
 def _person_names(parts: list[str]) -> Json:

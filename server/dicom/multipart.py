@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 
 from python_multipart.multipart import MultipartParser
 
+# RFC 2046 5.1.1: a boundary has 1 to 70 characters. python-multipart fails past 256 with
+# an error of its own (a 500), and no conforming client sends more than 70.
+MAX_BOUNDARY = 70
+
 
 @dataclass(frozen=True, slots=True)
 class MediaRange:

@@ -36,6 +36,13 @@ SCOPES = {"study": ("study",), "series": ("study", "series"), "instance": ("stud
 CONTROL = {"includefield", "fuzzymatching", "limit", "offset"}
 MAX_LIMIT = 10_000  # results per request; more are paged with offset (Warning says so)
 MAX_WILDCARD_VALUE = 1024  # characters of a value matched as a pattern (see _wildcards)
+# The values of each integer VR (PS3.5 6.2), by VR. A match value outside its key's range
+# matches nothing stored, and past 8 bytes MongoDB cannot even hold it (an OverflowError,
+# a 500, before it was refused); a stored value outside it is not matchable.
+INTEGER_RANGES = {
+    "IS": (-(2**31), 2**31 - 1), "SL": (-(2**31), 2**31 - 1), "SS": (-(2**15), 2**15 - 1),
+    "UL": (0, 2**32 - 1), "US": (0, 2**16 - 1),
+}
 
 
 class QueryError(ValueError):
@@ -94,7 +101,7 @@ def normalize(level: Level, attributes: Json) -> Json:
             elif key.kind == "time":
                 keys[key.keyword] = normalize_time(str(first).strip())
             elif key.kind == "number":
-                keys[key.keyword] = int(first)
+                keys[key.keyword] = _integer(key, str(first))
             else:
                 keys[key.keyword] = str(first)
         except (QueryError, ValueError, TypeError):
@@ -229,10 +236,7 @@ def matcher(key: Key, value: str, fuzzy: bool) -> Json | None:
     if key.kind in ("date", "time"):
         return {field_name: _range(key, value)}
     if key.kind == "number":
-        try:
-            return {field_name: int(value)}
-        except ValueError:
-            raise QueryError(f"{value!r} is not an integer for {key.keyword}") from None
+        return {field_name: _integer(key, value)}
     if key.kind == "pn":
         if fuzzy:
             tokens = name_tokens(value.replace("*", " ").replace("?", " "))
@@ -243,6 +247,18 @@ def matcher(key: Key, value: str, fuzzy: bool) -> Json | None:
     if key.keyword == "ModalitiesInStudy" and ("\\" in value or "," in value):
         return {field_name: {"$in": [v.strip() for v in re.split(r"[,\\]", value) if v.strip()]}}
     return _string(field_name, value)
+
+
+def _integer(key: Key, value: str) -> int:
+    """The integer `value` of a `number` key (a QueryError unless it is one in the range of
+    the key's VR, `INTEGER_RANGES`)."""
+    shown = repr(value[:40]) + ("..." if len(value) > 40 else "")
+    if not re.fullmatch(r"[+-]?[0-9]+", value):
+        raise QueryError(f"{shown} is not an integer for {key.keyword}")
+    low, high = INTEGER_RANGES[key.vr]
+    if len(value.lstrip("+-0")) > len(str(high)) or not low <= int(value) <= high:
+        raise QueryError(f"{shown} is outside the range of {key.keyword} ({key.vr}: {low} to {high})")
+    return int(value)
 
 
 def _string(field_name: str, value: str) -> Json:

@@ -127,6 +127,9 @@ async def store_instances(request: Request, study: str | None = None) -> Respons
         )
     if not params.get("boundary"):
         raise DicomWebError(400, "The multipart/related Content-Type has no boundary")
+    if len(params["boundary"]) > multipart.MAX_BOUNDARY:
+        raise DicomWebError(400, f"The multipart boundary has {len(params['boundary'])} characters; "
+                                 f"RFC 2046 allows at most {multipart.MAX_BOUNDARY}")
     if study is not None:
         try:
             wado.check_uids(study)
@@ -316,8 +319,8 @@ async def _retrieve(request: Request, study: str, series: str | None, sop: str |
     stored = await guarded(wado.instances(archive, study, series, sop))
     try:
         syntax = wado.choose_syntax(stored, wanted)
-        if wado.needs_checking(stored, syntax):
-            await asyncio.to_thread(wado.check_sendable, archive, stored, syntax)
+        as_stored = all(wado.sent_syntax(item, syntax) == item.transfer_syntax for item in stored)
+        held = {} if as_stored else await asyncio.to_thread(wado.transcode_ahead, archive, stored, syntax)
     except wado.NotAcceptable as exc:
         raise DicomWebError(406, str(exc)) from None
 
@@ -330,15 +333,15 @@ async def _retrieve(request: Request, study: str, series: str | None, sop: str |
 
     if single:
         item = stored[0]
-        return StreamingResponse(_instance(archive, item, syntax), media_type=media_type(item), headers=dict(length(item)))
+        return StreamingResponse(_instance(archive, item, syntax, held), media_type=media_type(item), headers=dict(length(item)))
     boundary = multipart.boundary()
 
     async def bodies() -> AsyncIterator[tuple[str, Iterable[tuple[str, str]], AsyncIterator[bytes]]]:
         for item in stored:
-            yield media_type(item), length(item), _instance(archive, item, syntax)
+            yield media_type(item), length(item), _instance(archive, item, syntax, held)
 
     headers: dict[str, str] = {}
-    if all(wado.sent_syntax(item, syntax) == item.transfer_syntax for item in stored):  # sizes known
+    if as_stored:  # sizes known
         sized = ((media_type(item), length(item), item.size) for item in stored)
         headers["Content-Length"] = str(multipart.body_length(boundary, sized))
     return StreamingResponse(
@@ -347,7 +350,12 @@ async def _retrieve(request: Request, study: str, series: str | None, sop: str |
     )
 
 
-async def _instance(archive: Archive, item: wado.Stored, syntax: str) -> AsyncIterator[bytes]:
+async def _instance(archive: Archive, item: wado.Stored, syntax: str, held: dict[str, bytes]) -> AsyncIterator[bytes]:
+    """One instance's bytes in `syntax`: as transcoded ahead (`held`, let go once sent), or
+    read (and transcoded again) now."""
+    if item.sop in held:
+        yield held.pop(item.sop)
+        return
     if wado.sent_syntax(item, syntax) == item.transfer_syntax and item.size <= IN_LOOP_READ:
         yield archive.blobs.read(item.blob)  # one pread from the page cache
         return
@@ -401,20 +409,26 @@ async def instance_metadata(request: Request, study: str, series: str, sop: str)
 # --- WADO-RS: frames and bulk data ----------------------------------------------------------
 
 
-def _frame_wants(request: Request, stored_media: str, stored_syntax: str) -> tuple[bool, str]:
-    """(as stored?, part media type) for a frames request (PS3.18 8.7.3.5.3): octet-stream
-    without a transfer syntax means uncompressed; `*` or the stored media type, as stored,
-    unless it names another transfer syntax of that media type (a JPEG baseline frame is
-    not the JPEG lossless one asked for)."""
+def _frame_forms(request: Request, stored_media: str, stored_syntax: str) -> list[tuple[bool, str]]:
+    """The acceptable forms of a frames response (PS3.18 8.7.3.5.3), best first: (as stored?,
+    part media type). Octet-stream without a transfer syntax means uncompressed; `*` or the
+    stored media type, as stored, unless it names another transfer syntax of that media type
+    (a JPEG baseline frame is not the JPEG lossless one asked for). A range taking any type
+    (`*/*`, multipart/related without one) takes compressed frames uncompressed first, and
+    as stored (in their own media type, which it also takes) when they cannot be decoded."""
+    forms: list[tuple[bool, str]] = []
     for media in multipart.accept(request.headers.get("accept")):
         part = media.part_type if media.media_type == "multipart/related" else media.media_type
         if part in (None, "*/*", "application/octet-stream"):
-            if media.transfer_syntax == "*" or stored_media == "application/octet-stream":
-                return True, "application/octet-stream"
-            return False, "application/octet-stream"
-        if part == stored_media and media.transfer_syntax in (None, "*", stored_syntax):
-            return True, stored_media
-    raise DicomWebError(406, f"The frames are available as application/octet-stream or {stored_media}")
+            as_stored = media.transfer_syntax == "*" or stored_media == "application/octet-stream"
+            forms.append((as_stored, "application/octet-stream"))
+            if part != "application/octet-stream" and not as_stored:
+                forms.append((True, stored_media))
+        elif part == stored_media and media.transfer_syntax in (None, "*", stored_syntax):
+            forms.append((True, stored_media))
+    if not forms:
+        raise DicomWebError(406, f"The frames are available as application/octet-stream or {stored_media}")
+    return forms
 
 
 @dicomweb("retrieve-frames", "GET", "/studies/{study}/series/{series}/instances/{sop}/frames/{frames}", first=True)
@@ -433,25 +447,40 @@ def _frame_numbers(text: str) -> list[int]:
 
 
 async def _frames_response(request: Request, archive: Archive, table: FrameTable, numbers: list[int]) -> Response:
-    """Frames as multipart/related; a few are answered from memory, many are streamed."""
+    """Frames as multipart/related, in the first acceptable form (`_frame_forms`) they can be
+    given in. Frames to decode are decoded before the response starts (`wado.decoded_frames`),
+    once: one that cannot be is a 406, or the first acceptable form without decoding, never
+    a broken 200. A few frames are answered from memory, many are streamed."""
     stored_media = wado.FRAME_MEDIA_TYPES.get(table.transfer_syntax, "application/octet-stream")
-    as_stored, part_type = _frame_wants(request, stored_media, table.transfer_syntax)
+    forms = _frame_forms(request, stored_media, table.transfer_syntax)
     try:
         wado.check_frames(table, numbers)
     except wado.NotFound as exc:
         raise DicomWebError(404, str(exc)) from None
     if table.transfer_syntax == wado.EXPLICIT_BE:  # swapped to little endian: can it be?
         await guarded(asyncio.to_thread(wado.frame_swap_unit, archive, table))
+    as_stored, part_type = forms[0]
+    decoded: list[wado.Frame] | None = None
+    if wado.needs_decoding(table, as_stored):
+        try:
+            decoded = await asyncio.to_thread(wado.decoded_frames, archive, table, numbers)
+        except wado.NotAcceptable as exc:  # the first acceptable form without decoding, if any
+            undecoded = [form for form in forms if not wado.needs_decoding(table, form[0])]
+            if not undecoded:
+                raise DicomWebError(406, str(exc)) from None
+            as_stored, part_type = undecoded[0]
     # a Big Endian frame is swapped after the read (`wado.frame`): in a thread
-    reads_only = (as_stored or stored_media == "application/octet-stream") and table.transfer_syntax != wado.EXPLICIT_BE
+    reads_only = decoded is None and table.transfer_syntax != wado.EXPLICIT_BE
     boundary = multipart.boundary()
 
     async def parts() -> AsyncIterator[bytes]:
         for index, number in enumerate(numbers):
-            if reads_only and index < 16:
-                item = wado.frame(archive, table, number, as_stored)  # a pread from the page cache
+            if decoded is not None:
+                item = decoded[index]
+            elif reads_only and index < 16:
+                item = wado.frame(archive, table, number)  # a pread from the page cache
             else:
-                item = await asyncio.to_thread(wado.frame, archive, table, number, as_stored)
+                item = await asyncio.to_thread(wado.frame, archive, table, number)
             # every part has the response's `type` (RFC 2387), naming the frame's syntax
             media = part_type + (f"; transfer-syntax={item.transfer_syntax}" if item.transfer_syntax else "")
             header = multipart.part_header(boundary, media, [("Content-Length", str(len(item.data)))])

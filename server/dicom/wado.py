@@ -4,18 +4,23 @@ bulk data, rendered images; transfer syntax negotiation and transcoding.
 Instances stream from the blob store as stored when the requested transfer syntax is the
 stored one (or `*`, unless it is Implicit VR Little Endian or Explicit VR Big Endian, which
 web services do not use); otherwise they are transcoded with pydicom (decoders from
-pylibjpeg, encoders for RLE) or refused with 406 when no codec can produce the syntax.
+pylibjpeg, encoders for RLE) before the response starts (`transcode_ahead`), or refused with
+406 when no codec can produce the syntax or an instance cannot be transcoded: a failure
+after the 200 would only break the stream.
 pydicom re-encodes element values it decodes (US, UL, FL, AT, ...) in the byte order it
 writes, but not those it keeps as bytes (OW, OF, OL, OD, OV): `little_endian` swaps those of
 a Big Endian instance, and `frame` the frames read from one. Metadata is the
 DICOM JSON precomputed at ingest: a study's metadata is the concatenation of its stored
-documents, never a file read. A frame is a byte-range read at the offsets recorded at ingest.
+documents, never a file read. A frame is a byte-range read at the offsets recorded at ingest,
+or decoded, like instances, before the response starts (`decoded_frames`).
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+import math
+import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -26,7 +31,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 from pydicom.uid import UID
 
 from server.dicom.archive import Archive
-from server.dicom.dicomjson import WORD_BYTES, swapped
+from server.dicom.dicomjson import BINARY_NUMBERS, WORD_BYTES, swapped
 from server.dicom.frames import FrameTable
 from server.store.blobs import BlobKey, is_uid
 
@@ -45,6 +50,10 @@ _PIXEL_DATA = 0x7FE00010
 # Transcoding decodes a whole instance in memory: a slide level of a few hundred MB of JPEG
 # tiles is gigabytes of pixels. Larger instances are sent as stored only (else 406).
 TRANSCODE_MAX_BYTES = 256 * 1024 * 1024
+# Transcoded instances one response keeps from `transcode_ahead` until they are sent.
+TRANSCODED_HELD_BYTES = 64 * 1024 * 1024
+# The `window` parameter's functions (PS3.18 8.3.5.1.3; PS3.3 C.11.2.1.2, C.11.2.1.3).
+WINDOW_FUNCTIONS = ("linear", "linear-exact", "sigmoid")
 # Media types of compressed frames (PS3.18 Table 8.7.3-2), by transfer syntax.
 FRAME_MEDIA_TYPES = {
     "1.2.840.10008.1.2.4.50": "image/jpeg",
@@ -162,34 +171,28 @@ def choose_syntax(stored: list[Stored], wanted: list[str]) -> str:
     )
 
 
-def _to_check(stored: list[Stored], syntax: str) -> Iterator[tuple[Stored, bool]]:
-    """The instances `check_sendable` looks at, each with whether it is to be encoded in RLE:
-    the Big Endian ones sent converted, and those to be encoded in RLE."""
+def transcode_ahead(archive: Archive, stored: list[Stored], syntax: str) -> dict[str, bytes]:
+    """Transcode, before the response starts, every instance of `stored` not sent as stored
+    in `syntax` (from `choose_syntax`): one that cannot be (no decoder takes its pixel data,
+    the encoder refuses its attributes, Big Endian pixel cells without a little endian form)
+    is a 406 (NotAcceptable) naming it, never a stream broken after its 200. The results are
+    kept for the response, by SOP Instance UID, up to TRANSCODED_HELD_BYTES in all; the
+    others are transcoded again as they are sent (twice the work, not a study in memory)."""
+    held: dict[str, bytes] = {}
+    room = TRANSCODED_HELD_BYTES
     for item in stored:
         sent = sent_syntax(item, syntax)
-        to_rle = sent == RLE != item.transfer_syntax
-        if to_rle or item.transfer_syntax == EXPLICIT_BE != sent:
-            yield item, to_rle
-
-
-def needs_checking(stored: list[Stored], syntax: str) -> bool:
-    """Whether `check_sendable` has something to look at (it reads files: in a thread)."""
-    return next(_to_check(stored, syntax), None) is not None
-
-
-def check_sendable(archive: Archive, stored: list[Stored], syntax: str) -> None:
-    """406 (NotAcceptable) before anything is sent when an instance cannot be converted to
-    the syntax it would be sent in (a refusal once the 200 is sent would break the stream):
-    a Big Endian instance whose pixel data has no little endian form (`swap_unit`), or one
-    whose pixel cells RLE cannot hold (`check_rle`). Reads the headers of those instances."""
-    for item, to_rle in _to_check(stored, syntax):
-        ds = _header(str(archive.blobs.path(item.blob)))
-        if _PIXEL_DATA not in ds:
+        if sent == item.transfer_syntax:
             continue
-        if item.transfer_syntax == EXPLICIT_BE:
-            _pixel_swap_unit(ds)
-        if to_rle:
-            check_rle(ds)
+        data = archive.blobs.read(item.blob)
+        try:
+            result = transcode(data, sent)
+        except Exception as exc:  # pydicom's decoders and encoders raise many kinds of errors
+            raise NotAcceptable(f"Instance {item.sop} cannot be sent in transfer syntax {sent}: {exc}") from None
+        if len(result) <= room:
+            held[item.sop] = result
+            room -= len(result)
+    return held
 
 
 @lru_cache(maxsize=256)
@@ -200,24 +203,9 @@ def _header(path: str) -> pydicom.Dataset:
     return pydicom.dcmread(path, defer_size=1024)
 
 
-def _pixel_swap_unit(ds: pydicom.Dataset) -> int:
-    return swap_unit(ds, ds.get_item(_PIXEL_DATA).VR or "OW")
-
-
-def check_rle(ds: pydicom.Dataset) -> None:
-    """NotAcceptable unless pydicom's RLE Lossless encoder takes the pixel cells of `ds`: 8
-    or 16 bits allocated, one or three samples (its encoding profiles, PS3.5 8.2.2)."""
-    bits, samples = ds.get("BitsAllocated"), ds.get("SamplesPerPixel", 1)
-    if bits not in (8, 16) or samples not in (1, 3):
-        raise NotAcceptable(
-            f"Instance {ds.get('SOPInstanceUID', '')} cannot be encoded in RLE Lossless here "
-            f"({bits} bits allocated, {samples} samples per pixel; 8 or 16 bits, 1 or 3 samples can)"
-        )
-
-
 def instance_bytes(archive: Archive, stored: Stored, syntax: str) -> Iterator[bytes]:
     """The PS3.10 bytes of one instance in `syntax` (from `choose_syntax`; streamed when no
-    transcoding)."""
+    transcoding, else checked by `transcode_ahead` and transcoded again)."""
     syntax = sent_syntax(stored, syntax)
     if syntax == stored.transfer_syntax:
         yield from archive.blobs.chunks(stored.blob)
@@ -311,12 +299,17 @@ class Frame:
 
 
 def parse_frame_list(text: str) -> list[int]:
+    """The frame numbers of a frame list: "one or more non duplicate frame numbers", as PS3.18
+    defines it for the frames resource. So a list asks for at most the instance's frames
+    (one repeating a frame 5000 times sent it, decoding it, 5000 times)."""
     numbers = []
     for item in text.split(","):
         item = item.strip()
         if not item.isdigit() or int(item) < 1 or len(item) > 9:
             raise BadRequest(f"{text!r} is not a list of frame numbers (1, 2, ...)")
         numbers.append(int(item))
+    if len(set(numbers)) < len(numbers):
+        raise BadRequest(f"{text[:100]!r} names a frame more than once")
     return numbers
 
 
@@ -349,24 +342,47 @@ def check_frames(table: FrameTable, numbers: list[int]) -> None:
         raise NotFound("The frames of this instance cannot be located (deflated or unseparable fragments)")
 
 
-def frame(archive: Archive, table: FrameTable, number: int, as_stored: bool) -> Frame:
-    """One frame (checked by `check_frames`), as stored (`as_stored`) or decoded to native
-    little endian; as stored it is a byte-range read at the offsets recorded at ingest.
-    Native frames are little endian (PS3.18 8.7.3.5.3): a Big Endian instance's are swapped."""
+def needs_decoding(table: FrameTable, as_stored: bool) -> bool:
+    """Whether frames of `table` asked for as stored or not (`as_stored`) are decoded."""
+    return UID(table.transfer_syntax).is_encapsulated and not as_stored
+
+
+def frame(archive: Archive, table: FrameTable, number: int) -> Frame:
+    """One frame (checked by `check_frames`) that needs no decoding (`needs_decoding`): a
+    byte-range read at the offsets recorded at ingest. Native frames are little endian
+    (PS3.18 8.7.3.5.3): a Big Endian instance's are swapped."""
     syntax = UID(table.transfer_syntax)
     if syntax == EXPLICIT_BE:
         return Frame(_little_endian_frame(archive, table, number), None)
-    if not syntax.is_encapsulated or as_stored:
-        data = b"".join(archive.blobs.read_range(table.blob, offset, length) for offset, length in table.ranges(number))
-        return Frame(data, str(syntax) if syntax.is_encapsulated else None)
-    pixels = pixel_array(archive.blobs.path(table.blob), index=number - 1, raw=True)
-    return Frame(np.ascontiguousarray(pixels).tobytes(), EXPLICIT_LE)
+    data = b"".join(archive.blobs.read_range(table.blob, offset, length) for offset, length in table.ranges(number))
+    return Frame(data, str(syntax) if syntax.is_encapsulated else None)
+
+
+def decoded_frames(archive: Archive, table: FrameTable, numbers: list[int]) -> list[Frame]:
+    """Frames of an encapsulated instance decoded to native little endian, all of them before
+    any is sent: one that fails once the 200 is on its way would break the stream. So the
+    decoded frames of one request are held in memory, at most TRANSCODE_MAX_BYTES of them;
+    NotAcceptable when one cannot be decoded (no decoder takes it) or they would be more."""
+    frames: list[Frame] = []
+    held = 0
+    for number in numbers:
+        try:
+            pixels = pixel_array(archive.blobs.path(table.blob), index=number - 1, raw=True)
+        except Exception as exc:  # pydicom's decoders raise many kinds of errors
+            raise NotAcceptable(f"Frame {number} cannot be decoded here: {exc}") from None
+        frames.append(Frame(np.ascontiguousarray(pixels).tobytes(), EXPLICIT_LE))
+        held += len(frames[-1].data)
+        if held > TRANSCODE_MAX_BYTES:
+            raise NotAcceptable(f"The frames asked for are more than {TRANSCODE_MAX_BYTES} bytes decoded; "
+                                "ask for fewer at a time, or for them as stored")
+    return frames
 
 
 def frame_swap_unit(archive: Archive, table: FrameTable) -> int:
     """`swap_unit` of a Big Endian instance's Pixel Data, from its header (NotAcceptable when
     its frames have no little endian form)."""
-    return _pixel_swap_unit(_header(str(archive.blobs.path(table.blob))))
+    ds = _header(str(archive.blobs.path(table.blob)))
+    return swap_unit(ds, ds.get_item(_PIXEL_DATA).VR or "OW")
 
 
 def _little_endian_frame(archive: Archive, table: FrameTable, number: int) -> bytes:
@@ -383,23 +399,32 @@ def _little_endian_frame(archive: Archive, table: FrameTable, number: int) -> by
 
 
 async def bulkdata(archive: Archive, study: str, series: str, sop: str, tag: str) -> bytes:
-    """A bulk data value, a byte-range read at the offsets recorded at ingest; deflated and
-    Big Endian instances are read as data sets (octet-stream bulk data is little endian)."""
+    """The value behind a BulkDataURI of the instance's metadata (any other tag is 404: only
+    those were promised, and the rest are in the metadata), as the octet-stream it is sent
+    as: its value bytes, little endian (PS3.18 8.7.3.3). A byte-range read at the offsets
+    recorded at ingest, of a Big Endian instance swapped by the unit of its VR (`_value_unit`);
+    a deflated instance, whose offsets mean nothing, is parsed (its values kept as read)."""
     fields = {"blob": 1, "bulk": 1, "st": 1, "se": 1, "deflated": 1, "ts": 1}
     doc = await _instance_doc(archive, study, series, sop, fields)
     key = BlobKey.parse(doc["blob"])
-    if doc.get("deflated") or doc.get("ts") == EXPLICIT_BE:
-        ds = pydicom.dcmread(archive.blobs.path(key))
-        if int(tag, 16) not in ds:
-            raise NotFound(f"No bulk data {tag} in instance {sop}")
-        elem = ds[int(tag, 16)]
-        if doc.get("ts") == EXPLICIT_BE:
-            _swap_element(ds, elem)
-        return bytes(elem.value)
-    for name, offset, length in doc.get("bulk", []):
-        if name == tag:
-            return archive.blobs.read_range(key, offset, length)
-    raise NotFound(f"No bulk data {tag} in instance {sop}")
+    ranges = [(offset, length) for name, offset, length in doc.get("bulk", []) if name == tag]
+    if not ranges:
+        raise NotFound(f"Instance {sop} has no bulk data {tag}")
+    if doc.get("deflated"):
+        return bytes(pydicom.dcmread(archive.blobs.path(key)).get_item(int(tag, 16)).value or b"")
+    data = archive.blobs.read_range(key, *ranges[0])
+    if doc.get("ts") == EXPLICIT_BE:
+        element = _header(str(archive.blobs.path(key))).get_item(int(tag, 16))
+        data = swapped(data, _value_unit(element.VR or "UN"))
+    return data
+
+
+def _value_unit(vr: str) -> int:
+    """The bytes per unit whose order Big Endian reverses in a value of `vr` (PS3.5 7.3):
+    the number's size for binary numbers, the word's for OW, OF, ...; 1 for text and bytes."""
+    if vr in BINARY_NUMBERS:
+        return struct.calcsize(BINARY_NUMBERS[vr])
+    return WORD_BYTES.get(vr, 2 if vr == "AT" else 1)
 
 
 # --- rendered -----------------------------------------------------------------------------
@@ -421,9 +446,6 @@ def rendering(params: dict[str, str], media_type: str, thumbnail: bool = False) 
     try:
         if "quality" in params:
             result.quality = max(1, min(100, int(params["quality"])))
-        if "window" in params:
-            center, width, *function = params["window"].split(",")
-            result.window = (float(center), float(width), (function[0] if function else "linear").lower())
         if "viewport" in params:
             vw, vh, *source = params["viewport"].split(",")
             result.viewport = (int(vw), int(vh))
@@ -431,12 +453,31 @@ def rendering(params: dict[str, str], media_type: str, thumbnail: bool = False) 
                 sx, sy, sw, sh = (int(v) if v.strip() else None for v in source)
                 result.region = (sx or 0, sy or 0, sw, sh)
     except (ValueError, IndexError):
-        raise BadRequest("window must be center,width[,function] and viewport vw,vh[,sx,sy,sw,sh]") from None
+        raise BadRequest("quality must be an integer and viewport vw,vh[,sx,sy,sw,sh]") from None
+    if "window" in params:
+        result.window = _window_parameter(params["window"])
     if result.viewport and (not 0 < result.viewport[0] <= 8192 or not 0 < result.viewport[1] <= 8192):
         raise BadRequest("viewport sizes must be between 1 and 8192")
     if thumbnail and result.viewport is None:
         result.viewport = (128, 128)
     return result
+
+
+def _window_parameter(text: str) -> tuple[float, float, str]:
+    """The `window` parameter, center,width[,function] (PS3.18 8.3.5.1.3; without a function,
+    linear): BadRequest unless both numbers are finite, the width is above 0 and the function
+    is one of WINDOW_FUNCTIONS (NaN or infinity made a meaningless image, with numpy warnings)."""
+    parts = text.split(",")
+    function = parts[2].strip().lower() if len(parts) == 3 else "linear"
+    try:
+        center, width = float(parts[0]), float(parts[1])
+        valid = len(parts) <= 3 and math.isfinite(center) and math.isfinite(width) and width > 0
+    except (ValueError, IndexError):
+        valid = False
+    if not valid or function not in WINDOW_FUNCTIONS:
+        raise BadRequest(f"window must be center,width[,function]: finite numbers, a width above 0, "
+                         f"a function of {', '.join(WINDOW_FUNCTIONS)}")
+    return center, width, function
 
 
 def render(archive: Archive, table: FrameTable, frame: int, options: Rendering) -> bytes:
@@ -457,14 +498,14 @@ def render(archive: Archive, table: FrameTable, frame: int, options: Rendering) 
         image8 = _to_8bit(pixels.astype(np.float64), None)
     else:
         inverted = str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1"
-        values = apply_modality_lut(pixels, ds).astype(np.float64)
+        values = _stored_lut(apply_modality_lut, pixels, ds)
         if options.window is not None:
             center, width, function = options.window
             windowed = _window(values, center, width, function)
             image8 = (255 - windowed if inverted else windowed).astype(np.uint8)
         else:
             if "WindowCenter" in ds and "WindowWidth" in ds:
-                values = apply_voi_lut(values, ds, index=0).astype(np.float64)
+                values = _stored_lut(apply_voi_lut, values, ds)
             image8 = _to_8bit(values, inverted)
     image = Image.fromarray(image8)
     if options.viewport is not None:
@@ -477,13 +518,31 @@ def render(archive: Archive, table: FrameTable, frame: int, options: Rendering) 
     return out.getvalue()
 
 
+def _stored_lut(apply: Callable[[np.ndarray, pydicom.Dataset], np.ndarray], values: np.ndarray,
+                ds: pydicom.Dataset) -> np.ndarray:
+    """`values` through the stored Modality LUT or VOI window that `apply` (pydicom's) applies;
+    one it cannot apply (a window width below 1, a VOI LUT Function it does not know, a
+    Modality LUT Sequence item without its LUT Descriptor) is ignored, as a viewer does, and
+    the image shown over the range of its values (`_to_8bit`) instead of refused: the pixels
+    are fine, only the stored hint about showing them is not."""
+    try:
+        return apply(values, ds).astype(np.float64)
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return values.astype(np.float64)
+
+
 def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
-    if width <= 0:
-        raise BadRequest("The window width must be positive")
-    if function == "sigmoid":
-        return 255.0 / (1 + np.exp(-4 * (values - center) / width))
-    low, high = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
-    return np.clip((values - low) / max(high - low, 1e-9), 0, 1) * 255
+    """A VOI window (PS3.3 C.11.2.1.2.1 linear, C.11.2.1.3 linear-exact and sigmoid) to 0..255.
+    Extreme finite windows (a width of 1e-308) overflow to infinity where the curve is flat
+    anyway: that is their limit, so numpy is not asked to warn about it."""
+    with np.errstate(over="ignore"):
+        if function == "sigmoid":
+            return 255.0 / (1 + np.exp(-4 * (values - center) / width))
+        if function == "linear-exact":
+            low, span = center - width / 2, width
+        else:
+            low, span = center - 0.5 - (width - 1) / 2, max(width - 1, 1e-9)
+        return np.clip((values - low) / span, 0, 1) * 255
 
 
 def _to_8bit(values: np.ndarray, inverted: bool) -> np.ndarray:

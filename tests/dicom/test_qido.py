@@ -221,3 +221,26 @@ def test_more_results_warning_only_when_more_match_than_the_maximum(mongod, tmp_
     warned = ["exceeded the maximum" in r.headers.get("Warning", "") for r in responses]
     assert counts == [2, 2, 1, 2, 2]
     assert warned == [True, False, False, False, False]
+
+
+def test_integers_outside_their_range_are_400(http):
+    """An integer key's value outside the range of its VR (IS: 32-bit signed, PS3.5 6.2) is a
+    400 naming the attribute; past 8 bytes it was MongoDB's OverflowError, a 500. A stored
+    value outside it is kept, but not matchable; one past 64 bits (more than IS's 12
+    characters) cannot be stored: it is refused as not understood (STOW answered 500)."""
+    study = generate_uid()
+    for path, keyword in (("instances", "InstanceNumber"), (f"studies/{study}/instances", "InstanceNumber"),
+                          ("series", "SeriesNumber"), (f"studies/{study}/series", "SeriesNumber")):
+        for value in ("99999999999999999999999", "-99999999999999999999999", "2147483648", "1_0", "9" * 5000):
+            response = http.get(path, params={keyword: value}, headers=JSON)
+            assert response.status_code == 400, (path, value[:30], response.status_code)
+            assert keyword in response.headers["Warning"]
+        assert http.get(path, params={keyword: "2147483647"}, headers=JSON).status_code == 200
+    stored, refused = ct_instance(study), ct_instance(study)
+    stored.InstanceNumber = "3000000000"
+    refused.InstanceNumber = "99999999999999999999"
+    body, content_type = multipart_body([encode(stored), encode(refused)])
+    response = http.post("studies", content=body, headers={"Content-Type": content_type})
+    assert response.status_code == 202, response.text
+    assert response.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
+    assert len(http.get(f"studies/{study}/instances", headers=JSON).json()) == 1

@@ -501,3 +501,163 @@ def test_invalid_uids_in_paths_are_400_with_an_ascii_warning(http, uid):
         response = http.request(method, path)
         assert response.status_code == status, (method, path, response.status_code)
         assert response.headers["Warning"].startswith("299 ") and response.headers["Warning"].isascii()
+
+
+def test_a_boundary_longer_than_rfc_2046_allows_is_400(http):
+    """RFC 2046 5.1.1 limits a multipart boundary to 70 characters; past 256 python-multipart
+    raised an error of its own, a 500."""
+    for length, status in ((300, 400), (71, 400), (70, 200)):
+        body, content_type = multipart_body([encode(ct_instance(size=8))], boundary="b" * length)
+        response = http.post("studies", content=body, headers={"Content-Type": content_type})
+        assert response.status_code == status, (length, response.text)
+        if status == 400:
+            assert "70" in response.headers["Warning"]
+
+
+def test_bulk_data_is_what_the_metadata_promises(http):
+    """A bulkdata URI serves a value the metadata gives a BulkDataURI for, as little endian
+    octets (PS3.18 8.7.3.3) whatever the instance's encoding; any other tag is 404. For a
+    Big Endian instance PatientName was a 500 (bytes of a PersonName), Rows 64 NUL bytes
+    (bytes(64)), and a long FL value a 500 (bytes of a list of floats)."""
+    values = np.linspace(-1, 1, 300, dtype=np.float32)
+    words = np.arange(600, dtype=np.uint16)
+    big = pydicom.dcmread(get_testdata_file("MR_small_bigendian.dcm"))
+    big.add_new(0x00700022, "FL", [float(v) for v in values])  # Graphic Data, 1200 bytes: bulk data
+    big.add_new(0x00281221, "OW", words.astype(">u2").tobytes())  # Segmented Red Palette Color LUT Data
+    deflated = ct_instance(size=8)
+    deflated.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"
+    deflated.add_new(0x00281221, "OW", words.astype("<u2").tobytes())
+    lut = {"00281221": words.astype("<u2").tobytes()}
+    for ds, promised in ((big, {"00700022": values.astype("<f4").tobytes(), **lut}), (deflated, lut)):
+        _, ds, url = store_dataset(http, ds)
+        metadata = http.get(f"{url}/metadata").json()[0]
+        for tag, value in promised.items():
+            assert parts(http.get(metadata[tag]["BulkDataURI"])) == [value], (ds.file_meta.TransferSyntaxUID, tag)
+        for tag in ("00100010", "00280010", "00700023"):  # PatientName, Rows (in the metadata), absent
+            assert http.get(f"{url}/bulkdata/{tag}").status_code == 404, (ds.file_meta.TransferSyntaxUID, tag)
+
+
+def jpeg_instance(frames: list[bytes]):
+    """pydicom's JPEG Lossless RGB image with `frames` (encapsulated JPEG codestreams) as its
+    frames: its own frame, or one no decoder takes (b"\\xff\\xd8\\xff\\xd9")."""
+    from pydicom.encaps import encapsulate, generate_frames
+
+    ds = pydicom.dcmread(get_testdata_file("SC_rgb_jpeg_gdcm.dcm"))
+    good = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.NumberOfFrames = len(frames)
+    ds.PixelData = encapsulate([good if frame is None else frame for frame in frames])
+    return ds
+
+
+BROKEN_FRAME = b"\xff\xd8\xff\xd9"  # a JPEG with nothing between start and end of image
+OCTETS = {"Accept": 'multipart/related; type="application/octet-stream"'}
+
+
+def test_frames_that_cannot_be_decoded_are_406_or_sent_as_stored(http):
+    """A frame the installed decoders cannot decode (12-bit JPEG Extended; a broken
+    codestream) is 406 when asked for uncompressed, and sent as stored (image/jpeg) when any
+    type is accepted (*/*): a 500 before. Frames are decoded before the response starts: a
+    broken 17th frame (past the frames answered from memory) dropped the connection after
+    the 200."""
+    _, _, lossy = store_file(http, get_testdata_file("JPEG-lossy.dcm"))
+    _, ds, broken = store_dataset(http, jpeg_instance([None] * 16 + [BROKEN_FRAME]))
+    all_frames = ",".join(str(n) for n in range(1, 18))
+    for url in (f"{lossy}/frames/1", f"{broken}/frames/{all_frames}", f"{broken}/frames/17", f"{broken}/bulkdata/7FE00010"):
+        assert http.get(url, headers=OCTETS).status_code == 406, url
+        for accept in ("*/*", "multipart/related", f'{OCTETS["Accept"]}, multipart/related; type="image/jpeg"'):
+            response = http.get(url, headers={"Accept": accept})
+            assert response.status_code == 200, (url, accept, response.text)
+            assert 'type="image/jpeg"' in response.headers["content-type"], url
+            assert all(part.startswith(b"\xff\xd8") for part in parts(response)), url
+    decoded = parts(http.get(f"{broken}/frames/{all_frames[:-3]}", headers=OCTETS))  # frames 1 to 16 decode
+    assert len(decoded) == 16 and len(decoded[0]) == ds.Rows * ds.Columns * 3
+
+
+def test_a_frame_list_names_each_frame_once(http):
+    """PS3.18's frame list is "one or more non duplicate frame numbers": a frame named twice
+    is 400, so a list asks for at most the instance's frames (5000 times frame 1 streamed
+    5000 copies, decoding each)."""
+    _, _, url = store_dataset(http, jpeg_instance([None, None]))
+    assert len(parts(http.get(f"{url}/frames/2,1", headers=OCTETS))) == 2
+    for frames in ("1,1", "1,2,1", ",".join(["1"] * 5000)):
+        response = http.get(f"{url}/frames/{frames}", headers=OCTETS)
+        assert response.status_code == 400, frames[:20]
+        assert "more than once" in response.headers["Warning"]
+
+
+def without_pixel_data():
+    ds = ct_instance(size=8)
+    del ds.PixelData
+    return ds
+
+
+def with_attribute(keyword, value):
+    ds = ct_instance(size=8)
+    setattr(ds, keyword, value)
+    return ds
+
+
+@pytest.mark.parametrize(
+    "make,syntax",
+    [
+        (lambda: pydicom.dcmread(get_testdata_file("JPEG-lossy.dcm")), EXPLICIT_LE),  # no decoder for 12-bit JPEG Extended
+        (lambda: jpeg_instance([None, BROKEN_FRAME]), EXPLICIT_LE),
+        (lambda: with_attribute("PhotometricInterpretation", "FOO"), "1.2.840.10008.1.2.5"),
+        (lambda: with_attribute("BitsStored", 0), "1.2.840.10008.1.2.5"),
+        (without_pixel_data, "1.2.840.10008.1.2.5"),
+    ],
+    ids=["12-bit-jpeg-extended", "broken-frame", "photometric-foo", "bits-stored-0", "no-pixel-data"],
+)
+def test_instances_that_cannot_be_transcoded_are_406_up_front(http, make, syntax):
+    """An instance that cannot be transcoded to the syntax it would be sent in (its pixel
+    data cannot be decoded, or the encoder refuses its attributes) is 406 naming it before
+    anything is sent, at every level: each was a 200 whose body broke off."""
+    _, ds, url = store_dataset(http, make())
+    study = f"studies/{ds.StudyInstanceUID}"
+    other = ct_instance(ds.StudyInstanceUID, ds.SeriesInstanceUID, size=8)  # one that can be, beside it
+    body, content_type = multipart_body([encode(other)])
+    assert http.post(f"{study}", content=body, headers={"Content-Type": content_type}).status_code == 200
+    for resource in (study, f"{study}/series/{ds.SeriesInstanceUID}", url):
+        response = http.get(resource, headers={"Accept": f'multipart/related; type="application/dicom"; transfer-syntax={syntax}'})
+        assert response.status_code == 406, (resource, response.status_code)
+        assert ds.SOPInstanceUID in response.headers["Warning"]
+    assert http.get(url, headers={"Accept": f"application/dicom; transfer-syntax={syntax}"}).status_code == 406
+    assert http.get(study, headers=DICOM_ANY).status_code == 200  # as stored, it comes
+
+
+@pytest.mark.parametrize(
+    "keyword,value",
+    [
+        ("WindowWidth", 0),
+        ("WindowWidth", -400),
+        ("VOILUTFunction", "FOO"),
+        ("ModalityLUTSequence", [pydicom.Dataset()]),  # an item without its LUT Descriptor
+    ],
+)
+def test_stored_display_hints_that_cannot_be_used_are_ignored_when_rendering(http, keyword, value):
+    """A stored window or Modality LUT pydicom cannot apply is ignored, as a viewer would:
+    the image is rendered over the range of its values (a 500 before)."""
+    from PIL import Image
+
+    _, ds, url = store_dataset(http, with_attribute(keyword, value))
+    for path in (f"{url}/rendered", f"{url}/thumbnail", f"{url}/frames/1/rendered",
+                 f"studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/thumbnail"):
+        response = http.get(path, headers={"Accept": "image/png"})
+        assert response.status_code == 200, (path, response.text)
+        pixels = np.asarray(Image.open(io.BytesIO(response.content)))
+        assert pixels.min() < pixels.max(), path  # the image, not a blank
+
+
+def test_rendered_window_is_finite_with_a_positive_width(http, server):
+    """PS3.18 8.3.5.1.3: window=center,width,function; NaN or infinite numbers, a width of 0
+    or less and an unknown function are 400 (they gave 200 with numpy RuntimeWarnings); an
+    extreme finite window saturates, without warnings."""
+    _, _, url = store_dataset(http, ct_instance(size=8))
+    for window in ("nan,nan", "1,inf", "-inf,1", "1,0", "1,-5", "40,400,foo", "40,400,linear,x", "40", "a,b"):
+        response = http.get(f"{url}/rendered", params={"window": window})
+        assert response.status_code == 400, (window, response.status_code)
+    logged = len(server.log_path.read_text(errors="replace"))
+    for window in ("-1e308,1e-308", "1e308,1e-308,sigmoid", "-1e308,1e-308,linear-exact", "40,400,LINEAR-EXACT", "40,0.5,sigmoid"):
+        response = http.get(f"{url}/rendered", params={"window": window})
+        assert response.status_code == 200, (window, response.text)
+    assert "RuntimeWarning" not in server.log_path.read_text(errors="replace")[logged:]
