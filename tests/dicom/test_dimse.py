@@ -631,3 +631,22 @@ def test_find_says_when_matching_keys_were_not_used(server, tmp_path):
                 assert responses[0][1].StudyInstanceUID == ds.StudyInstanceUID
     finally:
         assoc.release()
+
+
+def test_find_with_an_integer_outside_its_vr_is_a900(server):
+    """C-FIND matches through QIDO-RS's code: an InstanceNumber (IS, 32-bit) past its range
+    is refused with 0xA900 and an Error Comment, as QIDO-RS answers 400; past 64 bits it
+    reached MongoDB, which cannot hold it."""
+    ae = AE()
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", dicom_port(server), ae_title="KUROSHIO")
+    assert assoc.is_established
+    try:
+        for value in ("99999999999", "-2147483649"):
+            query = identifier(QueryRetrieveLevel="IMAGE", StudyInstanceUID="1.2.3", SeriesInstanceUID="1.2.4",
+                               SOPInstanceUID="", InstanceNumber=value)
+            responses = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+            status = responses[-1][0]
+            assert status.Status == 0xA900 and "InstanceNumber" in status.ErrorComment, (value, status)
+    finally:
+        assoc.release()
