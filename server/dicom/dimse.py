@@ -108,6 +108,8 @@ def _discard_unserved(event: Event) -> None:
     for file in files:
         file.close()
         Path(file.name).unlink(missing_ok=True)
+
+
 # pynetdicom logs every DIMSE message at INFO and dumps C-FIND/MOVE/GET identifiers with
 # it: patient names and IDs in a plain log file, a line per instance of a transfer. The
 # audit trail records each operation; the log keeps associations and problems.
