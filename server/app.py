@@ -33,13 +33,13 @@ from server.fhir.http import error_response, transaction_session
 from server.fhir.interactions import now
 from server.fhir.outcome import FhirError, Issue
 from server.fhir.search import custom as search_custom
-from server.fhir.search import ucum
 from server.security import audit
 from server.security.authorization import Forbidden
 from server.store.database import Store, TransactionTooLarge
 from server.store.fhir import FhirStore
 from server.store.search import SearchStore
 from terminology import operations as terminology_operations  # noqa: F401  (registers $lookup, $expand, ...)
+from terminology.builtin import load_ucum
 from terminology.definitions import install as install_terminology
 
 log = logging.getLogger("kuroshio")
@@ -184,7 +184,7 @@ def create_app(settings: Settings, dimse: bool = True) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        units = asyncio.create_task(asyncio.to_thread(ucum.registry))  # a second of parsing, beside the I/O below
+        units = asyncio.create_task(asyncio.to_thread(load_ucum))  # a second of parsing, beside the I/O below
         store = await Store.open(uri, settings.mongodb_database)
         library_checks.configure(settings.validation_workers)
         app.state.store = store

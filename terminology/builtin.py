@@ -22,10 +22,29 @@ UCUM_VERSION = "2.1"
 
 
 @cache
-def _ucum() -> tuple[Any, Any]:
-    from ucumvert import PintUcumRegistry, get_ucum_parser
+def ucum_parser() -> Any:
+    """ucumvert's UCUM grammar (lark): what says whether a code is UCUM."""
+    from ucumvert import get_ucum_parser
 
-    return get_ucum_parser(), PintUcumRegistry()
+    return get_ucum_parser()
+
+
+@cache
+def ucum_registry() -> Any:
+    """ucumvert's registry (pint's units under UCUM's names), one per process for search
+    (server/fhir/search/ucum.py) and terminology alike. Building it takes about a second and
+    some 43,000 objects: start-up builds it (`load_ucum`) so that no request waits for it
+    and so that it is frozen out of the garbage collector's full walks. Terminology once
+    built a second one of its own, at the first UCUM lookup or check of a process."""
+    from ucumvert import PintUcumRegistry
+
+    return PintUcumRegistry()
+
+
+def load_ucum() -> None:
+    """Build the grammar and the registry (start-up, in a thread)."""
+    ucum_parser()
+    ucum_registry()
 
 
 # UCUM bounds no exponent, but pint computes `10*N` as the exact integer 10**N: a
@@ -55,9 +74,8 @@ def ucum_bounded(code: str) -> bool:
 def ucum_valid(code: str) -> bool:
     if not ucum_bounded(code):
         return False
-    parser, _ = _ucum()
     try:
-        parser.parse(code)
+        ucum_parser().parse(code)
     except Exception:  # lark raises several error types for malformed input
         return False
     return True
@@ -65,9 +83,8 @@ def ucum_valid(code: str) -> bool:
 
 def ucum_canonical(code: str) -> str | None:
     """The unit reduced to base units (`mg/dL` -> `1e-05 kilogram / meter ** 3`)."""
-    _, registry = _ucum()
     try:
-        quantity = registry.from_ucum(code).to_base_units()
+        quantity = ucum_registry().from_ucum(code).to_base_units()
         return f"{quantity.magnitude:g} {quantity.units}"
     except Exception:  # units pint cannot reduce (arbitrary units like [IU]); a factor past a float
         return None

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from server.app import create_app
 from server.config import Settings
-from server.fhir.search import ucum
 from server.store.mongod import EmbeddedMongod
+from terminology.builtin import ucum_parser, ucum_registry
 from tests.conftest import LiveServer
 
 
@@ -52,11 +52,13 @@ def test_start_up_objects_are_frozen_out_of_full_collections(mongod: EmbeddedMon
             return gc.get_freeze_count()
 
     gc.unfreeze()
-    ucum.registry.cache_clear()
+    ucum_registry.cache_clear()
+    ucum_parser.cache_clear()
     try:
         assert asyncio.run(started()) > 50_000
-        # UCUM's registry (built on a write's first quantity, it was left to every walk)
-        assert ucum.registry.cache_info().currsize == 1
-        assert not any(o is ucum.registry() for o in gc.get_objects())
+        # UCUM's registry and grammar (built on a write's first quantity, or terminology's
+        # first UCUM code, they were left to every walk; terminology had its own registry)
+        assert ucum_registry.cache_info().currsize == 1 and ucum_parser.cache_info().currsize == 1
+        assert not any(o is ucum_registry() or o is ucum_parser() for o in gc.get_objects())
     finally:
         gc.unfreeze()  # this test process's objects go back to the collector

@@ -9,22 +9,11 @@ of the base unit, because pint's arithmetic is far too slow to run per indexed v
 from __future__ import annotations
 
 import math
-from functools import cache, lru_cache
-from typing import Any
+from functools import lru_cache
 
-from terminology.builtin import ucum_bounded
+from terminology.builtin import ucum_bounded, ucum_registry
 
 UCUM = "http://unitsofmeasure.org"
-
-
-@cache
-def registry() -> Any:
-    """ucumvert's registry, built once per process. Building it takes about a second and
-    some 43,000 objects: start-up builds it (server/app.py) so that no write or search
-    waits for it and so that it is frozen out of the garbage collector's full walks."""
-    from ucumvert import PintUcumRegistry
-
-    return PintUcumRegistry()
 
 
 @lru_cache(maxsize=4096)
@@ -32,7 +21,7 @@ def _linear(code: str) -> tuple[float, float, str] | None:
     """(factor, offset, canonical unit) for a UCUM code, or None if it is not UCUM."""
     if not code or len(code) > 64 or not ucum_bounded(code):
         return None
-    ucum = registry()
+    ucum = ucum_registry()
     try:
         parsed = ucum.from_ucum(code)
         units = getattr(parsed, "units", None)
