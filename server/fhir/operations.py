@@ -128,14 +128,13 @@ def check_parameters(parameters: dict[str, Any]) -> None:
     _check_names(parameters)
 
 
-R5_TOLERATED = ("unknown element", "must be a single value, not an array")
-
-
 def _unreadable(issue: Issue) -> bool:
     if issue.code != "structure":
         return False
     inline = any(".resource." in expression for expression in issue.expression)
-    return not (inline and issue.diagnostics.split(": ", 1)[-1].startswith(R5_TOLERATED))
+    problem = issue.diagnostics.split(": ", 1)[-1]
+    later_version = problem.startswith((r4validator.UNKNOWN_ELEMENT, r4validator.NOT_REPEATING))
+    return not (inline and later_version)
 
 
 def _check_names(parameters: dict[str, Any], path: str = "Parameters") -> None:

@@ -254,6 +254,12 @@ def _literal_reference(value: Any) -> str | None:
     return problem
 
 
+# Problems of a later FHIR version's content (R5 elements; elements R5 lets repeat), as the
+# messages begin: a reader that takes R5 (terminology's inline resources) tells them apart.
+UNKNOWN_ELEMENT = "unknown element"
+NOT_REPEATING = "must be a single value, not an array"
+
+
 class Walker:
     """Collects the issues of one resource (and the types of the resources nested in it)."""
 
@@ -309,7 +315,7 @@ class Walker:
                 assert rule.check is not None
                 if (problem := rule.check(item)) is not None:
                     if type(item) is list:
-                        self.problem("structure", f"{path}.{rule.step}", "must be a single value, not an array")
+                        self.problem("structure", f"{path}.{rule.step}", NOT_REPEATING)
                     else:
                         self.problem("value", f"{path}.{rule.step}", problem)
             elif rule.kind == COMPLEX:
@@ -318,7 +324,7 @@ class Walker:
                 else:
                     self.bound(item, rule.node(), rule.binding, f"{path}.{rule.step}")
             elif type(item) is list:
-                self.problem("structure", f"{path}.{rule.step}", "must be a single value, not an array")
+                self.problem("structure", f"{path}.{rule.step}", NOT_REPEATING)
             else:
                 self.nested(item, f"{path}.{rule.step}")
             if rule.choice is not None:
@@ -355,7 +361,7 @@ class Walker:
                 self.extensions(value, rule, item, path)
                 return rule
         if name != "resourceType" or not of.resource:
-            self.problem("structure", f"{path}.{name}", f"unknown element {name!r}")
+            self.problem("structure", f"{path}.{name}", f"{UNKNOWN_ELEMENT} {name!r}")
         return None
 
     def array(self, value: dict[str, Any], rule: Rule, items: Any, path: str) -> None:

@@ -51,6 +51,14 @@ def classify():
     return valid, refused
 
 
+def wait_for(condition, seconds: float = 10) -> bool:
+    """Whether `condition()` holds within `seconds` (polled)."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
 def test_test_files_by_stow(http, db):
     valid, refused = classify()
     assert {p.name for p in refused} >= set(BROKEN), "a known-broken file was accepted"
@@ -296,22 +304,12 @@ def test_an_instance_that_cannot_be_written_is_refused_without_trace(server, htt
         assert db.dicom_instances.count_documents({"st": study}) == 0
         assert db.dicom_studies.count_documents({"_id": study}) == 0
         assert db.dicom_series.count_documents({"st": study}) == 0
-        deadline = time.monotonic() + 10
-        while any((root / ".incoming").iterdir()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not any((root / ".incoming").iterdir())
+        assert wait_for(lambda: not any((root / ".incoming").iterdir()))
     finally:
         blocker.unlink()
     response = http.post("studies", content=body, headers={"Content-Type": content_type})
     assert response.status_code == 200, response.text
     assert db.dicom_studies.find_one({"_id": study})["n"] == 2
-
-
-def wait_for(condition, seconds: float = 10) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return condition()
 
 
 def test_a_cstore_cut_off_half_way_leaves_no_file(server, db):
