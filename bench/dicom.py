@@ -3,7 +3,9 @@
 500 synthetic 512x512 16-bit CT instances (about 531 KB each, 5 studies of 100):
 STOW-RS in batches of 50, QIDO study by UID, QIDO all instances of a 100-instance study,
 WADO-RS metadata of that study, WADO-RS retrieval of that study (MB/s), frames/1
-requests/s, and C-STORE of 100 instances with dcmtk's storescu (TCP_NODELAY=1).
+requests/s, C-ECHO with dcmtk's echoscu (`echo_ms`: a whole association, from the
+process's start to its release, the cost a PACS pays for each association it opens), and
+C-STORE of 100 instances with dcmtk's storescu (TCP_NODELAY=1).
 
 Kuroshio reflects each new study as a FHIR ImagingStudy in the background, a second after
 its last instance; the queries are timed once that is done (`reflect_s` says how long
@@ -143,9 +145,14 @@ def workload(base: str, data: Path, dicom_host: str, dicom_port: int, ae_title: 
         for i in range(300):
             client.get(urls[i % len(urls)], headers=frame_accept).raise_for_status()
         results["frames_per_s"] = 300 / (time.perf_counter() - start)
+    nodelay = {**os.environ, "TCP_NODELAY": "1"}
+    start = time.perf_counter()
+    for _ in range(20):
+        subprocess.run(["echoscu", "-aec", ae_title, dicom_host, str(dicom_port)], check=True, capture_output=True, env=nodelay)
+    results["echo_ms"] = 1000 * (time.perf_counter() - start) / 20
     start = time.perf_counter()
     subprocess.run(["storescu", "-aec", ae_title, dicom_host, str(dicom_port), *map(str, extra)],
-                   check=True, capture_output=True, env={**os.environ, "TCP_NODELAY": "1"})
+                   check=True, capture_output=True, env=nodelay)
     results["cstore_per_s"] = len(extra) / (time.perf_counter() - start)
     return results
 

@@ -18,6 +18,7 @@ requester's association, in the contexts it proposed.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import queue
 import socket
@@ -421,15 +422,40 @@ class ApplicationEntity:
 
 
 class _Acceptor(ThreadedAssociationServer):
-    """pynetdicom's threaded server without its housekeeping: every 60 polls of its accept
+    """pynetdicom's threaded server, with supported contexts that are quick to copy
+    (`_SupportedContexts`) and without its housekeeping: every 60 polls of its accept
     loop (30 s) that runs a full `gc.collect()`, to reclaim finished associations'
     threads. A full collection holds the GIL throughout, so it stopped every thread of the
     server process for as long as it took: the HTTP event loop answered nothing for about
     170 ms twice a minute (measured with reads every 5 ms). Python's own generational
     collector reclaims those reference cycles as it does any other."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.contexts = _SupportedContexts(self.contexts)
+
     def service_actions(self) -> None:
         return None
+
+
+class _SupportedContexts(list[PresentationContext]):
+    """The acceptor's supported presentation contexts, which pynetdicom deep-copies for each
+    association (so that changing one association's contexts changes no other). A deep
+    copy of ours (170 SOP classes x 45 transfer syntaxes, each UID a pydicom `UID` object)
+    took about 60 ms with the GIL held: every association waited that long for its
+    A-ASSOCIATE-AC, and the server process's other threads (the HTTP event loop among
+    them) stood still meanwhile. UIDs are immutable strings, so this copy shares them and
+    copies each context and its lists, which keeps the isolation at about 1 ms."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
+        copies = []
+        for context in self:
+            duplicate = copy.copy(context)
+            for name, value in vars(context).items():
+                if isinstance(value, list):
+                    vars(duplicate)[name] = list(value)
+            copies.append(duplicate)
+        return copies
 
 
 class _AE(AE):

@@ -5,6 +5,7 @@ C-MOVE (to a storescp started here) returning the bytes that were sent."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import io
 import shutil
@@ -12,6 +13,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -381,20 +383,33 @@ def test_study_root_has_no_patient_level(mover, tmp_path):
     assert status.Status == 0x0000 and len(got) == 1
 
 
+@contextlib.contextmanager
+def entity_in_this_process(mongod, tmp_path: Path) -> Iterator[tuple[ApplicationEntity, int]]:
+    """Our AE started in the test's process (so that a test can look inside it or change
+    a setting), on an event loop of its own and a real, private database: (AE, port)."""
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    database = f"kuroshio_ae_{uuid.uuid4().hex[:8]}"
+    store = asyncio.run_coroutine_threadsafe(Store.open(mongod.uri, database), loop).result()
+    entity = ApplicationEntity(Archive(store, tmp_path / "blobs"), "KUROSHIO", {}, loop)
+    port = free_port()
+    entity.start("127.0.0.1", port)
+    try:
+        yield entity, port
+    finally:
+        entity.stop()
+        asyncio.run_coroutine_threadsafe(store.client.drop_database(database), loop).result()
+        asyncio.run_coroutine_threadsafe(store.close(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+
+
 def test_find_past_the_limit_says_so(mongod, tmp_path, monkeypatch):
     """A C-FIND with more matches than the server answers (qido.MAX_LIMIT, 2 here) sends
     the ones it can and ends with 0xA700 (Out of Resources) and a comment, not Success
     (PS3.4 C.4.1: Success says a response was sent for every match). The AE runs in this
     process so that the limit can be lowered; its store is a real, private database."""
     monkeypatch.setattr(qido, "MAX_LIMIT", 2)
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    database = f"kuroshio_find_{uuid.uuid4().hex[:8]}"
-    store = asyncio.run_coroutine_threadsafe(Store.open(mongod.uri, database), loop).result()
-    entity = ApplicationEntity(Archive(store, tmp_path / "blobs"), "KUROSHIO", {}, loop)
-    port = free_port()
-    entity.start("127.0.0.1", port)
-    try:
+    with entity_in_this_process(mongod, tmp_path) as (_, port):
         study, _, paths = write_study(tmp_path, 3)
         assert run("storescu", "-aec", "KUROSHIO", "127.0.0.1", str(port), *map(str, paths)).returncode == 0
         ae = AE()
@@ -406,11 +421,6 @@ def test_find_past_the_limit_says_so(mongod, tmp_path, monkeypatch):
             assert [status.Status for status, _ in responses] == expected
             assert ("ErrorComment" in responses[-1][0]) == (expected[-1] == 0xA700)
         assoc.release()
-    finally:
-        entity.stop()
-        asyncio.run_coroutine_threadsafe(store.client.drop_database(database), loop).result()
-        asyncio.run_coroutine_threadsafe(store.close(), loop).result()
-        loop.call_soon_threadsafe(loop.stop)
 
 
 def test_the_acceptor_never_stops_the_process_to_collect_garbage(mongod, tmp_path, monkeypatch):
@@ -440,6 +450,36 @@ def test_the_acceptor_never_stops_the_process_to_collect_garbage(mongod, tmp_pat
         loop.run_until_complete(store.close())
         loop.close()
     assert collections == []
+
+
+def test_each_association_negotiates_over_its_own_copy_of_the_supported_contexts(mongod, tmp_path):
+    """pynetdicom deep-copies the acceptor's contexts for each association; ours copies
+    them without their (immutable) UIDs, for speed, and must still give each association
+    contexts it may change without changing the server's or another association's."""
+    with entity_in_this_process(mongod, tmp_path) as (entity, port):
+        assert entity.server is not None
+        served = {(str(cx.abstract_syntax), tuple(cx.transfer_syntax), cx.scu_role, cx.scp_role)
+                  for cx in entity.server.contexts}
+        ae = AE()
+        ae.add_requested_context(CTImageStorage, [RLELossless, ExplicitVRLittleEndian])
+        first = ae.associate("127.0.0.1", port, ae_title="KUROSHIO")
+        second = ae.associate("127.0.0.1", port, ae_title="KUROSHIO")
+        try:
+            assert first.is_established and second.is_established
+            assert [str(cx.transfer_syntax[0]) for cx in first.accepted_contexts] == [ExplicitVRLittleEndian]
+            acceptors = [a for a in entity.server.active_associations if a.is_acceptor]
+            assert len(acceptors) == 2
+            copies = [a.acceptor.supported_contexts for a in acceptors]
+            for contexts in copies:
+                assert {(str(cx.abstract_syntax), tuple(cx.transfer_syntax), cx.scu_role, cx.scp_role)
+                        for cx in contexts} == served
+            originals = {id(cx) for cx in entity.server.contexts} | {id(cx.transfer_syntax) for cx in entity.server.contexts}
+            for contexts in copies:
+                assert not originals & ({id(cx) for cx in contexts} | {id(cx.transfer_syntax) for cx in contexts})
+            assert not {id(cx) for cx in copies[0]} & {id(cx) for cx in copies[1]}
+        finally:
+            first.release()
+            second.release()
 
 
 def test_compressed_instances_reach_peers_that_take_uncompressed_only(mover, tmp_path):
