@@ -117,6 +117,16 @@ def _discard_unserved(event: Event) -> None:
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
 logging.getLogger("pynetdicom._handlers").setLevel(logging.WARNING)
+
+
+def _no_timeout_traceback(record: logging.LogRecord) -> bool:
+    """Drop the traceback pynetdicom's DUL logs (LOGGER.exception) when a peer left a PDU
+    unfinished for `network_timeout` seconds (`_on_connection_open`): the line before it,
+    "Connection closed before the entire PDU was received", says what happened."""
+    return not (record.exc_info and isinstance(record.exc_info[1], TimeoutError))
+
+
+logging.getLogger("pynetdicom.dul").addFilter(_no_timeout_traceback)
 MAXIMUM_PDU_SIZE = 4 * 1024 * 1024
 
 STORAGE_SOP_CLASSES = sorted({str(cx.abstract_syntax) for cx in AllStoragePresentationContexts})
@@ -158,10 +168,23 @@ def parse_remote_aes(text: str) -> dict[str, RemoteAE]:
     return remotes
 
 
-def _nodelay(event: Event) -> None:
+def _on_connection_open(event: Event) -> None:
+    """TCP_NODELAY (see the module docstring) and the association's network timeout on
+    every association socket, incoming and outgoing.
+
+    pynetdicom leaves both kinds blocking without a timeout (an accepted socket does not
+    inherit the listening socket's; a requested one has its timeout cleared once it is
+    connected), and its DUL thread reads a PDU whole with blocking `recv` calls. A peer
+    that sent part of a PDU and then nothing (or an unknown PDU type followed by a few
+    bytes) held the thread and one of the `maximum_associations` slots until it closed
+    the connection: the ARTIM and network timers are checked between reads, never during
+    one. With the timeout the read fails after `network_timeout` seconds and pynetdicom
+    closes the connection (Evt17).
+    """
     sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(event.assoc.network_timeout)
 
 
 class ApplicationEntity:
@@ -190,7 +213,7 @@ class ApplicationEntity:
 
     def start(self, host: str, port: int) -> None:
         handlers = [
-            (evt.EVT_CONN_OPEN, _nodelay),
+            (evt.EVT_CONN_OPEN, _on_connection_open),
             (evt.EVT_CONN_CLOSE, _discard_unserved),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
@@ -259,7 +282,7 @@ class ApplicationEntity:
             yield NOT_AUTHORIZED, None
             return
         try:
-            level, query, requested = self.query(event.identifier, str(event.request.AffectedSOPClassUID))
+            level, query, requested = self.query(decoded_identifier(event), str(event.request.AffectedSOPClassUID))
             results, complete = self.run(self.find(level, query))
         except (qido.QueryError, ValueError) as exc:
             audit.record(*admitted, IDENTIFIER_DOES_NOT_MATCH, f"C-FIND {exc}")
@@ -375,7 +398,7 @@ class ApplicationEntity:
         """The instances a C-GET/C-MOVE identifier selects, or (audited) the failure status
         answering a malformed identifier."""
         try:
-            return self.matching_instances(event.identifier, str(event.request.AffectedSOPClassUID))
+            return self.matching_instances(decoded_identifier(event), str(event.request.AffectedSOPClassUID))
         except (qido.QueryError, ValueError) as exc:
             audit.record(*admitted, IDENTIFIER_DOES_NOT_MATCH, f"{admitted[1].interaction} {exc}")
             return failure(IDENTIFIER_DOES_NOT_MATCH, str(exc))
@@ -407,7 +430,7 @@ class ApplicationEntity:
             yield None, None
             return
         stored = self.to_retrieve(event, admitted)
-        handlers = [(evt.EVT_CONN_OPEN, _nodelay)]
+        handlers = [(evt.EVT_CONN_OPEN, _on_connection_open)]
         if isinstance(stored, Dataset):
             # pynetdicom associates with the destination before it sends any status, a failure too
             yield destination.host, destination.port, {"contexts": [build_context(Verification)], "evt_handlers": handlers}
@@ -534,6 +557,39 @@ class SubAssociations:
             self.current.release()  # type: ignore[union-attr]
 
 
+def decoded_identifier(event: Event) -> Dataset:
+    """The identifier of a C-FIND/C-MOVE/C-GET request with every element decoded, or
+    QueryError (answered 0xA900, the reason in the Error Comment) if pydicom cannot.
+
+    pynetdicom decodes the identifier when the handler first asks for it, and pydicom
+    converts an element's bytes when it is first read: a sequence or UN element of
+    undefined length without its delimiter, an element whose length does not fit its VR
+    (a US of 3 bytes) or with a VR pydicom does not know each raised there (OSError,
+    BytesLengthException, NotImplementedError...), and pynetdicom answered 0xC311 (C-GET
+    0xC413, C-MOVE 0xC514) and logged a traceback. Elements of ambiguous VR are left to
+    `identifier_elements`.
+    """
+    try:
+        identifier = event.identifier
+    except Exception:  # pydicom raises many kinds of errors on malformed input
+        raise qido.QueryError("The identifier cannot be decoded") from None
+
+    def decode(dataset: Dataset) -> None:
+        for tag in list(dataset.keys()):
+            try:
+                element = dataset[tag]
+            except AttributeError:  # an ambiguous VR (identifier_elements)
+                continue
+            except Exception:  # pydicom raises many kinds of errors on malformed input
+                raise qido.QueryError(f"Element {tag} cannot be decoded") from None
+            if element.VR == "SQ":
+                for item in element.value or []:
+                    decode(item)
+
+    decode(identifier)
+    return identifier
+
+
 def identifier_elements(identifier: Dataset) -> Iterator[pydicom.DataElement]:
     """The elements of a C-FIND/C-MOVE/C-GET identifier, one of ambiguous VR that the
     identifier cannot settle given as UN with its bytes.
@@ -577,10 +633,15 @@ def check_unique_keys(identifier: Dataset, level: str, study_root: bool) -> None
 
 
 def failure(status: int, comment: str) -> Dataset:
-    """A failure status with its Error Comment (at most 64 characters, VR LO)."""
+    """A failure status with its Error Comment: VR LO, at most 64 characters of the default
+    repertoire without backslashes (PS3.5 6.2). A comment quoting a multi-valued key
+    ("'20240102\\20200101' is not a DICOM date") was split at its first backslash and the
+    SCU saw "'20240102" only; one quoting undecodable bytes sent them as they were."""
     ds = Dataset()
     ds.Status = status
-    ds.ErrorComment = comment[:64]
+    ds.ErrorComment = "".join(
+        "/" if char == "\\" else char if " " <= char <= "~" else "?" for char in comment[:64]
+    )
     return ds
 
 

@@ -9,6 +9,8 @@ import contextlib
 import gc
 import io
 import shutil
+import socket
+import struct
 import subprocess
 import threading
 import time
@@ -690,3 +692,89 @@ def test_find_with_an_integer_outside_its_vr_is_a900(server):
             assert status.Status == 0xA900 and "InstanceNumber" in status.ErrorComment, (value, status)
     finally:
         assoc.release()
+
+
+def _element(tag: int, vr: bytes, value: bytes) -> bytes:
+    """An Explicit VR Little Endian element, written by hand: its length is not checked."""
+    if vr in (b"SQ", b"UN", b"OB"):
+        return struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr + b"\0\0" + struct.pack("<L", len(value)) + value
+    return struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr + struct.pack("<H", len(value)) + value
+
+
+def test_identifier_that_cannot_be_decoded_is_a900(server, monkeypatch):
+    """An identifier pydicom cannot decode (a US of 3 bytes, an unknown VR, a sequence of
+    undefined length without its delimiter) is refused with 0xA900 and an Error Comment by
+    C-FIND, C-GET and C-MOVE; the handler raised, pynetdicom answered 0xC311 (0xC413,
+    0xC514) and logged a traceback."""
+    import pynetdicom.association
+
+    level = _element(0x00080052, b"CS", b"STUDY ") + _element(0x0020000D, b"UI", b"1.2.3.4\0")
+    identifiers = {
+        "(0028,0010)": level + _element(0x00280010, b"US", b"\1\2\3"),
+        "(0010,0010)": level + _element(0x00100010, b"ZZ", b"ab"),
+        "cannot be decoded": level + struct.pack("<HH", 0x0008, 0x1032) + b"SQ\0\0" + struct.pack("<L", 0xFFFFFFFF),
+    }
+    port = dicom_port(server)
+    before = server.log_path.stat().st_size
+    for expected, raw in identifiers.items():
+        # pynetdicom's SCU encodes the identifier it is given: here, the bytes as they are
+        monkeypatch.setattr(pynetdicom.association, "encode", lambda *args, raw=raw, **kwargs: raw)
+        ae = AE()
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        assoc = ae.associate("127.0.0.1", port, ae_title="KUROSHIO")
+        assert assoc.is_established
+        responses = list(assoc.send_c_find(identifier(QueryRetrieveLevel="STUDY"), StudyRootQueryRetrieveInformationModelFind))
+        assoc.release()
+        assert [status.Status for status, _ in responses] == [0xA900] and expected in responses[0][0].ErrorComment, expected
+        status, got = c_get(port, identifier(QueryRetrieveLevel="STUDY"))
+        assert status.Status == 0xA900 and expected in status.ErrorComment and got == [], expected
+        # no C-MOVE destination is configured here: pynetdicom answers 0xA801 before the
+        # identifier is read, so the C-MOVE handler's reading is checked in-process below
+    time.sleep(0.5)
+    log = server.log_path.read_bytes()[before:].decode(errors="replace")
+    assert "Traceback" not in log and "Exception in handler" not in log
+
+
+def test_move_identifier_that_cannot_be_decoded_is_a900(mover, monkeypatch):
+    """C-MOVE to a configured destination with an identifier pydicom cannot decode: 0xA900
+    with an Error Comment (it was 0xC514 and a logged traceback), nothing sent."""
+    import pynetdicom.association
+
+    live, _ = mover
+    raw = _element(0x00080052, b"CS", b"STUDY ") + _element(0x0020000D, b"UI", b"1.2.3.4\0") + _element(0x00280010, b"US", b"\1")
+    monkeypatch.setattr(pynetdicom.association, "encode", lambda *args, **kwargs: raw)
+    status = c_move(dicom_port(live), identifier(QueryRetrieveLevel="STUDY"))
+    assert status.Status == 0xA900 and "(0028,0010)" in status.ErrorComment, status
+
+
+def test_error_comment_is_one_value(server):
+    """The Error Comment (LO) of a refused multi-valued key is one value: the backslash of
+    the quoted value is not sent as such (the SCU saw the comment cut at it)."""
+    ae = AE()
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", dicom_port(server), ae_title="KUROSHIO")
+    assert assoc.is_established
+    query = identifier(QueryRetrieveLevel="STUDY", StudyDate=["20240102", "2020-01-01"])
+    responses = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+    assoc.release()
+    status = responses[-1][0]
+    assert status.Status == 0xA900 and isinstance(status.ErrorComment, str), status
+    assert status.ErrorComment.startswith("'20240102") and "DICOM date" in status.ErrorComment, status.ErrorComment
+
+
+def test_a_peer_that_stops_in_the_middle_of_a_pdu_is_disconnected(mongod, tmp_path):
+    """A connection that sends part of a PDU (or an unknown PDU type and a few bytes) and
+    then nothing is closed after the network timeout (2 s here): pynetdicom's DUL thread
+    waited in a blocking read, holding one of the AE's association slots, until the peer
+    closed it. The AE runs in this process so that the timeout can be lowered."""
+    with entity_in_this_process(mongod, tmp_path) as (entity, port):
+        entity.ae.network_timeout = 2  # each association takes it from the AE as it opens
+        for sent in (b"\x01\x00\x00\x00\x01\x00" + b"\0" * 10,  # an A-ASSOCIATE-RQ of 256 bytes, 10 sent
+                     b"\x09\x00\x00\x00\x00\x04ab"):  # an unknown PDU type, then part of the next header
+            with socket.create_connection(("127.0.0.1", port)) as connection:
+                connection.settimeout(20)
+                connection.sendall(sent)
+                start = time.monotonic()
+                while connection.recv(4096):  # an A-ABORT may come first; then the close
+                    pass
+                assert time.monotonic() - start < 10, sent
