@@ -431,13 +431,7 @@ def test_the_acceptor_never_stops_the_process_to_collect_garbage(mongod, tmp_pat
     server that `start` runs answers a C-ECHO and polls 120 times without collecting."""
     collections: list[object] = []
     monkeypatch.setattr(gc, "collect", lambda *args: collections.append(args) or 0)
-    loop = asyncio.new_event_loop()
-    database = f"kuroshio_gc_{uuid.uuid4().hex[:8]}"
-    store = loop.run_until_complete(Store.open(mongod.uri, database))
-    entity = ApplicationEntity(Archive(store, tmp_path / "blobs"), "KUROSHIO", {}, loop)
-    port = free_port()
-    entity.start("127.0.0.1", port)
-    try:
+    with entity_in_this_process(mongod, tmp_path) as (entity, port):
         ae = AE()
         ae.add_requested_context("1.2.840.10008.1.1")
         assoc = ae.associate("127.0.0.1", port, ae_title="KUROSHIO")
@@ -446,11 +440,6 @@ def test_the_acceptor_never_stops_the_process_to_collect_garbage(mongod, tmp_pat
         assert entity.server is not None
         for _ in range(120):
             entity.server.service_actions()  # what serve_forever calls after each poll
-    finally:
-        entity.stop()
-        loop.run_until_complete(store.client.drop_database(database))
-        loop.run_until_complete(store.close())
-        loop.close()
     assert collections == []
 
 

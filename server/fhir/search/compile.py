@@ -21,9 +21,10 @@ from server.fhir.search import terminology, terms
 from server.fhir.search.parameters import COMPARATORS, REGISTRY, SearchParameter
 from server.fhir.search.query import Criterion, SearchQuery, split_unescaped, unescape
 from server.fhir.search.terms import MAX_KEY, date_range, normalize, reference_literal
-from server.fhir.search.ucum import UCUM, canonical_range
+from server.fhir.search.ucum import canonical_range
 from server.store.database import regex_literal
 from server.store.search import SearchStore
+from terminology.builtin import UCUM
 
 MAX_IDS = 10_000
 Filter = dict[str, Any]

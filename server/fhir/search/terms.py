@@ -47,6 +47,7 @@ from server.fhir.definitions import resource_types
 from server.fhir.search import ucum
 from server.fhir.search.fhirpath import Extractor, Path, compile_expression, compile_relative, reacher, walk
 from server.fhir.search.parameters import REGISTRY, SearchParameter
+from terminology.builtin import UCUM
 
 log = logging.getLogger("kuroshio.search")
 MAX_KEY = 512  # longest indexed string (longer values are indexed by their prefix)
@@ -186,7 +187,7 @@ def _unit_entries(p: str, lo: float, hi: float, system: Any, code: Any, unit: An
     entries: list[Entry] = [{"p": p, "lo": lo, "hi": hi, "s": system, "c": code if isinstance(code, str) else None}]
     if isinstance(unit, str) and unit != code:
         entries.append({"p": p, "lo": lo, "hi": hi, "s": system, "c": unit})
-    if system == ucum.UCUM and isinstance(code, str):
+    if system == UCUM and isinstance(code, str):
         converted = ucum.canonical_range(lo, hi, code)
         if converted is not None:
             entries.append({"p": p, "lo": converted[0], "hi": converted[1], "s": "~", "c": converted[2]})

@@ -13,8 +13,6 @@ from functools import lru_cache
 
 from terminology.builtin import ucum_bounded, ucum_registry
 
-UCUM = "http://unitsofmeasure.org"
-
 
 @lru_cache(maxsize=4096)
 def _linear(code: str) -> tuple[float, float, str] | None:
