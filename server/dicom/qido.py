@@ -15,10 +15,12 @@ so the two agree by construction:
 
 from __future__ import annotations
 
+import datetime
 import re
 import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import orjson
@@ -296,20 +298,46 @@ def _person_name(field_name: str, value: str) -> Json | None:
     return {field_name: re.compile(f"^{_wildcards(name)}\\^*$", re.DOTALL)}
 
 
+def _query_date(value: str) -> str:
+    """A date in a query: the format, and a day the calendar has (PS3.5 DA). Ingest
+    checks only the format (`normalize_date`), so that an instance with an impossible
+    date is still stored; a query for one is an error, not a silent empty match."""
+    date = normalize_date(value)
+    try:
+        datetime.date(int(date[:4]), int(date[4:6]), int(date[6:]))
+    except ValueError:
+        raise QueryError(f"{value!r} is not a date the calendar has") from None
+    return date
+
+
+def _query_time(value: str, upper: bool = False) -> str:
+    """A time in a query: the format, and hours, minutes and seconds in range (PS3.5 TM;
+    60 seconds for a leap second)."""
+    time = normalize_time(value, upper)
+    if time[:2] > "23" or time[2:4] > "59" or time[4:6] > "60":
+        raise QueryError(f"{value!r} is not a time of day (HHMMSS)")
+    return time
+
+
 def _range(key: Key, value: str) -> Json | str:
-    norm = normalize_date if key.kind == "date" else normalize_time
+    """Single value or range matching of a date or time (PS3.4 C.2.2.2.5): a range's
+    start may not be after its end."""
+    start = _query_date if key.kind == "date" else _query_time
+    end = _query_date if key.kind == "date" else partial(_query_time, upper=True)
     if "-" not in value:
         if key.kind == "date":
-            return norm(value)
-        return {"$gte": normalize_time(value), "$lte": normalize_time(value, upper=True)}
-    low, _, high = value.partition("-")
+            return start(value)
+        return {"$gte": start(value), "$lte": end(value)}
+    low, _, high = (part.strip() for part in value.partition("-"))
     bounds: Json = {}
-    if low.strip():
-        bounds["$gte"] = norm(low.strip())
-    if high.strip():
-        bounds["$lte"] = normalize_time(high.strip(), upper=True) if key.kind == "time" else norm(high.strip())
+    if low:
+        bounds["$gte"] = start(low)
+    if high:
+        bounds["$lte"] = end(high)
     if not bounds:
         raise QueryError(f"{value!r} is not a range for {key.keyword}")
+    if low and high and bounds["$gte"] > bounds["$lte"]:
+        raise QueryError(f"{value!r} is not a range for {key.keyword}: it starts after it ends")
     return bounds
 
 

@@ -683,6 +683,23 @@ def test_find_with_an_integer_outside_its_vr_is_a900(server):
         assoc.release()
 
 
+def test_find_with_an_impossible_date_or_a_reversed_range_is_a900(server):
+    """A date the calendar does not have, a time past 23:59:60 and a range that starts after
+    it ends are refused with 0xA900 and an Error Comment (they were Success, 0 matches)."""
+    ae = AE()
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", dicom_port(server), ae_title="KUROSHIO")
+    assert assoc.is_established
+    try:
+        for keyword, value in (("StudyDate", "20201301"), ("StudyDate", "20240102-20240101"), ("StudyTime", "2401")):
+            query = identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID="", **{keyword: value})
+            responses = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+            status = responses[-1][0]
+            assert [s.Status for s, _ in responses] == [0xA900] and value in status.ErrorComment, (value, status)
+    finally:
+        assoc.release()
+
+
 def _element(tag: int, vr: bytes, value: bytes) -> bytes:
     """An Explicit VR Little Endian element, written by hand: its length is not checked."""
     if vr in (b"SQ", b"UN", b"OB"):

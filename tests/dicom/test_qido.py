@@ -118,6 +118,13 @@ def test_levels_includefield_paging_and_warnings(http, corpus):
         {"limit": "-1"},
         {"fuzzymatching": "maybe"},
         {"StudyTime": "99x"},
+        {"StudyDate": "20201301"},  # no 13th month: it matched nothing, with a 200
+        {"StudyDate": "20230229"},
+        {"StudyDate": "20240101-20201301"},
+        {"StudyDate": "20241231-20240101"},  # a range that starts after it ends
+        {"StudyTime": "2500"},
+        {"StudyTime": "1261"},
+        {"StudyTime": "1200-0900"},
     ],
 )
 def test_malformed_queries_are_400(http, params):
