@@ -159,3 +159,11 @@ def test_closing_the_store_after_mongod_died_does_not_wait_for_server_selection(
     finally:
         instance.process = None
         instance.stop()
+
+
+def test_wiredtiger_evicts_dirty_pages_late(mongod):
+    """The embedded mongod runs with WiredTiger's dirty-eviction thresholds raised (see
+    mongod.EVICTION for the measurements): WiredTiger took the configuration as given."""
+    with MongoClient(mongod.uri, directConnection=True) as client:
+        options = client.admin.command("getCmdLineOpts")["parsed"]
+    assert options["storage"]["wiredTiger"]["engineConfig"]["configString"] == mongod_module.EVICTION
