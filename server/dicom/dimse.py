@@ -430,14 +430,16 @@ class ApplicationEntity:
             yield None, None
             return
         stored = self.to_retrieve(event, admitted)
-        handlers = [(evt.EVT_CONN_OPEN, _on_connection_open)]
         if isinstance(stored, Dataset):
-            # pynetdicom associates with the destination before it sends any status, a failure too
-            yield destination.host, destination.port, {"contexts": [build_context(Verification)], "evt_handlers": handlers}
+            # pynetdicom associates with the destination before it sends any status, a failure
+            # too: no sub-associations stand in for that association, so the refusal does not
+            # depend on the destination being reachable (it was 0xA801 when it was not)
+            yield destination.host, destination.port, {"sub_associations": SubAssociations([])}
             yield from _refuse_retrieve(stored)
             return
         sub_associations = SubAssociations(_context_batches(stored))
         stored = sorted(stored, key=sub_associations.order)  # each association's instances in a row
+        handlers = [(evt.EVT_CONN_OPEN, _on_connection_open)]
         yield destination.host, destination.port, {"sub_associations": sub_associations, "evt_handlers": handlers}
         audit.record(*admitted, SUCCESS, f"C-MOVE {len(stored)} instances to {destination.title}")
         yield len(stored)
@@ -514,6 +516,8 @@ class SubAssociations:
     the first association is opened at once (pynetdicom answers 0xA801 if it fails), each
     next one when the handler asks for the contexts of an instance of its batch, after the
     previous one is released. A batch whose association fails fails its sub-operations.
+    With no batches (a refused C-MOVE) it opens nothing and stands in for an established
+    association, so that pynetdicom sends the failure without contacting the destination.
     """
 
     def __init__(self, batches: list[list[PresentationContext]]) -> None:
@@ -528,7 +532,8 @@ class SubAssociations:
 
     def start(self, associate: Callable[[list[PresentationContext]], Association]) -> None:
         self.associate = associate
-        self.current = associate(self.batches[0])
+        if self.batches:
+            self.current = associate(self.batches[0])
 
     def accepted(self, sop_class: str) -> list[PresentationContext]:
         """The accepted contexts of the association that carries `sop_class` (opened now if
@@ -543,6 +548,8 @@ class SubAssociations:
 
     @property
     def is_established(self) -> bool:
+        if not self.batches:
+            return True
         return self.current is not None and self.current.is_established
 
     @property
@@ -553,8 +560,8 @@ class SubAssociations:
         return self.current.send_c_store(dataset, **kwargs)  # type: ignore[union-attr]
 
     def release(self) -> None:
-        if self.is_established:
-            self.current.release()  # type: ignore[union-attr]
+        if self.current is not None and self.current.is_established:
+            self.current.release()
 
 
 def decoded_identifier(event: Event) -> Dataset:
@@ -611,8 +618,10 @@ def check_unique_keys(identifier: Dataset, level: str, study_root: bool) -> None
     """Refuse (QueryError) a C-MOVE/C-GET identifier that is not the unique keys of its level
     and of the levels above (PS3.4 C.4.2.2.1, C.4.3.2.1): without this an empty or wildcard
     key, or a key such as PatientName, would retrieve whatever it matches, up to the whole
-    archive. The level's key may be a list of values; each key above it, one value. Keys
-    above the level may be absent (they only narrow the match); other keys only empty."""
+    archive. The level's key may be a list of UIDs at the STUDY level and below; a
+    PATIENT-level retrieve names one patient, and each key above the level one value
+    (a list of PatientIDs matched nothing, with success). Keys above the level may be
+    absent (they only narrow the match); other keys only empty."""
     levels = list(UNIQUE_KEYS)[1 if study_root else 0:]
     keys = [UNIQUE_KEYS[name] for name in levels[:levels.index(level) + 1]]
     for element in identifier_elements(identifier):
@@ -626,8 +635,10 @@ def check_unique_keys(identifier: Dataset, level: str, study_root: bool) -> None
         element = identifier.data_element(keyword) if keyword in identifier else None
         given = element is not None and element.value not in (None, "")
         values = _match_text(element).split("\\") if given else []
-        if keyword == keys[-1] and not values or keyword != keys[-1] and len(values) > 1:
-            raise qido.QueryError(f"{keyword} must be {'given' if keyword == keys[-1] else 'a single value'}")
+        if keyword == keys[-1] and not values:
+            raise qido.QueryError(f"{keyword} must be given")
+        if len(values) > 1 and (keyword != keys[-1] or level == "patient"):
+            raise qido.QueryError(f"{keyword} must be a single value")
         if any(not v.strip() or "*" in v or "?" in v for v in values):
             raise qido.QueryError(f"{keyword} must be a value without wildcards")
 

@@ -28,6 +28,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, gen
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
@@ -185,13 +186,13 @@ def peer():
 def mover(mongod, tmp_path_factory, peer):
     """A server whose C-MOVE destination DEST is a default dcmtk storescp (which accepts
     the uncompressed transfer syntaxes only), and the directory it writes to; PEER, the
-    `peer` fixture, is its other destination."""
+    `peer` fixture, is its other destination; GONE is known but nothing listens there."""
     root = tmp_path_factory.mktemp("move")
     destination_port = free_port()
     received = root / "received"
     received.mkdir()
     scp = subprocess.Popen(["storescp", "-aet", "DEST", "-od", str(received), "+B", str(destination_port)])
-    remotes = f"DEST@127.0.0.1:{destination_port},PEER@127.0.0.1:{peer.port}"
+    remotes = f"DEST@127.0.0.1:{destination_port},PEER@127.0.0.1:{peer.port},GONE@127.0.0.1:{free_port()}"
     live = start_server(mongod.uri, root / "server", {"KUROSHIO_DICOM_REMOTE_AES": remotes})
     try:
         yield live, received
@@ -290,9 +291,30 @@ def test_retrieve_takes_unique_keys_only(mover, tmp_path):
         assert status.Status == 0xA900 and status.ErrorComment, query
         status, got = c_get(port, query)
         assert status.Status == 0xA900 and status.ErrorComment and got == [], query
+    # above the STUDY level, one unique key (PS3.4 C.4.2.2.1): a list of patients matched nothing, with success
+    patients = identifier(QueryRetrieveLevel="PATIENT", PatientID=["DIMSE-1", "DIMSE-2"])
+    status = c_move(port, patients, PatientRootQueryRetrieveInformationModelMove)
+    assert status.Status == 0xA900 and "PatientID must be a single value" in status.ErrorComment, status
+    status, got = c_get(port, patients, PatientRootQueryRetrieveInformationModelGet)
+    assert status.Status == 0xA900 and "PatientID must be a single value" in status.ErrorComment and got == [], status
     assert received_sops(received) & {pydicom.dcmread(p).SOPInstanceUID for p in paths + other_paths} == set()
     status, got = c_get(port, identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=[study, other], PatientName=""))
     assert status.Status == 0x0000 and len(got) == 3
+
+
+def test_move_refusal_does_not_depend_on_the_destination(mover, tmp_path):
+    """A C-MOVE whose identifier is refused is answered 0xA900 whether or not its destination
+    can be reached: pynetdicom associates with the destination before it sends any status,
+    so an unreachable one turned the refusal into 0xA801. A good identifier to it is 0xA801."""
+    live, _ = mover
+    port = dicom_port(live)
+    bad = identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID="*")
+    status = c_move(port, bad, destination="GONE")
+    assert status.Status == 0xA900 and "StudyInstanceUID" in status.ErrorComment, status
+    study, _, paths = write_study(tmp_path, 1)
+    assert run("storescu", "-aec", "KUROSHIO", "127.0.0.1", str(port), *map(str, paths)).returncode == 0
+    status = c_move(port, identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=study), destination="GONE")
+    assert status.Status == 0xA801, status
 
 
 def test_several_associations_at_once(server, tmp_path, dicomweb):
