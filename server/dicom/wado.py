@@ -21,13 +21,14 @@ import io
 import math
 import struct
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, iter_pixels, pixel_array
 from pydicom.uid import UID
 
 from server.dicom.archive import Archive
@@ -362,19 +363,22 @@ def decoded_frames(archive: Archive, table: FrameTable, numbers: list[int]) -> l
     """Frames of an encapsulated instance decoded to native little endian, all of them before
     any is sent: one that fails once the 200 is on its way would break the stream. So the
     decoded frames of one request are held in memory, at most TRANSCODE_MAX_BYTES of them;
-    NotAcceptable when one cannot be decoded (no decoder takes it) or they would be more."""
+    NotAcceptable when one cannot be decoded (no decoder takes it) or they would be more.
+    The file is opened and its header parsed once for all of them (it was once a frame)."""
     frames: list[Frame] = []
     held = 0
-    for number in numbers:
-        try:
-            pixels = pixel_array(archive.blobs.path(table.blob), index=number - 1, raw=True)
-        except Exception as exc:  # pydicom's decoders raise many kinds of errors
-            raise NotAcceptable(f"Frame {number} cannot be decoded here: {exc}") from None
-        frames.append(Frame(np.ascontiguousarray(pixels).tobytes(), EXPLICIT_LE))
-        held += len(frames[-1].data)
-        if held > TRANSCODE_MAX_BYTES:
-            raise NotAcceptable(f"The frames asked for are more than {TRANSCODE_MAX_BYTES} bytes decoded; "
-                                "ask for fewer at a time, or for them as stored")
+    path = archive.blobs.path(table.blob)
+    with closing(iter_pixels(path, indices=[number - 1 for number in numbers], raw=True)) as decoded:
+        for number in numbers:
+            try:
+                pixels = next(decoded)
+            except Exception as exc:  # pydicom's decoders raise many kinds of errors
+                raise NotAcceptable(f"Frame {number} cannot be decoded here: {exc}") from None
+            frames.append(Frame(np.ascontiguousarray(pixels).tobytes(), EXPLICIT_LE))
+            held += len(frames[-1].data)
+            if held > TRANSCODE_MAX_BYTES:
+                raise NotAcceptable(f"The frames asked for are more than {TRANSCODE_MAX_BYTES} bytes decoded; "
+                                    "ask for fewer at a time, or for them as stored")
     return frames
 
 
