@@ -46,6 +46,25 @@ TOO_LARGE_CODES = {
 }
 
 
+# A transaction larger than the WiredTiger cache does not always end with
+# TransactionTooLargeForCache: a write may find the cache full (a WriteConflict, "Cache
+# full while performing initial write to ...") or MongoDB may abort the transaction under
+# it to free the cache (its next write gets NoSuchTransaction). Both are labelled
+# TransientTransactionError, so PyMongo re-ran the whole transaction for up to 120 s,
+# each run failing the same way, and the answer was a 503 after two minutes (a 54 MB
+# Bundle, 0.25 GB cache). A transaction whose body fails so on CACHE_FULL_RUNS of its
+# runs is taken as too large for the cache; one that met a cache briefly full under other
+# writers' load, or a failover, gets its retry.
+WRITE_CONFLICT = 112
+NO_SUCH_TRANSACTION = 251
+CACHE_FULL_RUNS = 2
+
+
+def _cache_could_not_hold(exc: OperationFailure) -> bool:
+    """Whether a run of a transaction's body failed as one too large for the cache can."""
+    return exc.code == NO_SUCH_TRANSACTION or exc.code == WRITE_CONFLICT and "Cache full" in str(exc)
+
+
 class TransactionTooLarge(Exception):
     """One transaction's writes exceed what MongoDB can commit; nothing was written."""
 
@@ -146,12 +165,27 @@ class Store:
 
         PyMongo retries the whole body on transient errors (write conflicts between
         concurrent transactions), so `body` must be safe to re-run from the start. A
-        transaction too large for MongoDB raises `TransactionTooLarge` (it was aborted).
+        transaction too large for MongoDB raises `TransactionTooLarge` (it was aborted),
+        as does one whose body failed for want of cache on CACHE_FULL_RUNS of its runs.
         """
+        cache_full_runs = 0
+
+        async def run(session: AsyncClientSession) -> T:
+            nonlocal cache_full_runs
+            try:
+                return await body(session)
+            except OperationFailure as exc:
+                if not _cache_could_not_hold(exc):
+                    raise
+                cache_full_runs += 1
+                if cache_full_runs >= CACHE_FULL_RUNS:  # not a PyMongoError: not re-run
+                    raise TransactionTooLarge(f"CacheFull: {exc}") from exc
+                raise
+
         async with self.client.start_session() as session:
             try:
                 return await session.with_transaction(
-                    body, write_concern=DURABLE, read_concern=ReadConcern("snapshot")
+                    run, write_concern=DURABLE, read_concern=ReadConcern("snapshot")
                 )
             except (OperationFailure, DocumentTooLarge) as exc:
                 reason = too_large_reason(exc)
