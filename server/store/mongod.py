@@ -39,11 +39,12 @@ PR_SET_PDEATHSIG = 1
 # were reconciled and written again and again between checkpoints (perf: most of
 # mongod's CPU while ingesting Synthea data). At 18% they mostly wait for the next
 # checkpoint (every 60 s) and are written once: ingesting 219,055 resources, mongod's
-# CPU fell by a fifth and ingest rose 12% (paired runs, same machine). The trigger at which writing threads must help stays WiredTiger's 20%, and
-# with it the point where a transaction is too large for the cache (a 413): raising it
-# to 60% gave the same gain but let such a transaction stall for a minute or more on a
-# small cache. The cost: a clean shutdown checkpoints more (3.9 s became 5.0 s after
-# that ingest); recovery after a kill -9 replays the same journal (the last 60 s).
+# CPU fell by a fifth and ingest rose 12% (paired runs, same machine). The trigger at
+# which writing threads must help stays WiredTiger's 20%, and with it the point where a
+# transaction is too large for the cache (a 413): raising it to 60% gave the same gain
+# but let such a transaction stall for a minute or more on a small cache. The cost: a
+# clean shutdown checkpoints more (3.9 s became 5.0 s after that ingest); recovery
+# after a kill -9 replays the same journal (the last 60 s).
 EVICTION = "eviction_dirty_target=18,eviction_dirty_trigger=20"
 
 
