@@ -76,11 +76,14 @@ _DATE = re.compile(
 )
 
 
+@lru_cache(maxsize=16384)
 def date_range(text: str) -> tuple[datetime, datetime] | None:
     """The instants a FHIR date/dateTime/instant covers, to its precision, in UTC.
 
     `2013` covers the whole year, `2013-01-14T10:00Z` the minute; a time without a zone
-    is taken as UTC. None if the text is not a FHIR date.
+    is taken as UTC. None if the text is not a FHIR date. Cached: the resources of a
+    patient's bundle repeat the same instants (an encounter's observations share its
+    time), and the answer is immutable.
     """
     match = _DATE.fullmatch(text.strip()) if isinstance(text, str) else None
     if match is None:
