@@ -40,13 +40,14 @@ class Hooks:
 
     - `incoming`: async transforms run on every resource before it is validated (create,
       update, patch result, transaction entry); they may change it in place (terminology
-      normalization adds mapped codings).
+      normalization adds mapped codings). A transaction passes all its resources in one
+      call, so that a transform can look up what they need at once.
     - `index`: computes the search terms of a stamped resource (the search service).
     - `after_write`: runs inside the write's transaction after each stored version (its
       `body` is the stored JSON, None for a delete), so derived data commits atomically.
     """
 
-    incoming: list[Callable[[Resource], Awaitable[None]]] = field(default_factory=list)
+    incoming: list[Callable[..., Awaitable[None]]] = field(default_factory=list)
     index: Callable[[Resource], dict[str, Any]] | None = None
     after_write: list[Callable[[AsyncClientSession, NewVersion], Awaitable[None]]] = field(
         default_factory=list
@@ -56,9 +57,9 @@ class Hooks:
 HOOKS = Hooks()
 
 
-async def incoming(resource: Resource) -> None:
+async def incoming(*resources: Resource) -> None:
     for transform in HOOKS.incoming:
-        await transform(resource)
+        await transform(*resources)
 
 
 async def persist(

@@ -332,7 +332,16 @@ class _Prepared:
     if_match: interactions.IfMatch = None
 
 
+def _resource_written(request: Request) -> dict[str, Any] | None:
+    """The resource a POST or PUT entry writes (None for other entries and for an
+    ifNoneExist that matched)."""
+    if request.method in ("POST", "PUT") and not request.matched:
+        return request.resource
+    return None
+
+
 async def _prepare(request: Request, checks: LibraryChecks) -> _Prepared:
+    """Check and build an entry's write; its resource has been through `incoming`."""
     prepared = _Prepared(request, if_match=interactions.parse_etag(request.if_match, "ifMatch"))
 
     def defer(body: bytes, resource: dict[str, Any]) -> None:
@@ -343,12 +352,10 @@ async def _prepare(request: Request, checks: LibraryChecks) -> _Prepared:
     assert request.type is not None and request.id is not None
     if request.method == "POST":
         assert request.resource is not None
-        await interactions.incoming(request.resource)
         prepared.new = interactions.prepare_create(request.type, request.resource, request.id, defer)
     elif request.method == "PUT":
         assert request.resource is not None
         interactions.check_update_body(request.type, request.id, request.resource)
-        await interactions.incoming(request.resource)
         prepared.new = interactions.prepare(request.resource, request.id, 1, interactions.now(), "PUT", defer)
     elif request.method == "PATCH":
         assert request.resource is not None
@@ -371,6 +378,8 @@ async def transaction(
     for request in requests:
         if request.resource is not None and identities:
             rewrite_links(request.resource, identities)
+    await interactions.incoming(*(r for r in map(_resource_written, requests) if r is not None))
+    for request in requests:
         if request.method in ("GET", "HEAD"):
             continue
         try:

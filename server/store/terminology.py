@@ -58,6 +58,7 @@ MAPPINGS = collection(
 CLOSURES = collection("tx_closures")
 
 BULK_BATCH = 2000
+QUERY_CODES = 10_000  # codes per normalization query, well under MongoDB's 16 MB for a command
 
 
 @dataclass(slots=True)
@@ -260,6 +261,18 @@ class TerminologyStore:
 
     async def mappings_from(self, system: str, code: str) -> list[dict[str, Any]]:
         return [doc async for doc in self.mappings.find({"ss": system, "sc": code}, {"_id": 0})]
+
+    async def normalization_rows(self, codes: dict[str, set[str]]) -> list[dict[str, Any]]:
+        """The rows of normalization ConceptMaps from any of `codes` (system -> codes)."""
+        pairs = [(system, code) for system, some in codes.items() for code in sorted(some)]
+        rows: list[dict[str, Any]] = []
+        for start in range(0, len(pairs), QUERY_CODES):
+            by_system: dict[str, list[str]] = {}
+            for system, code in pairs[start:start + QUERY_CODES]:
+                by_system.setdefault(system, []).append(code)
+            query = {"n": True, "$or": [{"ss": system, "sc": {"$in": some}} for system, some in by_system.items()]}
+            rows += [doc async for doc in self.mappings.find(query, {"_id": 0})]
+        return rows
 
     async def mappings_to(self, system: str, code: str) -> list[dict[str, Any]]:
         return [doc async for doc in self.mappings.find({"ts": system, "tc": code}, {"_id": 0})]

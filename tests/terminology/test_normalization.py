@@ -191,3 +191,43 @@ def test_malformed_codings_are_left_for_validation(fhir, loaded):
         assert response.status_code == 400, (coding, response.status_code, response.text[:200])
         assert response.json()["resourceType"] == "OperationOutcome"
         assert fhir.get(f"Observation/{resource['id']}").status_code == 404
+
+
+def test_transaction_entries_are_normalized_together(fhir, loaded):
+    """A transaction's resources are normalized with one lookup of all their local codes:
+    each entry still gets exactly its own mapped codings, POST and PUT alike, and a
+    matched ifNoneExist entry is not rewritten."""
+    tag = f"tx-{uuid.uuid4()}"
+    first = observation("HGB", "血红蛋白")
+    two_codes = observation("WBC", "白细胞计数")
+    two_codes["code"]["coding"].append({"system": HOSPITAL, "code": "RBC", "display": "红细胞计数"})
+    repeated = observation("HGB", "血红蛋白")
+    unmapped = observation("XTEST", "院内特殊检验")
+    put = {**observation("HBA1C", "糖化血红蛋白"), "id": tag}
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        *({"resource": r, "request": {"method": "POST", "url": "Observation"}} for r in (first, two_codes, repeated, unmapped)),
+        {"resource": put, "request": {"method": "PUT", "url": f"Observation/{tag}"}},
+    ]}
+    response = fhir.post("", content=json.dumps(bundle), headers=FHIR_JSON)
+    assert response.status_code == 200, response.text
+    stored = [fhir.get(e["response"]["location"].split("/_history")[0]).json() for e in response.json()["entry"]]
+    assert [[c["code"] for c in standard(s)] for s in stored] == [["718-7"], ["6690-2", "789-8"], ["718-7"], [], ["4548-4"]]
+    assert all(c["userSelected"] is False for s in stored for c in standard(s))
+
+
+def test_normalization_rows_are_looked_up_in_chunks(mongod, loaded, monkeypatch):
+    """More local codes than one query takes are looked up in several, and all are found
+    (XTEST is in the hospital's table without a target)."""
+    from server.store import terminology as tstore_module
+    from server.store.terminology import TerminologyStore
+
+    monkeypatch.setattr(tstore_module, "QUERY_CODES", 2)
+    codes = {HOSPITAL: {"HGB", "HBA1C", "WBC", "RBC", "XTEST"}, "http://elsewhere.example.org": {"HGB"}}
+
+    async def lookup(store):
+        return await TerminologyStore(store).normalization_rows(codes)
+
+    rows = with_store(mongod.uri, lookup)
+    assert sorted((r["sc"], r["tc"]) for r in rows if r["ss"] == HOSPITAL) == [
+        ("HBA1C", "4548-4"), ("HGB", "718-7"), ("RBC", "789-8"), ("WBC", "6690-2"), ("XTEST", None)]
+    assert all(r["ss"] == HOSPITAL and r["n"] is True for r in rows)
