@@ -58,6 +58,7 @@ def serve(
             except EmbeddedMongodUnavailable as exc:
                 console.print(f"[red]{exc}[/red]")
                 raise typer.Exit(1) from None
+            mongod.watch()
             settings = settings.model_copy(update={"mongodb_uri": mongod.local_uri})
             console.print(f"embedded MongoDB ready ({mongod.dbpath})")
         if settings.port == 0 and settings.workers > 1:  # every worker must bind the same port

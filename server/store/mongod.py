@@ -12,6 +12,8 @@ Recovery without manual steps:
 - After a `kill -9` of mongod itself, WiredTiger replays its journal on the next start.
 - The port is new on every start, so the replica-set member address is rewritten when it
   no longer matches (a forced reconfig of a one-member set is safe).
+- While the server runs, `watch` restarts a mongod that exits (killed, crashed) on the
+  same port, so the server's processes reconnect to it by the address they know.
 """
 
 from __future__ import annotations
@@ -19,20 +21,27 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import logging
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
 from pymongo import MongoClient
 from pymongo.errors import OperationFailure, PyMongoError
 
+log = logging.getLogger("kuroshio.mongod")
 REPLICA_SET = "rs0"
 PR_SET_PDEATHSIG = 1
+# A restart that fails (the port taken meanwhile, the disk full) is retried after this
+# long, doubling up to the maximum, as the server's workers are.
+RESTART_FIRST_SECONDS = 1.0
+RESTART_MAX_SECONDS = 60.0
 # WiredTiger's eviction threads start writing dirty pages out of its cache once 18% of
 # it is dirty, not 5% (its default eviction_dirty_target). A FHIR write dirties many
 # index pages at scattered places (a resource's search terms), and at 5% those pages
@@ -140,6 +149,10 @@ class EmbeddedMongod:
     cache_size_gb: float | None = None
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
+    # set by `stop`; the watcher restarts nothing once it is set
+    _stopping: threading.Event = field(default_factory=threading.Event, repr=False)
+    # held while the process is being replaced, so that `stop` never races a restart
+    _lifecycle: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def dbpath(self) -> Path:
@@ -172,14 +185,16 @@ class EmbeddedMongod:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 60.0, port: int | None = None) -> None:
+        """Start mongod on a free port, or on `port` (a restart, where clients know it)."""
         binary = mongod_binary()
         _check_runs(binary)
         self.dbpath.mkdir(parents=True, exist_ok=True)
         self._stop_stale()
         log_path = self.dbpath / "mongod.log"
-        for attempt in range(3):
-            self.port = free_port()
+        attempts = 1 if port else 3
+        for attempt in range(attempts):
+            self.port = port or free_port()
             self.process = subprocess.Popen(
                 [
                     str(binary),
@@ -204,8 +219,8 @@ class EmbeddedMongod:
                 self._wait_ready(timeout)
                 return
             except _PortTaken:
-                self.stop()
-                if attempt == 2:
+                self._stop_process(timeout)
+                if attempt == attempts - 1:
                     raise
         raise AssertionError("unreachable")
 
@@ -300,7 +315,53 @@ class EmbeddedMongod:
             f"{self.dbpath / 'mongod.log'}"
         )
 
+    def watch(self) -> threading.Thread:
+        """Restart mongod whenever it exits before `stop`, on the same port.
+
+        Without this, a mongod killed under a running server (by the OOM killer, by
+        hand) left the server answering every request with a 503 after a 30 s wait until
+        someone restarted it. The restart replays the journal, so every acknowledged
+        write is there; the server's MongoDB clients reconnect by themselves.
+        """
+        self._stopping.clear()
+        watcher = threading.Thread(target=self._restart_on_exit, name="mongod-watch", daemon=True)
+        watcher.start()
+        return watcher
+
+    def _restart_on_exit(self) -> None:
+        delay = RESTART_FIRST_SECONDS
+        while True:
+            process = self.process
+            if process is None:
+                return
+            status = process.wait()
+            with self._lifecycle:
+                if self._stopping.is_set():
+                    return
+                log.error("the embedded mongod (pid %d) exited with status %s; restarting it on port %d",
+                          process.pid, status, self.port)
+                if process.stderr:
+                    process.stderr.close()
+                try:
+                    self.start(port=self.port)
+                except Exception as exc:  # whatever it is, retry later, as the workers are
+                    log.error("restarting the embedded mongod failed (%r); retrying in %.0f s", exc, delay)
+                    self._stop_process(RESTART_MAX_SECONDS)  # a process that did not become ready
+                    self.process = process  # exited: the next round's wait() returns at once
+                else:
+                    log.warning("the embedded mongod is running again on port %d", self.port)
+                    delay = RESTART_FIRST_SECONDS
+                    continue
+            if self._stopping.wait(delay):
+                return
+            delay = min(delay * 2, RESTART_MAX_SECONDS)
+
     def stop(self, timeout: float = 60.0) -> None:
+        self._stopping.set()
+        with self._lifecycle:
+            self._stop_process(timeout)
+
+    def _stop_process(self, timeout: float) -> None:
         process, self.process = self.process, None
         if process is None:
             return

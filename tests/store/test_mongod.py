@@ -46,42 +46,78 @@ def test_data_survives_restart_and_kill_of_mongod(tmp_path):
     assert not (tmp_path / "mongo" / "kuroshio-mongod.pid").exists()
 
 
+def _serve(data_dir: Path, port: int, stderr: Path | None = None) -> subprocess.Popen[bytes]:
+    """`kuroshio serve` on its embedded mongod, once it answers on `port`."""
+    env = {**os.environ, "KUROSHIO_PORT": str(port), "KUROSHIO_DATA_DIR": str(data_dir), "KUROSHIO_DICOM_PORT": str(free_port())}
+    env.pop("KUROSHIO_MONGODB_URI", None)
+    with open(stderr or os.devnull, "ab") as errors:
+        process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env, cwd=ROOT,
+                                   stdout=subprocess.DEVNULL, stderr=errors)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/fhir/metadata", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.kill()
+    raise AssertionError("server did not start")
+
+
+def _create_patient(port: int) -> str:
+    created = httpx.post(f"http://127.0.0.1:{port}/fhir/Patient", content=b'{"resourceType":"Patient"}',
+                         headers={"Content-Type": "application/fhir+json"}, timeout=60)
+    assert created.status_code == 201, created.text
+    return created.headers["Location"].split(str(port), 1)[1]
+
+
 def test_kill_9_of_the_server_leaves_no_mongod_and_next_start_works(tmp_path):
     port = free_port()
-    env = {**os.environ, "KUROSHIO_PORT": str(port), "KUROSHIO_DATA_DIR": str(tmp_path), "KUROSHIO_DICOM_PORT": str(free_port())}
-    env.pop("KUROSHIO_MONGODB_URI", None)
-
-    def start() -> subprocess.Popen[bytes]:
-        process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env, cwd=ROOT,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/fhir/metadata", timeout=2).status_code == 200:
-                    return process
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        process.kill()
-        raise AssertionError("server did not start")
-
-    first = start()
-    created = httpx.post(f"http://127.0.0.1:{port}/fhir/Patient", content=b'{"resourceType":"Patient"}',
-                         headers={"Content-Type": "application/fhir+json"})
-    assert created.status_code == 201
+    first = _serve(tmp_path, port)
+    location = _create_patient(port)
     mongod_pid = int((tmp_path / "mongo" / "kuroshio-mongod.pid").read_text())
     first.send_signal(signal.SIGKILL)
     first.wait()
     _wait_dead(mongod_pid)  # the parent-death signal took mongod down too
 
-    second = start()
+    second = _serve(tmp_path, port)
     try:
-        read = httpx.get(f"http://127.0.0.1:{port}{created.headers['Location'].split(str(port))[1]}")
+        read = httpx.get(f"http://127.0.0.1:{port}{location}")
         assert read.status_code == 200
     finally:
         second.send_signal(signal.SIGTERM)
         second.wait(30)
     assert second.returncode == 0
     assert not (tmp_path / "mongo" / "kuroshio-mongod.pid").exists()
+
+
+def test_a_mongod_killed_under_the_running_server_is_restarted(tmp_path):
+    """Before, the server went on answering every request with a 503 after a 30 s wait."""
+    port, log = free_port(), tmp_path / "server.log"
+    server = _serve(tmp_path / "data", port, log)
+    pid_file = tmp_path / "data" / "mongo" / "kuroshio-mongod.pid"
+    try:
+        location = _create_patient(port)
+        killed = int(pid_file.read_text())
+        os.kill(killed, signal.SIGKILL)
+        _wait_dead(killed)
+        deadline = time.monotonic() + 60
+        while True:
+            read = httpx.get(f"http://127.0.0.1:{port}{location}", timeout=60)
+            if read.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert read.status_code == 200, read.text  # the acknowledged write survived
+        _create_patient(port)  # and the restarted mongod takes writes
+        restarted = int(pid_file.read_text())
+        assert restarted != killed and _pid_alive(restarted)
+        assert "exited with status -9; restarting it on port" in log.read_text()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+    assert server.returncode == 0
+    _wait_dead(restarted)  # stopped with the server, not restarted again
+    assert not pid_file.exists()
 
 
 def test_stale_mongod_from_a_previous_run_is_stopped(tmp_path):
