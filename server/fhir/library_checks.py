@@ -3,8 +3,9 @@
 fhir.resources (pydantic models) costs about 300 us a resource, some three eighths of the
 CPU a transaction entry takes, and the server's event loop runs on one core. A
 transaction therefore hands each entry's serialized version to a worker process, in
-chunks as it prepares them, and collects the verdicts before it writes: the same check
-on the same bytes, run beside the loop instead of on it. A transaction with fewer than
+chunks as it prepares them, sends its writes to MongoDB while the worker checks, and
+collects the verdicts before it commits (a fault aborts the writes): the same check on
+the same bytes, run beside the loop and the database instead of before them. A transaction with fewer than
 `CHUNK` entries to check is checked in-process (the hop would cost more than it saves),
 and so is a chunk whose worker died (the pool is then replaced on next use).
 """
@@ -76,6 +77,7 @@ class LibraryChecks:
     """The deferred checks of one transaction, by entry index."""
 
     chunks: list[_Chunk] = field(default_factory=lambda: [_Chunk()])
+    found: list[tuple[int, list[Issue]]] | None = None  # the verdict, once collected
 
     def add(self, index: int, body: bytes, resource: dict[str, Any]) -> None:
         chunk = self.chunks[-1]
@@ -90,7 +92,10 @@ class LibraryChecks:
             self.chunks.append(_Chunk())
 
     async def problems(self) -> list[tuple[int, list[Issue]]]:
-        """(entry index, issues) of every entry fhir.resources finds fault with."""
+        """(entry index, issues) of every entry fhir.resources finds fault with; collected
+        once (a transaction's body that MongoDB re-runs asks again)."""
+        if self.found is not None:
+            return self.found
         found: list[tuple[int, list[Issue]]] = []
         for chunk in self.chunks:
             verdicts: list[list[Issue]] | None = None
@@ -102,4 +107,5 @@ class LibraryChecks:
             if verdicts is None:
                 verdicts = [fhir_resources_issues(resource) for resource in chunk.resources]
             found.extend((index, issues) for index, issues in zip(chunk.indexes, verdicts, strict=True) if issues)
+        self.found = found
         return found

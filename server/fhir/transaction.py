@@ -386,8 +386,6 @@ async def transaction(
             prepared.append(await _prepare(request, checks))
         except FhirError as exc:
             raise _with_entry(exc, request.index) from None
-    for index, issues in await checks.problems():
-        raise _with_entry(FhirError(400, issues), index)
 
     creates = [p for p in prepared if p.request.method == "POST"]
     others = sorted((p for p in prepared if p.request.method != "POST"), key=lambda p: ORDER[p.request.method])
@@ -412,6 +410,11 @@ async def transaction(
         for item in others:
             if item.request.method != "DELETE":
                 results[item.request.index] = await _write(session, db, item)
+        # The writes went to MongoDB while the worker process was still checking the
+        # entries with fhir.resources (the longer of the two on one client's bundle); the
+        # transaction commits only if it found nothing, else it is aborted.
+        for index, issues in await checks.problems():
+            raise _with_entry(FhirError(400, issues), index)
         # GETs last, in this attempt: MongoDB re-runs the body after a transient error,
         # and only the answers of the attempt that commits may be returned.
         answered = {request.index: await _read_in(session, request, dispatch) for request in reads}
