@@ -101,9 +101,9 @@ class Normalizer:
         return system, code
 
     async def _rows(self, concepts: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
-        """The normalization rows of every local coding in `concepts`, from one query: a
-        transaction Bundle of a patient's record holds hundreds of local codings (CVX
-        vaccines, RxNorm drugs), and a query each cost about 5% of its ingest."""
+        """The normalization rows of every local coding in `concepts`, from one query per
+        code system: a transaction Bundle of a patient's record holds hundreds of local
+        codings (CVX vaccines, RxNorm drugs), and a query each cost about 5% of its ingest."""
         wanted: dict[str, set[str]] = {}
         for concept in concepts:
             for coding in concept.get("coding", []):

@@ -263,15 +263,14 @@ class TerminologyStore:
         return [doc async for doc in self.mappings.find({"ss": system, "sc": code}, {"_id": 0})]
 
     async def normalization_rows(self, codes: dict[str, set[str]]) -> list[dict[str, Any]]:
-        """The rows of normalization ConceptMaps from any of `codes` (system -> codes)."""
-        pairs = [(system, code) for system, some in codes.items() for code in sorted(some)]
+        """The rows of normalization ConceptMaps from any of `codes` (system -> codes):
+        a query per system, and per QUERY_CODES of its codes."""
         rows: list[dict[str, Any]] = []
-        for start in range(0, len(pairs), QUERY_CODES):
-            by_system: dict[str, list[str]] = {}
-            for system, code in pairs[start:start + QUERY_CODES]:
-                by_system.setdefault(system, []).append(code)
-            query = {"n": True, "$or": [{"ss": system, "sc": {"$in": some}} for system, some in by_system.items()]}
-            rows += [doc async for doc in self.mappings.find(query, {"_id": 0})]
+        for system, some in codes.items():
+            ordered = sorted(some)
+            for start in range(0, len(ordered), QUERY_CODES):
+                query = {"n": True, "ss": system, "sc": {"$in": ordered[start:start + QUERY_CODES]}}
+                rows += [doc async for doc in self.mappings.find(query, {"_id": 0})]
         return rows
 
     async def mappings_to(self, system: str, code: str) -> list[dict[str, Any]]:
