@@ -189,6 +189,7 @@ def create_app(settings: Settings, dimse: bool = True) -> FastAPI:
         library_checks.configure(settings.validation_workers)
         app.state.store = store
         app.state.fhir_store = FhirStore(store)
+        await app.state.fhir_store.upgrade()
         app.state.services["terminology"] = install_terminology(store, settings)
         app.state.capability_statement = fhir_routes.build_capability_statement(settings, now())
         custom_parameters = asyncio.create_task(search_custom.refresh_loop(SearchStore(store)))

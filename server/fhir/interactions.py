@@ -43,13 +43,14 @@ class Hooks:
       normalization adds mapped codings). A transaction passes all its resources in one
       call, so that a transform can look up what they need at once.
     - `index`: computes the search terms of a stamped resource (the search service).
-    - `after_write`: runs inside the write's transaction after each stored version (its
-      `body` is the stored JSON, None for a delete), so derived data commits atomically.
+    - `after_write`: runs after each stored version (its `body` is the stored JSON, None
+      for a delete), inside the write's transaction when it has one (a create is one
+      document insert and has none: its session is None).
     """
 
     incoming: list[Callable[..., Awaitable[None]]] = field(default_factory=list)
     index: Callable[[Resource], dict[str, Any]] | None = None
-    after_write: list[Callable[[AsyncClientSession, NewVersion], Awaitable[None]]] = field(
+    after_write: list[Callable[[AsyncClientSession | None, NewVersion], Awaitable[None]]] = field(
         default_factory=list
     )
 
@@ -70,7 +71,7 @@ async def persist(
     await after_write(session, new)
 
 
-async def after_write(session: AsyncClientSession, new: NewVersion) -> None:
+async def after_write(session: AsyncClientSession | None, new: NewVersion) -> None:
     for hook in HOOKS.after_write:
         await hook(session, new)
 

@@ -69,3 +69,31 @@ def test_history_errors(fhir):
     assert_outcome(fhir.get("_history", params={"_cursor": "not-a-cursor"}), 400)
     assert_outcome(fhir.get("_history", params={"_bogus": "1"}), 400)
     assert_outcome(fhir.get("Nope/_history"), 404)
+
+
+def test_paging_lists_current_and_superseded_versions_once_across_equal_times(fhir):
+    """A transaction stamps its entries with one time, so history pages must break ties the
+    same way for the current versions (in fhir_resources) and the superseded ones (in
+    fhir_history); a walk with a small page finds each version exactly once, newest first."""
+    marker = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - 1)) + "Z"
+    tag = uuid.uuid4().hex
+    basic = {"resourceType": "Basic", "code": {"text": tag}}
+    entries = [{"request": {"method": "POST", "url": "Basic"}, "resource": basic} for _ in range(7)]
+    response = fhir.post("", json={"resourceType": "Bundle", "type": "transaction", "entry": entries})
+    assert response.status_code == 200, response.text
+    ids = [e["response"]["location"].split("/")[1] for e in response.json()["entry"]]
+    updates = [{"request": {"method": "PUT", "url": f"Basic/{id_}"}, "resource": {**basic, "id": id_, "subject": {"display": "2"}}}
+               for id_ in ids[:3]]
+    response = fhir.post("", json={"resourceType": "Bundle", "type": "transaction", "entry": updates})
+    assert response.status_code == 200, response.text
+    seen: list[tuple[str, str, str]] = []
+    url: str | None = f"Basic/_history?_since={marker}&_count=2"
+    while url:
+        bundle = fhir.get(url).json()
+        seen += [(e["response"]["lastModified"], e["fullUrl"].rsplit("/", 1)[1], e["response"]["etag"])
+                 for e in bundle.get("entry", [])]
+        url = next((link["url"] for link in bundle["link"] if link["relation"] == "next"), None)
+    ours = [(id_, etag) for _, id_, etag in seen if id_ in ids]
+    assert sorted(ours) == sorted([(id_, 'W/"1"') for id_ in ids] + [(id_, 'W/"2"') for id_ in ids[:3]])
+    times = [moment for moment, _, _ in seen]
+    assert times == sorted(times, reverse=True)

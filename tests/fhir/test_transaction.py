@@ -507,7 +507,7 @@ def test_transient_database_error_in_a_get_entry_reruns_the_transaction(mongod, 
     from pymongo import MongoClient
 
     with MongoClient(mongod.uri) as client:
-        patients = client["kuroshio_test_inprocess"].fhir_history.count_documents({"t": "Patient", "i": created_["response"]["location"].split("/")[1]})
+        patients = client["kuroshio_test_inprocess"].fhir_resources.count_documents({"_id": "/".join(created_["response"]["location"].split("/")[:2])})
     assert patients == 1
 
 

@@ -56,7 +56,7 @@ def _install() -> None:
     REGISTRY.replace_custom(p for _, params in _custom_by_id.values() for p in params)
 
 
-async def after_write(session: AsyncClientSession, new: NewVersion) -> None:
+async def after_write(session: AsyncClientSession | None, new: NewVersion) -> None:
     """A SearchParameter written here takes effect for this process's next writes."""
     if new.type != "SearchParameter":
         return
