@@ -324,7 +324,7 @@ class FhirStore:
                 pass
             else:
                 for waiting in group:
-                    _resolve(waiting.done, None)
+                    await _written(waiting)
                 return
         for waiting in group:
             try:
@@ -333,9 +333,11 @@ class FhirStore:
             except Exception as exc:  # it is this create's outcome
                 _resolve(waiting.done, exc)
             else:
-                _resolve(waiting.done, None)
+                await _written(waiting)
 
     async def _insert(self, group: list[_Waiting]) -> None:
+        """Write a group's documents: one insert, or with chunks one transaction, in which
+        their after-write hooks run too (the others' run once written, `_written`)."""
         new = [waiting.new for waiting in group]
         if any(n.chunked for n in new):
             async def body(session: AsyncClientSession) -> None:
@@ -346,8 +348,6 @@ class FhirStore:
             await self.store.transaction(body)
             return
         await self.resources.insert_many([n.current_document() for n in new], ordered=False)
-        for waiting in group:
-            await waiting.after_write(None, waiting.new)
 
     async def create_many(self, session: AsyncClientSession, new: list[NewVersion]) -> None:
         """Insert many first versions at once (server-assigned ids cannot collide)."""
@@ -428,6 +428,18 @@ class HistoryScope:
 def history_key(resource: StoredResource) -> tuple[datetime, str]:
     """The keyset-cursor position of a history entry (matches the sort of history_page)."""
     return resource.last_updated, f"{resource.type}/{resource.id}/{resource.version}"
+
+
+async def _written(waiting: _Waiting) -> None:
+    """Report a stored create, after its after-write hooks (unless its transaction ran
+    them): a hook's failure is that create's outcome."""
+    try:
+        if not waiting.new.chunked:
+            await waiting.after_write(None, waiting.new)
+    except Exception as exc:
+        _resolve(waiting.done, exc)
+    else:
+        _resolve(waiting.done, None)
 
 
 def _resolve(done: asyncio.Future[None], exc: BaseException | None) -> None:

@@ -74,6 +74,19 @@ def test_concurrent_creates_share_inserts_and_a_failure_is_isolated(mongod):
             assert failing.id not in hooked and all(hooked[new.id] is None for new in first)
             # a first version is one document: nothing goes to history
             assert await fhir.history.count_documents({"i": {"$in": [new.id for new in first]}}) == 0
+            # a hook that fails is its create's outcome; the others' hooks all run
+            refused = _patient("Hooked")
+
+            async def refusing(session: AsyncClientSession | None, new: NewVersion) -> None:
+                if new.id == refused.id:
+                    raise ValueError("refused by the hook")
+                await after_write(session, new)
+
+            others = [_patient(f"H{n}") for n in range(20)]
+            results = await asyncio.gather(*(fhir.create(new, refusing) for new in [*others[:10], refused, *others[10:]]),
+                                           return_exceptions=True)
+            assert [str(r) for r in results if isinstance(r, BaseException)] == ["refused by the hook"]
+            assert all(new.id in hooked for new in others)
             # 40 creates at once: far fewer inserts than creates, and no transaction
             commands.count.clear()
             await asyncio.gather(*(fhir.create(_patient(f"Q{n}"), after_write) for n in range(40)))
