@@ -337,13 +337,14 @@ class FhirStore:
 
     async def _insert(self, group: list[_Waiting]) -> None:
         """Write a group's documents: one insert, or with chunks one transaction, in which
-        their after-write hooks run too (the others' run once written, `_written`)."""
+        the hooks of the creates with chunks run too (the others' once written, `_written`)."""
         new = [waiting.new for waiting in group]
         if any(n.chunked for n in new):
             async def body(session: AsyncClientSession) -> None:
                 await self.create_many(session, new)
                 for waiting in group:
-                    await waiting.after_write(session, waiting.new)
+                    if waiting.new.chunked:
+                        await waiting.after_write(session, waiting.new)
 
             await self.store.transaction(body)
             return

@@ -15,7 +15,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import OperationFailure
 
 from server.store.database import Store
-from server.store.fhir import INLINE_LIMIT, UPGRADES, FhirStore, HistoryScope, NewVersion
+from server.store.fhir import INLINE_LIMIT, UPGRADES, FhirStore, HistoryScope, NewVersion, _Waiting
 
 
 class Commands(monitoring.CommandListener):
@@ -104,6 +104,17 @@ def test_concurrent_creates_share_inserts_and_a_failure_is_isolated(mongod):
             await fhir.create(large, after_write)
             assert commands.count["commitTransaction"] == 1 and commands.count["insert fhir_bodies"] == 1
             assert hooked[large.id] is not None
+            # with a plain create beside it, each create's hook runs once
+            calls: Counter[str] = Counter()
+
+            async def counting(session: AsyncClientSession | None, new: NewVersion) -> None:
+                calls[new.id] += 1
+
+            pair = [_patient("Small"), _patient("Big", INLINE_LIMIT + 1)]  # one group (its bytes reach the limit last)
+            fhir._waiting.extend(_Waiting(new, counting, asyncio.get_running_loop().create_future()) for new in pair)
+            waiting = list(fhir._waiting)
+            await fhir._commit_waiting()
+            assert [w.done.result() for w in waiting] == [None, None] and calls == Counter(new.id for new in pair)
             assert (await fhir.current("Patient", large.id)).body == large.body
         finally:
             await store.client.drop_database(database)
