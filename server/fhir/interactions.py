@@ -44,8 +44,8 @@ class Hooks:
       call, so that a transform can look up what they need at once.
     - `index`: computes the search terms of a stamped resource (the search service).
     - `after_write`: runs after each stored version (its `body` is the stored JSON, None
-      for a delete), inside the write's transaction when it has one (a create is one
-      document insert and has none: its session is None).
+      for a delete), inside the write's transaction when it has one. A create is one
+      document insert and has none (its session is None), unless its body is chunked.
     """
 
     incoming: list[Callable[..., Awaitable[None]]] = field(default_factory=list)
